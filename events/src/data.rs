@@ -1,0 +1,218 @@
+//! The `data` of each event type. Field names are camelCase on the wire. Unknown fields are ignored
+//! on read so that a v1 consumer accepts additive changes; anything that changes meaning gets a new
+//! versioned type instead.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    Github,
+    AzureDevops,
+    /// Emitted by deploychain itself (simulators, operators).
+    Deploychain,
+}
+
+/// The immutable artifact a run deploys. Approvals and deployments are bound to `id` (a gallery
+/// image version resource id or `registry/repository@sha256:…`), never to a mutable tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRef {
+    pub kind: ImageKind,
+    /// Immutable identity: gallery image version id, or `repository@digest`.
+    pub id: String,
+    /// Human version (gallery version `1.2.3`, or a tag), informational only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Content digest where the source gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageKind {
+    /// An Azure Compute Gallery image version (VM scale sets).
+    GalleryImageVersion,
+    /// A container image in an OCI registry.
+    Container,
+}
+
+/// A branch push that matched a pipeline: the start of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Push {
+    pub app: String,
+    pub provider: Provider,
+    /// `owner/repo` for GitHub, the remote URL for Azure Repos.
+    pub repository: String,
+    pub branch: String,
+    pub commit: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pusher: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The webhook delivery that reported the push (GitHub `X-GitHub-Delivery`, Azure DevOps event id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildProvider {
+    /// GitHub Actions: the workflow runs on push (or is dispatched) and reports `workflow_run`.
+    GithubActions,
+    /// Azure Pipelines: reports `build.complete` through a service hook.
+    AzurePipelines,
+}
+
+/// deploychain asked for (or is waiting on) a CI build of the pushed commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildRequested {
+    pub app: String,
+    pub provider: BuildProvider,
+    pub branch: String,
+    pub commit: String,
+    /// Workflow file (GitHub) or pipeline definition (Azure Pipelines) from the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildOutcome {
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+/// A CI build of a run's commit finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildCompleted {
+    pub app: String,
+    pub provider: BuildProvider,
+    pub branch: String,
+    pub commit: String,
+    /// The provider's id of the build (workflow run id, Azure Pipelines build id).
+    pub build_id: String,
+    pub outcome: BuildOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The provider's own words for the result (`failure`, `partiallySucceeded`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// deploychain asked for an image of a built commit (or is waiting for one to be pushed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRequested {
+    pub app: String,
+    pub commit: String,
+    pub build_id: String,
+    /// `image-builder` or `registry`, from the policy.
+    pub source: String,
+    /// Gallery image definition or registry repository the image must land in.
+    pub destination: String,
+}
+
+/// An immutable image of a run's commit exists and can be deployed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageReady {
+    pub app: String,
+    pub commit: String,
+    pub image: ImageRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+}
+
+/// Shared shape of the four deployment facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    pub app: String,
+    pub stage: String,
+    /// The target resource (VM scale set resource id).
+    pub target: String,
+    pub image: ImageRef,
+    pub commit: String,
+    /// Why it failed or was rolled back; absent on started/succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// On a rollback: the image the target was returned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<ImageRef>,
+}
+
+/// A stage waits for people to approve promoting one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRequested {
+    pub app: String,
+    pub stage: String,
+    pub approval_id: String,
+    pub image: ImageRef,
+    pub commit: String,
+    /// Who may decide (identities from the policy). The signed links themselves are never put on the bus.
+    pub approvers: Vec<String>,
+    /// How many distinct approvals are needed.
+    pub quorum: u32,
+    /// RFC 3339 expiry.
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decision {
+    Approved,
+    Rejected,
+}
+
+/// A stage's approval was decided (by people, or by a policy that needs none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalDecided {
+    pub app: String,
+    pub stage: String,
+    pub approval_id: String,
+    pub image: ImageRef,
+    pub commit: String,
+    pub decision: Decision,
+    /// The identities whose decisions made this outcome; `policy` when no approval is required.
+    pub decided_by: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunOutcome {
+    Succeeded,
+    Failed,
+    Rejected,
+    Superseded,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunFinished {
+    pub app: String,
+    pub commit: String,
+    pub outcome: RunOutcome,
+    /// Why, in words an operator can act on.
+    pub reason: String,
+    /// The last stage the run reached, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}

@@ -1,0 +1,267 @@
+//! In-memory backends for step and router tests: hand-written fakes that record what they were
+//! asked and can be told to fail. `MemoryCompute` is also the simulated scale-set target the
+//! handler can run with (`DEPLOYCHAIN_COMPUTE=simulated`) until the ARM adapter is configured.
+
+use super::*;
+use crate::error::Error;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic in another test thread must not hide this one's result.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+pub struct MemoryPublisher {
+    pub sent: Mutex<Vec<Outbound>>,
+    pub parked: Mutex<Vec<Parked>>,
+    /// When set, every publish fails with a transient error (the bus is down).
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+impl MemoryPublisher {
+    pub fn sent(&self) -> Vec<Outbound> {
+        lock(&self.sent).clone()
+    }
+    pub fn parked(&self) -> Vec<Parked> {
+        lock(&self.parked).clone()
+    }
+    /// The distinct event types sent, in order of first appearance.
+    pub fn types(&self) -> Vec<String> {
+        lock(&self.sent).iter().map(|m| m.subject.trim_start_matches("dev.deploychain.").trim_end_matches(".v1").to_string()).collect()
+    }
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn check(&self) -> Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Transient("the bus is unavailable".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Publish for MemoryPublisher {
+    async fn publish(&self, msg: &Outbound) -> Result<()> {
+        self.check()?;
+        lock(&self.sent).push(msg.clone());
+        Ok(())
+    }
+    async fn park(&self, msg: &Parked) -> Result<()> {
+        self.check()?;
+        lock(&self.parked).push(msg.clone());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct StoreState {
+    runs: HashMap<String, Run>,
+    steps: HashMap<(String, String), StepRecord>,
+    approvals: HashMap<String, ApprovalRecord>,
+    sequences: HashMap<String, i64>,
+}
+
+/// A `Store` with the same semantics as the SQLite one, for tests.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<StoreState>,
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn commit_step(&self, c: &StepCommit) -> Result<bool> {
+        let mut st = lock(&self.state);
+        let key = (c.run_id.clone(), c.key.clone());
+        if st.steps.contains_key(&key) {
+            return Ok(false);
+        }
+        if let Some(new_run) = &c.new_run {
+            if !st.runs.contains_key(&new_run.id) {
+                let seq = st.sequences.entry(new_run.app.clone()).or_insert(0);
+                *seq += 1;
+                let mut r = new_run.clone();
+                r.sequence = *seq;
+                st.runs.insert(r.id.clone(), r);
+            }
+        }
+        let run = st.runs.get_mut(&c.run_id).ok_or_else(|| Error::NotFound(format!("run `{}`", c.run_id)))?;
+        apply(run, c);
+        st.steps.insert(key, StepRecord { outbox: c.outbox.clone(), published: false });
+        Ok(true)
+    }
+    async fn step(&self, run_id: &str, key: &str) -> Result<Option<StepRecord>> {
+        Ok(lock(&self.state).steps.get(&(run_id.to_string(), key.to_string())).cloned())
+    }
+    async fn mark_published(&self, run_id: &str, key: &str) -> Result<()> {
+        if let Some(s) = lock(&self.state).steps.get_mut(&(run_id.to_string(), key.to_string())) {
+            s.published = true;
+        }
+        Ok(())
+    }
+    async fn run(&self, id: &str) -> Result<Option<Run>> {
+        Ok(lock(&self.state).runs.get(id).cloned())
+    }
+    async fn runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
+        let st = lock(&self.state);
+        let mut v: Vec<Run> = st
+            .runs
+            .values()
+            .filter(|r| q.app.as_deref().is_none_or(|a| a == r.app))
+            .filter(|r| q.commit.as_deref().is_none_or(|c| r.commit.starts_with(&c.to_ascii_lowercase())))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.sequence.cmp(&a.sequence)));
+        v.truncate(if q.limit == 0 { 50 } else { q.limit });
+        Ok(v)
+    }
+    async fn put_approval(&self, a: &ApprovalRecord) -> Result<bool> {
+        let mut st = lock(&self.state);
+        if st.approvals.contains_key(&a.id) {
+            return Ok(false);
+        }
+        st.approvals.insert(a.id.clone(), a.clone());
+        Ok(true)
+    }
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>> {
+        Ok(lock(&self.state).approvals.get(id).cloned())
+    }
+    async fn vote(&self, id: &str, vote: &Vote) -> Result<ApprovalRecord> {
+        let mut st = lock(&self.state);
+        let a = st.approvals.get_mut(id).ok_or_else(|| Error::NotFound(format!("approval `{id}`")))?;
+        if !a.votes.iter().any(|v| v.approver == vote.approver) {
+            a.votes.push(vote.clone());
+        }
+        Ok(a.clone())
+    }
+}
+
+/// Apply a step's changes to a run (shared by the memory and SQLite stores).
+pub(crate) fn apply(run: &mut Run, c: &StepCommit) {
+    run.steps.extend(c.entries.iter().cloned());
+    run.status = c.status;
+    run.waiting_for = c.waiting_for.clone();
+    if c.image.is_some() {
+        run.image = c.image.clone();
+    }
+    if c.stage.is_some() {
+        run.stage = c.stage.clone();
+    }
+    if let Some(last) = c.entries.last() {
+        run.updated_at = last.at;
+    }
+}
+
+/// Records build requests; a second request for the same run is not a second build.
+#[derive(Default)]
+pub struct MemoryBuilds {
+    pub requests: Mutex<Vec<BuildRequest>>,
+}
+
+#[async_trait]
+impl BuildSystem for MemoryBuilds {
+    async fn request_build(&self, req: &BuildRequest) -> Result<()> {
+        let mut r = lock(&self.requests);
+        if !r.iter().any(|x| x.run_id == req.run_id) {
+            r.push(req.clone());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryBaker {
+    pub requests: Mutex<Vec<ImageRequest>>,
+}
+
+#[async_trait]
+impl ImageBaker for MemoryBaker {
+    async fn request_image(&self, req: &ImageRequest) -> Result<()> {
+        let mut r = lock(&self.requests);
+        if !r.iter().any(|x| x.run_id == req.run_id) {
+            r.push(req.clone());
+        }
+        Ok(())
+    }
+}
+
+/// What a simulated scale set runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetState {
+    pub image: ImageRef,
+    pub run_id: String,
+    pub sequence: i64,
+}
+
+/// Simulated scale sets: desired state per target, fenced by run sequence, with scripted failures.
+#[derive(Default)]
+pub struct MemoryCompute {
+    pub targets: Mutex<HashMap<String, TargetState>>,
+    /// Every rollout that changed a target (a no-op redeploy is not counted).
+    pub rollouts: Mutex<Vec<DeployRequest>>,
+    /// Targets whose next rollouts fail health checks (and are rolled back).
+    pub failing: Mutex<Vec<String>>,
+}
+
+impl MemoryCompute {
+    pub fn rollouts(&self) -> Vec<DeployRequest> {
+        lock(&self.rollouts).clone()
+    }
+    pub fn fail_target(&self, target: &str) {
+        lock(&self.failing).push(target.to_string());
+    }
+    pub fn current(&self, target: &str) -> Option<TargetState> {
+        lock(&self.targets).get(target).cloned()
+    }
+}
+
+#[async_trait]
+impl Compute for MemoryCompute {
+    async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome> {
+        let mut targets = lock(&self.targets);
+        if let Some(cur) = targets.get(&req.target) {
+            if cur.image == req.image && cur.run_id == req.run_id {
+                return Ok(DeployOutcome::Succeeded);
+            }
+            if cur.sequence > req.sequence {
+                return Ok(DeployOutcome::Stale {
+                    reason: format!(
+                        "target runs {} from newer run {} (sequence {} > {})",
+                        cur.image.id, cur.run_id, cur.sequence, req.sequence
+                    ),
+                });
+            }
+        }
+        if lock(&self.failing).iter().any(|t| t == &req.target) {
+            let restored = targets.get(&req.target).map(|c| c.image.clone());
+            return Ok(DeployOutcome::RolledBack { reason: "health check failed on 1 of 2 instances".into(), restored });
+        }
+        targets.insert(req.target.clone(), TargetState { image: req.image.clone(), run_id: req.run_id.clone(), sequence: req.sequence });
+        lock(&self.rollouts).push(req.clone());
+        Ok(DeployOutcome::Succeeded)
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryNotify {
+    pub notices: Mutex<Vec<ApprovalNotice>>,
+}
+
+impl MemoryNotify {
+    pub fn notices(&self) -> Vec<ApprovalNotice> {
+        lock(&self.notices).clone()
+    }
+}
+
+#[async_trait]
+impl Notify for MemoryNotify {
+    async fn approval_requested(&self, n: &ApprovalNotice) -> Result<()> {
+        let mut v = lock(&self.notices);
+        if !v.iter().any(|x| x.approval_id == n.approval_id) {
+            v.push(n.clone());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,327 @@
+//! The capabilities steps depend on, as small traits, and their backends.
+//!
+//! Steps see only these traits; `AppState` holds one `Arc<dyn …>` of each, chosen once in `main`.
+//! `memory` backs step and router tests; `servicebus` and `sqlite` are the real publisher and store.
+
+pub mod memory;
+pub mod notify;
+pub mod servicebus;
+pub mod sqlite;
+
+use crate::error::Result;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deploychain_events::{BuildProvider, DeployEvent, ImageRef, CLOUDEVENTS_JSON};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One message to put on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outbound {
+    /// Deterministic per (run, step): the broker's duplicate detection drops a re-send.
+    pub message_id: String,
+    /// `app/stage` for stage-scoped events (deploys to one stage are serialized), else the app.
+    pub session_id: Option<String>,
+    /// Service Bus `Label`/`Subject`: the CloudEvents type, so subscriptions filter on it.
+    pub subject: String,
+    pub content_type: String,
+    pub body: String,
+    /// CloudEvents attributes as application properties (AMQP binding, `cloudEvents_` prefix).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Outbound {
+    pub fn from_event(ev: &DeployEvent, session_id: Option<String>) -> Outbound {
+        let mut properties = BTreeMap::new();
+        properties.insert("cloudEvents_specversion".into(), "1.0".into());
+        properties.insert("cloudEvents_id".into(), ev.id.clone());
+        properties.insert("cloudEvents_source".into(), ev.source.clone());
+        properties.insert("cloudEvents_type".into(), ev.event_type().as_str().into());
+        properties.insert("cloudEvents_subject".into(), ev.run_id.clone());
+        properties.insert("cloudEvents_time".into(), ev.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        properties.insert(format!("cloudEvents_{}", deploychain_events::RUN_ID_EXTENSION), ev.run_id.clone());
+        if let Some(tp) = &ev.trace.traceparent {
+            properties.insert("cloudEvents_traceparent".into(), tp.clone());
+        }
+        Outbound {
+            message_id: ev.id.clone(),
+            session_id,
+            subject: ev.event_type().as_str().into(),
+            content_type: CLOUDEVENTS_JSON.into(),
+            body: String::from_utf8_lossy(&ev.to_json_bytes()).into_owned(),
+            properties,
+        }
+    }
+}
+
+/// A message that can never succeed, set aside with the reason so an operator can fix and replay it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parked {
+    /// The original MessageId (or a digest of the body when it had none).
+    pub message_id: String,
+    /// The function that refused it.
+    pub function: String,
+    /// `MalformedEvent`, `UnknownRun`, …: the `DeadLetterReason` code.
+    pub reason: String,
+    pub description: String,
+    pub delivery_count: u32,
+    /// The original body, as received (lossy UTF-8: Service Bus REST carries text bodies).
+    pub body: String,
+    pub original_subject: Option<String>,
+}
+
+#[async_trait]
+pub trait Publish: Send + Sync {
+    async fn publish(&self, msg: &Outbound) -> Result<()>;
+    /// Put a poison message on the parking queue. Only after this succeeds may the trigger be
+    /// answered with success (which completes the original).
+    async fn park(&self, msg: &Parked) -> Result<()>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    Running,
+    Waiting,
+    Succeeded,
+    Failed,
+    Rejected,
+    Superseded,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Rejected => "rejected",
+            RunStatus::Superseded => "superseded",
+        }
+    }
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        [RunStatus::Running, RunStatus::Waiting, RunStatus::Succeeded, RunStatus::Failed, RunStatus::Rejected, RunStatus::Superseded]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Running | RunStatus::Waiting)
+    }
+}
+
+/// One thing that happened in a run, as the runs API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEntry {
+    /// The idempotency key of the step that wrote it (`push`, `deploy.staging`, …).
+    pub key: String,
+    /// What happened (`build requested`, `deployed to staging`, …).
+    pub name: String,
+    pub at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: String,
+    pub app: String,
+    pub repository: String,
+    pub branch: String,
+    pub commit: String,
+    /// Per-app order of runs (assigned by the store at creation): a deploy never goes from a higher to a lower sequence.
+    pub sequence: i64,
+    pub status: RunStatus,
+    /// What the run waits for now, in words (`build of abc123 in GitHub Actions`, `approval of production by …`).
+    pub waiting_for: Option<String>,
+    pub image: Option<ImageRef>,
+    /// The last stage deployed or being decided.
+    pub stage: Option<String>,
+    pub traceparent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub steps: Vec<StepEntry>,
+}
+
+/// Everything one step changes, committed atomically: its entries, the run's new state, and the
+/// events it must publish (the outbox). A second commit of the same (run, key) changes nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCommit {
+    pub run_id: String,
+    pub key: String,
+    /// Set by the step that starts a run.
+    pub new_run: Option<Run>,
+    pub entries: Vec<StepEntry>,
+    pub status: RunStatus,
+    pub waiting_for: Option<String>,
+    pub image: Option<ImageRef>,
+    pub stage: Option<String>,
+    pub outbox: Vec<Outbound>,
+}
+
+/// A committed step: what it must have published, and whether it is known to have been.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub outbox: Vec<Outbound>,
+    pub published: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunQuery {
+    pub app: Option<String>,
+    pub commit: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub approver: String,
+    pub decision: deploychain_events::Decision,
+    pub at: DateTime<Utc>,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    pub id: String,
+    pub run_id: String,
+    pub app: String,
+    pub stage: String,
+    pub commit: String,
+    pub image: ImageRef,
+    pub approvers: Vec<String>,
+    pub quorum: u32,
+    pub expires_at: DateTime<Utc>,
+    pub votes: Vec<Vote>,
+}
+
+impl ApprovalRecord {
+    /// The outcome the votes make: any rejection rejects; `quorum` distinct approvals approve.
+    pub fn outcome(&self) -> Option<deploychain_events::Decision> {
+        use deploychain_events::Decision;
+        if self.votes.iter().any(|v| v.decision == Decision::Rejected) {
+            return Some(Decision::Rejected);
+        }
+        let approvals = self.votes.iter().filter(|v| v.decision == Decision::Approved).count();
+        (approvals >= self.quorum as usize).then_some(Decision::Approved)
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Commit a step; `Ok(false)` when (run, key) was committed before (nothing changes).
+    async fn commit_step(&self, c: &StepCommit) -> Result<bool>;
+    async fn step(&self, run_id: &str, key: &str) -> Result<Option<StepRecord>>;
+    async fn mark_published(&self, run_id: &str, key: &str) -> Result<()>;
+    async fn run(&self, id: &str) -> Result<Option<Run>>;
+    /// Newest first.
+    async fn runs(&self, q: &RunQuery) -> Result<Vec<Run>>;
+    /// Create an approval; `Ok(false)` if it exists already.
+    async fn put_approval(&self, a: &ApprovalRecord) -> Result<bool>;
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>>;
+    /// Record one approver's vote (the first vote of an approver stands); returns the record after it.
+    async fn vote(&self, id: &str, vote: &Vote) -> Result<ApprovalRecord>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRequest {
+    pub run_id: String,
+    pub app: String,
+    pub provider: BuildProvider,
+    pub pipeline: Option<String>,
+    pub repository: String,
+    pub branch: String,
+    pub commit: String,
+}
+
+/// Starts CI builds. Implementations must be idempotent per `run_id` (a redelivered push asks again).
+#[async_trait]
+pub trait BuildSystem: Send + Sync {
+    async fn request_build(&self, req: &BuildRequest) -> Result<()>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRequest {
+    pub run_id: String,
+    pub app: String,
+    pub commit: String,
+    pub build_id: String,
+    pub source: String,
+    pub destination: String,
+}
+
+/// Starts image bakes. Idempotent per `run_id`.
+#[async_trait]
+pub trait ImageBaker: Send + Sync {
+    async fn request_image(&self, req: &ImageRequest) -> Result<()>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployRequest {
+    pub run_id: String,
+    pub sequence: i64,
+    pub app: String,
+    pub stage: String,
+    pub target: String,
+    pub image: ImageRef,
+    pub checks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeployOutcome {
+    /// The target runs the image and passed its checks.
+    Succeeded,
+    /// The rollout failed and the target was returned to `restored`.
+    RolledBack { reason: String, restored: Option<ImageRef> },
+    /// The rollout failed and could not be rolled back.
+    Failed { reason: String },
+    /// The target already runs a newer run's image: refused, nothing changed.
+    Stale { reason: String },
+}
+
+/// Rolls an image out to a target. Desired-state and fenced: deploying the image a target already
+/// runs is a success that changes nothing; an older run never replaces a newer one.
+#[async_trait]
+pub trait Compute: Send + Sync {
+    async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome>;
+}
+
+/// An approval request with one signed link per approver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalNotice {
+    pub approval_id: String,
+    pub run_id: String,
+    pub app: String,
+    pub stage: String,
+    pub commit: String,
+    pub image: ImageRef,
+    pub expires_at: DateTime<Utc>,
+    /// (approver, link). The links are capabilities: never logged, never put on the bus.
+    pub links: Vec<(String, String)>,
+}
+
+/// Delivers approval links to people (Teams/Slack/e-mail). Idempotent per approval id.
+#[async_trait]
+pub trait Notify: Send + Sync {
+    async fn approval_requested(&self, n: &ApprovalNotice) -> Result<()>;
+}
+
+/// Builds and images that the source system starts by itself — a workflow `on: push`, a registry
+/// publish — and reports through its webhook. Requesting one is recording that we wait for it.
+pub struct WebhookReported;
+
+#[async_trait]
+impl BuildSystem for WebhookReported {
+    async fn request_build(&self, req: &BuildRequest) -> Result<()> {
+        tracing::info!(run = req.run_id, app = req.app, "waiting for the CI build reported by webhook");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ImageBaker for WebhookReported {
+    async fn request_image(&self, req: &ImageRequest) -> Result<()> {
+        tracing::info!(run = req.run_id, app = req.app, destination = req.destination, "waiting for the image reported by webhook");
+        Ok(())
+    }
+}

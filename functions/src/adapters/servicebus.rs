@@ -1,0 +1,244 @@
+//! The Service Bus publisher: `azure_messaging_servicebus` (Service Bus REST) unmodified, with the
+//! message properties the chain needs — deterministic MessageId, SessionId, Label = event type,
+//! CloudEvents attributes as application properties — which a custom handler's output binding
+//! cannot set (DESIGN.md, "Why the handler publishes with the Service Bus client").
+//!
+//! The crate hard-codes `https://{ns}.servicebus.windows.net`. A connection string whose endpoint is
+//! anything else (the local bus, `UseDevelopmentEmulator=true`) gets an HTTP client that rewrites
+//! scheme, host and port of every request before sending it; the SAS signature still covers the
+//! URL the crate built, which is what Service Bus verifies too.
+
+use super::{Outbound, Parked, Publish};
+use crate::error::{Error, Result};
+use async_trait::async_trait;
+use azure_messaging_servicebus::prelude::{QueueClient, TopicClient};
+use azure_messaging_servicebus::service_bus::{SendMessageOptions, SettableBrokerProperties};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The parts of a Service Bus connection string the publisher uses. `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionString {
+    /// `sb://myns.servicebus.windows.net/` or, for a local bus, `sb://127.0.0.1:7072`.
+    pub endpoint: url::Url,
+    pub key_name: String,
+    pub key: String,
+    pub development_emulator: bool,
+}
+
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionString")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("key_name", &self.key_name)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl ConnectionString {
+    /// Parse `Endpoint=…;SharedAccessKeyName=…;SharedAccessKey=…[;UseDevelopmentEmulator=true]`.
+    /// Errors never echo the value (it holds a key).
+    pub fn parse(s: &str) -> std::result::Result<ConnectionString, String> {
+        let mut endpoint = None;
+        let mut key_name = None;
+        let mut key = None;
+        let mut emulator = false;
+        for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((k, v)) = part.split_once('=') else {
+                return Err("a part of the connection string is not `Name=value`".into());
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "endpoint" => endpoint = Some(v.trim().to_string()),
+                "sharedaccesskeyname" => key_name = Some(v.trim().to_string()),
+                // Keys are base64 and may end in `=`: split_once kept everything after the first `=`.
+                "sharedaccesskey" => key = Some(v.trim().to_string()),
+                "usedevelopmentemulator" => emulator = v.trim().eq_ignore_ascii_case("true"),
+                "entitypath" => {}
+                _ => {}
+            }
+        }
+        let endpoint = endpoint.ok_or("the connection string has no Endpoint")?;
+        let endpoint = url::Url::parse(&endpoint).map_err(|_| "the connection string's Endpoint is not a URL".to_string())?;
+        if endpoint.host_str().is_none() {
+            return Err("the connection string's Endpoint has no host".into());
+        }
+        Ok(ConnectionString {
+            endpoint,
+            key_name: key_name.ok_or("the connection string has no SharedAccessKeyName")?,
+            key: key.ok_or("the connection string has no SharedAccessKey")?,
+            development_emulator: emulator,
+        })
+    }
+
+    fn is_azure(&self) -> bool {
+        self.endpoint.host_str().is_some_and(|h| h.ends_with(".servicebus.windows.net")) && !self.development_emulator
+    }
+
+    /// The namespace name the crate puts in front of `.servicebus.windows.net`.
+    fn namespace(&self) -> String {
+        let host = self.endpoint.host_str().unwrap_or("local");
+        if self.is_azure() {
+            host.trim_end_matches(".servicebus.windows.net").to_string()
+        } else {
+            "local".to_string()
+        }
+    }
+
+    /// Where requests really go when the endpoint is not Azure: plain HTTP on the endpoint's host and port.
+    fn rewrite_base(&self) -> Option<url::Url> {
+        if self.is_azure() {
+            return None;
+        }
+        let host = self.endpoint.host_str()?;
+        let port = self.endpoint.port().unwrap_or(80);
+        url::Url::parse(&format!("http://{host}:{port}/")).ok()
+    }
+}
+
+/// An `azure_core::HttpClient` that sends every request to `base` (scheme, host, port), keeping
+/// path, query, headers and body: the test seam of the legacy Service Bus crate.
+#[derive(Debug)]
+pub struct RewriteClient {
+    pub base: url::Url,
+    pub inner: Arc<dyn azure_core::HttpClient>,
+}
+
+#[async_trait]
+impl azure_core::HttpClient for RewriteClient {
+    async fn execute_request(&self, request: &azure_core::Request) -> azure_core::Result<azure_core::Response> {
+        let mut req = request.clone();
+        let url = req.url_mut();
+        let fail = |what: &str| azure_core::Error::message(azure_core::error::ErrorKind::Other, format!("cannot rewrite the request {what}"));
+        url.set_scheme(self.base.scheme()).map_err(|_| fail("scheme"))?;
+        url.set_host(self.base.host_str()).map_err(|_| fail("host"))?;
+        url.set_port(self.base.port()).map_err(|_| fail("port"))?;
+        self.inner.execute_request(&req).await
+    }
+}
+
+pub struct ServiceBusPublisher {
+    topic: TopicClient,
+    parked: QueueClient,
+    topic_name: String,
+    parked_name: String,
+}
+
+impl ServiceBusPublisher {
+    /// `http` is the transport: `azure_core::new_http_client()` in production, anything in tests.
+    pub fn new(
+        conn: &ConnectionString,
+        topic: &str,
+        parked_queue: &str,
+        http: Arc<dyn azure_core::HttpClient>,
+    ) -> std::result::Result<ServiceBusPublisher, String> {
+        let http: Arc<dyn azure_core::HttpClient> = match conn.rewrite_base() {
+            Some(base) => Arc::new(RewriteClient { base, inner: http }),
+            None => http,
+        };
+        let ns = conn.namespace();
+        let topic_client = TopicClient::new(http.clone(), ns.clone(), topic, conn.key_name.clone(), conn.key.clone())
+            .map_err(|e| format!("service bus topic client: {e}"))?;
+        let parked = QueueClient::new(http, ns, parked_queue, conn.key_name.clone(), conn.key.clone())
+            .map_err(|e| format!("service bus queue client: {e}"))?;
+        Ok(ServiceBusPublisher { topic: topic_client, parked, topic_name: topic.into(), parked_name: parked_queue.into() })
+    }
+}
+
+/// Application property values travel as HTTP headers and are typed by quoting: a string must be
+/// sent JSON-quoted. Non-ASCII and control characters are `\u`-escaped so the header stays valid.
+pub fn property_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (' '..='~').contains(&c) => out.push(c),
+            c => {
+                let mut buf = [0u16; 2];
+                for u in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn transient(entity: &str, e: azure_core::Error) -> Error {
+    // The error text names the status and entity; it holds no key (the SAS goes in a header).
+    Error::Transient(format!("service bus send to `{entity}` failed: {e}"))
+}
+
+#[async_trait]
+impl Publish for ServiceBusPublisher {
+    async fn publish(&self, msg: &Outbound) -> Result<()> {
+        let props: HashMap<String, String> = msg.properties.iter().map(|(k, v)| (k.clone(), property_value(v))).collect();
+        let opts = SendMessageOptions {
+            content_type: Some(msg.content_type.clone()),
+            broker_properties: Some(SettableBrokerProperties {
+                message_id: Some(msg.message_id.clone()),
+                session_id: msg.session_id.clone(),
+                label: Some(msg.subject.clone()),
+                ..Default::default()
+            }),
+            custom_properties: Some(props),
+        };
+        self.topic.topic_sender().send_message(&msg.body, Some(opts)).await.map_err(|e| transient(&self.topic_name, e))
+    }
+
+    async fn park(&self, msg: &Parked) -> Result<()> {
+        let mut props = HashMap::new();
+        props.insert("DeadLetterReason".to_string(), property_value(&msg.reason));
+        props.insert("DeadLetterErrorDescription".to_string(), property_value(&msg.description));
+        props.insert("ParkedBy".to_string(), property_value(&msg.function));
+        props.insert("OriginalMessageId".to_string(), property_value(&msg.message_id));
+        props.insert("OriginalDeliveryCount".to_string(), msg.delivery_count.to_string());
+        if let Some(s) = &msg.original_subject {
+            props.insert("OriginalSubject".to_string(), property_value(s));
+        }
+        let opts = SendMessageOptions {
+            content_type: Some("application/octet-stream".into()),
+            broker_properties: Some(SettableBrokerProperties {
+                // One parked copy per (function, message): a retried park is dropped by duplicate detection.
+                message_id: Some(format!("parked.{}.{}", msg.function, msg.message_id)),
+                label: msg.original_subject.clone(),
+                ..Default::default()
+            }),
+            custom_properties: Some(props),
+        };
+        self.parked.send_message(&msg.body, Some(opts)).await.map_err(|e| transient(&self.parked_name, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings_parse_and_hide_the_key() {
+        let c = ConnectionString::parse("Endpoint=sb://myns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=abc=")
+            .expect("parses");
+        assert_eq!(c.key, "abc=");
+        assert_eq!(c.namespace(), "myns");
+        assert!(c.rewrite_base().is_none());
+        assert!(!format!("{c:?}").contains("abc="));
+
+        let l = ConnectionString::parse("Endpoint=sb://127.0.0.1:7072;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true")
+            .expect("parses");
+        assert_eq!(l.rewrite_base().map(|u| u.to_string()), Some("http://127.0.0.1:7072/".into()));
+
+        let err = ConnectionString::parse("Endpoint=sb://x/;SharedAccessKeyName=Root").err().unwrap_or_default();
+        assert!(err.contains("SharedAccessKey"), "{err}");
+        let err = ConnectionString::parse("SharedAccessKey=supersecret").err().unwrap_or_default();
+        assert!(!err.contains("supersecret"));
+    }
+
+    #[test]
+    fn property_values_are_quoted_header_safe_strings() {
+        assert_eq!(property_value("dev.deploychain.push.v1"), "\"dev.deploychain.push.v1\"");
+        assert_eq!(property_value("a\"b\nc é"), "\"a\\\"b\\u000ac \\u00e9\"");
+    }
+}

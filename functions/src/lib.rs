@@ -1,0 +1,198 @@
+//! The deploychain handler: the one executable the Azure Functions host starts as a custom
+//! handler. It serves `GET /` (readiness) and `POST /{FunctionName}` for every folder under
+//! `functions/` that holds a `function.json`; [`invoke`] is the only module that knows the host's
+//! envelope. Steps depend on the traits in [`adapters`], never on Azure SDKs or the environment.
+//!
+//! This crate must not depend on the local stack: production code has no local branches.
+
+pub mod adapters;
+pub mod config;
+pub mod error;
+pub mod invoke;
+pub mod links;
+pub mod policy;
+pub mod steps;
+
+use adapters::{BuildSystem, Compute, ImageBaker, Notify, Parked, Publish, Store};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use error::Error;
+use invoke::{BusMessage, HttpRequest, HttpResponse, Invocation, InvokeRequest, InvokeResponse};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Everything a function needs, built once in `main`.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<config::Config>,
+    pub policy: Arc<policy::Policy>,
+    pub links: Arc<links::ApprovalLinks>,
+    pub store: Arc<dyn Store>,
+    pub publisher: Arc<dyn Publish>,
+    pub builds: Arc<dyn BuildSystem>,
+    pub baker: Arc<dyn ImageBaker>,
+    pub compute: Arc<dyn Compute>,
+    pub notify: Arc<dyn Notify>,
+}
+
+/// The functions this handler serves: (name = folder = route = span, kind).
+pub const FUNCTIONS: &[(&str, Trigger)] = &[
+    ("github_webhook", Trigger::Http),
+    ("azure_devops_webhook", Trigger::Http),
+    ("approval", Trigger::Http),
+    ("runs", Trigger::Http),
+    ("on_push", Trigger::ServiceBus),
+    ("on_build_completed", Trigger::ServiceBus),
+    ("on_image_ready", Trigger::ServiceBus),
+    ("on_approval", Trigger::ServiceBus),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Http,
+    ServiceBus,
+}
+
+/// The binding names used in every `function.json`.
+pub const HTTP_IN: &str = "req";
+pub const HTTP_OUT: &str = "res";
+pub const BUS_IN: &str = "msg";
+
+type HttpFn = fn(AppState, HttpRequest) -> Pin<Box<dyn Future<Output = error::Result<HttpResponse>> + Send>>;
+type BusFn = fn(AppState, BusMessage) -> Pin<Box<dyn Future<Output = error::Result<String>> + Send>>;
+
+pub fn app(state: AppState) -> Router {
+    // The envelope holds the body (base64 for binary media types, JSON-escaped otherwise), so the
+    // router admits a little over twice the webhook limit; the functions enforce the real limit.
+    let envelope_limit = state.config.max_body_bytes.saturating_mul(2).saturating_add(1 << 20);
+    Router::new()
+        .route("/", get(|| async { "deploychain handler ready" }))
+        .route("/github_webhook", post(|s, b| http_fn(s, b, "github_webhook", |s, r| Box::pin(steps::github_webhook::handle(s, r)))))
+        .route(
+            "/azure_devops_webhook",
+            post(|s, b| http_fn(s, b, "azure_devops_webhook", |s, r| Box::pin(steps::azure_devops_webhook::handle(s, r)))),
+        )
+        .route("/approval", post(|s, b| http_fn(s, b, "approval", |s, r| Box::pin(steps::approval::handle(s, r)))))
+        .route("/runs", post(|s, b| http_fn(s, b, "runs", |s, r| Box::pin(steps::runs::handle(s, r)))))
+        .route("/on_push", post(|s, b| bus_fn(s, b, "on_push", |s, m| Box::pin(steps::on_push::handle(s, m)))))
+        .route(
+            "/on_build_completed",
+            post(|s, b| bus_fn(s, b, "on_build_completed", |s, m| Box::pin(steps::on_build_completed::handle(s, m)))),
+        )
+        .route("/on_image_ready", post(|s, b| bus_fn(s, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
+        .route("/on_approval", post(|s, b| bus_fn(s, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
+        .layer(DefaultBodyLimit::max(envelope_limit))
+        .with_state(state)
+}
+
+/// An HTTP-triggered function: every outcome, including errors, is a 200 to the host with the
+/// caller's status in `Outputs.res` (a non-2xx to the host would reach the caller as an empty 500).
+async fn http_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>, name: &'static str, f: HttpFn) -> Response {
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return envelope_rejected(name, e),
+    };
+    let http = match HttpRequest::from_invocation(&req, HTTP_IN) {
+        Ok(h) => h,
+        Err(e) => return Invocation::http(error_response(&Error::from(e))).into_response(HTTP_OUT).into_response(),
+    };
+    let method = http.method.clone();
+    let res = match f(state, http).await {
+        Ok(res) => {
+            tracing::info!(function = name, method, status = res.status, "invocation");
+            res
+        }
+        Err(e) => {
+            if e.is_transient() {
+                tracing::error!(function = name, method, status = e.status(), error = %e, "invocation failed");
+            } else {
+                tracing::warn!(function = name, method, status = e.status(), error = %e, "request refused");
+            }
+            error_response(&e)
+        }
+    };
+    let status = res.status;
+    Invocation::http(res).log(format!("{name}: {status}")).into_response(HTTP_OUT).into_response()
+}
+
+pub fn error_response(e: &Error) -> HttpResponse {
+    let mut res = HttpResponse::json(e.status(), &serde_json::json!({ "error": e.to_string() }));
+    if matches!(e, Error::Transient(_)) {
+        res = res.with_header("Retry-After", "10");
+    }
+    res
+}
+
+/// A Service Bus-triggered function. Transient errors fail the invocation (the host abandons the
+/// message; the broker redelivers it). Permanent errors park the message with a reason and then
+/// succeed, so the host completes the original instead of retrying it MaxDeliveryCount times.
+async fn bus_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>, name: &'static str, f: BusFn) -> Response {
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return envelope_rejected(name, e),
+    };
+    let msg = match BusMessage::from_invocation(&req, BUS_IN) {
+        Ok(m) => m,
+        Err(e) => {
+            // Without the body there is nothing to park: fail so the broker keeps the message.
+            tracing::error!(function = name, error = %e, "unreadable trigger envelope");
+            return failed(name, &Error::from(e));
+        }
+    };
+    let message_id = msg.message_id.clone().unwrap_or_else(|| deploychain_events::short_digest(&[&String::from_utf8_lossy(&msg.body)]));
+    let delivery = msg.delivery_count;
+    let parked = Parked {
+        message_id: message_id.clone(),
+        function: name.to_string(),
+        reason: String::new(),
+        description: String::new(),
+        delivery_count: delivery,
+        body: String::from_utf8(msg.body.clone()).unwrap_or_else(|e| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(e.as_bytes())
+        }),
+        original_subject: msg.subject.clone(),
+    };
+    match f(state.clone(), msg).await {
+        Ok(outcome) => {
+            tracing::info!(function = name, message_id, delivery, outcome, "invocation");
+            Invocation::default().log(format!("{name} {message_id}: {outcome}")).into_response(HTTP_OUT).into_response()
+        }
+        Err(e) if e.is_transient() => {
+            tracing::warn!(function = name, message_id, delivery, error = %e, "invocation failed; the message will be redelivered");
+            failed(name, &e)
+        }
+        Err(e) => {
+            let parked = Parked { reason: e.park_reason().to_string(), description: e.detail().to_string(), ..parked };
+            match state.publisher.park(&parked).await {
+                Ok(()) => {
+                    tracing::warn!(function = name, message_id, reason = parked.reason, error = %e, "message parked");
+                    Invocation::default()
+                        .log(format!("{name} {message_id}: parked ({}): {}", parked.reason, parked.description))
+                        .into_response(HTTP_OUT)
+                        .into_response()
+                }
+                Err(pe) => {
+                    tracing::error!(function = name, message_id, error = %pe, "could not park the message; it will be redelivered");
+                    failed(name, &pe)
+                }
+            }
+        }
+    }
+}
+
+fn failed(name: &str, e: &Error) -> Response {
+    let body = InvokeResponse { logs: vec![format!("{name}: {e}")], ..Default::default() };
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+}
+
+fn envelope_rejected(name: &str, e: axum::extract::rejection::JsonRejection) -> Response {
+    tracing::error!(function = name, error = %e, "the invocation envelope is not the host's JSON");
+    let status = if matches!(e, axum::extract::rejection::JsonRejection::BytesRejection(_)) { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+    let body = InvokeResponse { logs: vec![format!("{name}: bad invocation envelope: {e}")], ..Default::default() };
+    (status, Json(body)).into_response()
+}

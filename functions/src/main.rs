@@ -1,0 +1,60 @@
+//! The `handler` executable: read the configuration and policy, build the adapters, serve.
+
+use anyhow::Context;
+use deploychain_functions::adapters::{memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, sqlite::SqliteStore, Notify};
+use deploychain_functions::config::{ComputeConfig, Config, StoreConfig};
+use deploychain_functions::{app, links::ApprovalLinks, policy::Policy, AppState};
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let config = Config::from_env().map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
+    let text = std::fs::read_to_string(&config.policy_path).with_context(|| format!("reading the pipeline policy {}", config.policy_path.display()))?;
+    let policy = Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{} ({})", e, config.policy_path.display()))?;
+    config.check_against(&policy).map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
+
+    let http = azure_core::new_http_client();
+    let sb = config.service_bus.as_ref().context("ServiceBusConnection")?;
+    let publisher = ServiceBusPublisher::new(sb, &config.topic, &config.parked_queue, http.clone()).map_err(anyhow::Error::msg)?;
+    let store = match &config.store {
+        StoreConfig::Sqlite(path) => SqliteStore::open(path).map_err(anyhow::Error::msg)?,
+    };
+    let compute = match config.compute {
+        ComputeConfig::Simulated => {
+            tracing::warn!("DEPLOYCHAIN_COMPUTE=simulated: rollouts go to in-process simulated scale sets, not Azure");
+            Arc::new(memory::MemoryCompute::default())
+        }
+    };
+    let notify: Arc<dyn Notify> = match &config.notify_url {
+        Some(u) => Arc::new(WebhookNotify::new(u.clone(), http.clone())),
+        None => Arc::new(memory::MemoryNotify::default()),
+    };
+    let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), config.public_url.clone());
+    let port = config.port;
+    let state = AppState {
+        config: Arc::new(config),
+        policy: Arc::new(policy),
+        links: Arc::new(links),
+        store: Arc::new(store),
+        publisher: Arc::new(publisher),
+        // CI and image builds here are started by the repository itself (workflow on push, registry
+        // publish) and report back through webhooks; dispatching them is the CI adapters' job.
+        builds: Arc::new(deploychain_functions::adapters::WebhookReported),
+        baker: Arc::new(deploychain_functions::adapters::WebhookReported),
+        compute,
+        notify,
+    };
+    // The host calls http://127.0.0.1:{port}: listen on IPv4 loopback.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    tracing::info!(port, "deploychain handler listening");
+    axum::serve(listener, app(state)).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! The pipeline policy: which repositories and branches start runs, how they are built and baked,
+//! and the ordered stages with their targets, checks and approval rules.
+//!
+//! The policy is a TOML file shipped with the function app (`DEPLOYCHAIN_POLICY`), never read from
+//! the repository being deployed, so a change cannot weaken its own gate (DESIGN invariant 7).
+//! Loading validates everything and names the offending key, so a bad policy fails start-up.
+
+use deploychain_events::BuildProvider;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(rename = "app", default)]
+    pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub name: String,
+    pub source: Source,
+    /// Branch names or patterns with one trailing `*` (`release/*`).
+    pub branches: Vec<String>,
+    pub build: Build,
+    pub image: Image,
+    #[serde(rename = "stage")]
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// `owner/repo` of a GitHub repository.
+    pub github: Option<String>,
+    /// Clone URL of an Azure Repos repository (`https://dev.azure.com/org/project/_git/repo`).
+    pub azure_devops: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    pub provider: BuildProvider,
+    /// GitHub: workflow file name (`build.yml`) or name; matched against `workflow_run`. Azure
+    /// Pipelines: definition name or id; matched against `build.complete`.
+    pub pipeline: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub source: ImageSource,
+    /// `image-builder`: the gallery image definition id versions land in. `registry`: the image
+    /// repository (`ghcr.io/owner/name`) whose published versions are this app's images.
+    pub destination: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageSource {
+    ImageBuilder,
+    Registry,
+}
+
+impl ImageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageSource::ImageBuilder => "image-builder",
+            ImageSource::Registry => "registry",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub name: String,
+    /// The VM scale set resource id this stage deploys to.
+    pub target: String,
+    #[serde(default)]
+    pub checks: Vec<Check>,
+    pub approval: Option<Approval>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// `http`: GET `url` must answer 2xx on every instance before the stage counts as deployed.
+    pub kind: String,
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub approvers: Vec<String>,
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// `30m`, `24h`, `7d`.
+    #[serde(default = "default_expiry")]
+    pub expires_after: String,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_expiry() -> String {
+    "24h".into()
+}
+
+impl Approval {
+    pub fn expiry(&self) -> Duration {
+        parse_duration(&self.expires_after).unwrap_or(Duration::from_secs(86_400))
+    }
+}
+
+/// `90s`, `30m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("policy: {0}")]
+    Syntax(String),
+    #[error("policy: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid { key: key.into(), message: message.into() }
+}
+
+impl Policy {
+    pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
+        // toml's message names the key and the line; keep it as it is.
+        let p: Policy = toml::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string().trim_end().to_string()))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    fn validate(&self) -> Result<(), PolicyError> {
+        if self.apps.is_empty() {
+            return Err(invalid("app", "no apps: add at least one [[app]] table"));
+        }
+        let mut names = HashSet::new();
+        let mut repos = HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let k = |f: &str| format!("app[{i}].{f}");
+            if !valid_name(&app.name) {
+                return Err(invalid(k("name"), format!("`{}` must be 1-40 of a-z, 0-9 and `-`, starting with a letter or digit", app.name)));
+            }
+            if !names.insert(app.name.clone()) {
+                return Err(invalid(k("name"), format!("app `{}` is declared twice", app.name)));
+            }
+            match (&app.source.github, &app.source.azure_devops) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(k("source"), "set exactly one of `github` or `azure_devops`"));
+                }
+                (Some(gh), None) => {
+                    let parts: Vec<&str> = gh.split('/').collect();
+                    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                        return Err(invalid(k("source.github"), format!("`{gh}` is not `owner/repo`")));
+                    }
+                }
+                (None, Some(url)) => {
+                    if url::Url::parse(url).is_err() {
+                        return Err(invalid(k("source.azure_devops"), format!("`{url}` is not a URL")));
+                    }
+                }
+            }
+            // Two apps may share a repository only on disjoint branches; keep it simple: one app per repo+branch pattern.
+            for b in &app.branches {
+                if !repos.insert((app.source_key(), b.clone())) {
+                    return Err(invalid(k("branches"), format!("branch `{b}` of this repository already belongs to another app")));
+                }
+            }
+            if app.branches.is_empty() {
+                return Err(invalid(k("branches"), "list at least one branch"));
+            }
+            for (j, b) in app.branches.iter().enumerate() {
+                if b.is_empty() || b.starts_with("refs/") || b[..b.len().saturating_sub(1)].contains('*') {
+                    return Err(invalid(k(&format!("branches[{j}]")), format!("`{b}`: use a branch name, optionally ending in one `*`")));
+                }
+            }
+            match (app.build.provider, app.source.github.is_some()) {
+                (BuildProvider::GithubActions, false) => {
+                    return Err(invalid(k("build.provider"), "github-actions builds need a `source.github` repository"));
+                }
+                _ => {}
+            }
+            if app.image.destination.trim().is_empty() {
+                return Err(invalid(k("image.destination"), "must not be empty"));
+            }
+            if app.stages.is_empty() {
+                return Err(invalid(k("stage"), "list at least one [[app.stage]]"));
+            }
+            let mut stage_names = HashSet::new();
+            for (j, st) in app.stages.iter().enumerate() {
+                let sk = |f: &str| format!("app[{i}].stage[{j}].{f}");
+                if !valid_name(&st.name) {
+                    return Err(invalid(sk("name"), format!("`{}` must be 1-40 of a-z, 0-9 and `-`", st.name)));
+                }
+                if !stage_names.insert(st.name.clone()) {
+                    return Err(invalid(sk("name"), format!("stage `{}` is declared twice", st.name)));
+                }
+                if !st.target.to_ascii_lowercase().contains("/providers/microsoft.compute/virtualmachinescalesets/") {
+                    return Err(invalid(sk("target"), "must be a VM scale set resource id (…/providers/Microsoft.Compute/virtualMachineScaleSets/NAME)"));
+                }
+                for (c, check) in st.checks.iter().enumerate() {
+                    if check.kind != "http" {
+                        return Err(invalid(sk(&format!("checks[{c}].kind")), format!("`{}` is not a known check (http)", check.kind)));
+                    }
+                    if check.url.as_deref().map(url::Url::parse).map(|r| r.is_err()).unwrap_or(true) {
+                        return Err(invalid(sk(&format!("checks[{c}].url")), "an http check needs a valid `url`"));
+                    }
+                }
+                if let Some(a) = &st.approval {
+                    if j == 0 {
+                        return Err(invalid(sk("approval"), "the first stage deploys as soon as the image is ready; put approvals on later stages"));
+                    }
+                    if a.approvers.is_empty() || a.approvers.iter().any(|x| x.trim().is_empty()) {
+                        return Err(invalid(sk("approval.approvers"), "list at least one approver identity"));
+                    }
+                    if a.approvers.iter().collect::<HashSet<_>>().len() != a.approvers.len() {
+                        return Err(invalid(sk("approval.approvers"), "an approver is listed twice"));
+                    }
+                    if a.quorum == 0 || a.quorum as usize > a.approvers.len() {
+                        return Err(invalid(sk("approval.quorum"), format!("must be between 1 and the number of approvers ({})", a.approvers.len())));
+                    }
+                    if parse_duration(&a.expires_after).is_none() {
+                        return Err(invalid(sk("approval.expires_after"), format!("`{}` is not a duration like 30m, 24h or 7d", a.expires_after)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn app(&self, name: &str) -> Option<&App> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    /// The app that a GitHub push to `repo` (`owner/name`) on `branch` belongs to.
+    pub fn github_app(&self, repo: &str, branch: &str) -> Option<&App> {
+        self.apps.iter().find(|a| {
+            a.source.github.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(repo)) && a.matches_branch(branch)
+        })
+    }
+
+    /// Whether any app builds from this GitHub repository (whatever the branch).
+    pub fn knows_github_repo(&self, repo: &str) -> bool {
+        self.apps.iter().any(|a| a.source.github.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(repo)))
+    }
+
+    pub fn azure_devops_app(&self, remote_url: &str, branch: &str) -> Option<&App> {
+        let want = normalize_url(remote_url);
+        self.apps
+            .iter()
+            .find(|a| a.source.azure_devops.as_deref().is_some_and(|u| normalize_url(u) == want) && a.matches_branch(branch))
+    }
+
+    /// The app whose registry image repository is `repo` (`ghcr.io/owner/name`, case-insensitive).
+    pub fn registry_app(&self, repo: &str) -> Option<&App> {
+        let want = repo.trim_end_matches('/').to_ascii_lowercase();
+        self.apps.iter().find(|a| {
+            a.image.source == ImageSource::Registry && a.image.destination.trim_end_matches('/').to_ascii_lowercase() == want
+        })
+    }
+}
+
+impl App {
+    pub fn matches_branch(&self, branch: &str) -> bool {
+        self.branches.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => branch.starts_with(prefix),
+            None => p == branch,
+        })
+    }
+
+    pub fn stage(&self, name: &str) -> Option<(usize, &Stage)> {
+        self.stages.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+
+    fn source_key(&self) -> String {
+        match (&self.source.github, &self.source.azure_devops) {
+            (Some(g), _) => format!("github:{}", g.to_ascii_lowercase()),
+            (_, Some(u)) => format!("ado:{}", normalize_url(u)),
+            _ => String::new(),
+        }
+    }
+
+    pub fn repository(&self) -> &str {
+        self.source.github.as_deref().or(self.source.azure_devops.as_deref()).unwrap_or_default()
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+/// Azure Repos URLs compare without scheme, user info, trailing `/` or `.git`, case-insensitively.
+fn normalize_url(u: &str) -> String {
+    let s = u.trim().to_ascii_lowercase();
+    let s = s.split_once("://").map(|(_, r)| r.to_string()).unwrap_or(s);
+    let s = s.split_once('@').map(|(_, r)| r.to_string()).unwrap_or(s);
+    s.trim_end_matches('/').trim_end_matches(".git").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const SAMPLE: &str = r#"
+[[app]]
+name = "web"
+source = { github = "octo-org/web" }
+branches = ["main", "release/*"]
+build = { provider = "github-actions", pipeline = "build.yml" }
+image = { source = "image-builder", destination = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/web" }
+
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/web-staging"
+checks = [{ kind = "http", url = "https://web-staging.example.com/healthz" }]
+
+[[app.stage]]
+name = "production"
+target = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/web-prod"
+approval = { approvers = ["alice@example.com", "bob@example.com"], quorum = 1, expires_after = "24h" }
+"#;
+
+    #[test]
+    fn sample_policy_loads_and_matches_branches() {
+        let p = Policy::from_toml(SAMPLE).expect("valid");
+        let app = p.github_app("Octo-Org/Web", "release/1.2").expect("app");
+        assert_eq!(app.name, "web");
+        assert!(p.github_app("octo-org/web", "feature/x").is_none());
+        assert_eq!(app.stages[1].approval.as_ref().map(|a| a.expiry()), Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = SAMPLE.replace("quorum = 1", "quorum = 3");
+        let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("app[0].stage[1].approval.quorum"), "{err}");
+
+        let bad = SAMPLE.replace("provider = \"github-actions\"", "provider = \"jenkins\"");
+        let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("provider") && err.contains("jenkins"), "{err}");
+
+        let bad = SAMPLE.replace("checks = [", "chekcs = [");
+        let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("chekcs"), "{err}");
+
+        let bad = SAMPLE.replace("virtualMachineScaleSets/web-prod", "sites/web-prod");
+        let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("app[0].stage[1].target"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("0h"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration("5y"), None);
+    }
+}

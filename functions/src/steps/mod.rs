@@ -1,0 +1,397 @@
+//! One file per function. Service Bus steps (`on_…`) advance a run by one step; HTTP functions
+//! (`github_webhook`, `azure_devops_webhook`, `approval`, `runs`) are the chain's edges.
+//!
+//! Every step goes through [`run_step`], the exactly-once machinery: a step's effects are
+//! idempotent desired-state calls keyed by run, its state change and outgoing events are committed
+//! together (outbox), and the events are published with deterministic MessageIds. A redelivered or
+//! replayed message finds the step committed and publishes nothing new — or, if the earlier attempt
+//! died between commit and publish, re-publishes exactly the same messages.
+
+pub mod approval;
+pub mod azure_devops_webhook;
+pub mod github_webhook;
+pub mod on_approval;
+pub mod on_build_completed;
+pub mod on_image_ready;
+pub mod on_push;
+pub mod runs;
+
+use crate::adapters::{ApprovalNotice, ApprovalRecord, DeployOutcome, DeployRequest, Outbound, Run, RunStatus, StepCommit, StepEntry};
+use crate::error::{Error, Result};
+use crate::policy::{App, Policy};
+use crate::AppState;
+use chrono::{DateTime, Utc};
+use deploychain_events::*;
+use std::future::Future;
+
+/// What [`run_step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepDone {
+    /// Committed and published now.
+    Done,
+    /// Already committed and published: a duplicate delivery, nothing new.
+    Duplicate,
+    /// Committed earlier but not known published: published the same messages again.
+    Republished,
+    /// Nothing to do, with the reason.
+    Ignored(String),
+}
+
+impl StepDone {
+    pub fn describe(&self) -> String {
+        match self {
+            StepDone::Done => "done".into(),
+            StepDone::Duplicate => "duplicate delivery: already done, nothing published".into(),
+            StepDone::Republished => "already committed: re-published its messages".into(),
+            StepDone::Ignored(r) => format!("ignored: {r}"),
+        }
+    }
+}
+
+/// Run one step exactly once. `work` performs the step's idempotent effects and returns what to
+/// commit, or `None` to change nothing.
+pub async fn run_step<F, Fut>(state: &AppState, run_id: &str, key: &str, work: F) -> Result<StepDone>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Option<StepCommit>>>,
+{
+    if let Some(rec) = state.store.step(run_id, key).await? {
+        if rec.published {
+            return Ok(StepDone::Duplicate);
+        }
+        publish_all(state, &rec.outbox).await?;
+        state.store.mark_published(run_id, key).await?;
+        return Ok(StepDone::Republished);
+    }
+    let Some(commit) = work().await? else {
+        return Ok(StepDone::Ignored("nothing to change".into()));
+    };
+    let outbox = if state.store.commit_step(&commit).await? {
+        commit.outbox
+    } else {
+        // A concurrent delivery committed first: publish what it committed, not ours.
+        state.store.step(run_id, key).await?.map(|r| r.outbox).unwrap_or_default()
+    };
+    publish_all(state, &outbox).await?;
+    state.store.mark_published(run_id, key).await?;
+    Ok(StepDone::Done)
+}
+
+async fn publish_all(state: &AppState, outbox: &[Outbound]) -> Result<()> {
+    for m in outbox {
+        state.publisher.publish(m).await?;
+    }
+    Ok(())
+}
+
+/// The Service Bus session an event travels in: deploys to one stage are serialized by
+/// `app/stage`; `image.ready` opens the first stage's session; everything else is per app.
+pub fn session_for(ev: &DeployEvent, policy: &Policy) -> Option<String> {
+    let app = ev.data.app();
+    match (&ev.data, ev.data.stage()) {
+        (EventData::ImageReady(_), _) => {
+            let first = policy.app(app).and_then(|a| a.stages.first()).map(|s| s.name.as_str()).unwrap_or("deploy");
+            Some(format!("{app}/{first}"))
+        }
+        (_, Some(stage)) => Some(format!("{app}/{stage}")),
+        _ => Some(app.to_string()),
+    }
+}
+
+/// Build an outgoing event of a run: deterministic id, the run's trace, a child span id derived
+/// from the event id so a retried step produces the same traceparent.
+pub fn emit(state: &AppState, run: &RunRef, step: &str, function: &str, data: EventData) -> (DeployEvent, Outbound) {
+    let id = event_id(&run.id, step);
+    let ev = DeployEvent {
+        id: id.clone(),
+        source: format!("/deploychain/{}/{}", data.app(), function),
+        time: Utc::now(),
+        run_id: run.id.clone(),
+        trace: TraceContext { traceparent: run.traceparent.as_deref().map(|tp| child_traceparent(tp, &id)), tracestate: None },
+        data,
+    };
+    let session = session_for(&ev, &state.policy);
+    let out = Outbound::from_event(&ev, session);
+    (ev, out)
+}
+
+/// The identity of a run that events need.
+#[derive(Debug, Clone)]
+pub struct RunRef {
+    pub id: String,
+    pub traceparent: Option<String>,
+}
+
+impl From<&Run> for RunRef {
+    fn from(r: &Run) -> Self {
+        RunRef { id: r.id.clone(), traceparent: r.traceparent.clone() }
+    }
+}
+
+/// Same trace, a span id derived from `seed`.
+pub fn child_traceparent(parent: &str, seed: &str) -> String {
+    let trace_id = parent.split('-').nth(1).unwrap_or("");
+    let flags = parent.split('-').nth(3).unwrap_or("01");
+    let span = short_digest(&[seed]);
+    format!("00-{trace_id}-{span}-{flags}")
+}
+
+/// A new root traceparent for a run whose start carried none (ids derived from the run id).
+pub fn root_traceparent(run_id: &str) -> String {
+    let a = short_digest(&[run_id, "trace-a"]);
+    let b = short_digest(&[run_id, "trace-b"]);
+    let span = short_digest(&[run_id, "span"]);
+    format!("00-{a}{b}-{span}-01")
+}
+
+pub fn entry(key: &str, name: impl Into<String>, detail: Option<String>) -> StepEntry {
+    StepEntry { key: key.to_string(), name: name.into(), at: Utc::now(), detail }
+}
+
+/// Decode a delivered message into a chain event, checking that it is the type this function takes.
+pub fn decode(body: &[u8], expected: EventType) -> Result<DeployEvent> {
+    let ev = DeployEvent::from_json_bytes(body)?;
+    if ev.event_type() != expected {
+        return Err(Error::Malformed(format!("expected `{}`, got `{}` (check the subscription filter)", expected, ev.event_type())));
+    }
+    Ok(ev)
+}
+
+/// Load the run an event names, refusing events of unknown runs and runs already finished.
+pub async fn active_run(state: &AppState, ev: &DeployEvent) -> Result<std::result::Result<Run, String>> {
+    let Some(run) = state.store.run(&ev.run_id).await? else {
+        return Err(Error::NotFound(format!("no run `{}` (was its push ignored?)", ev.run_id)));
+    };
+    if run.app != ev.data.app() {
+        return Err(Error::Malformed(format!("event for app `{}` names run `{}` of app `{}`", ev.data.app(), run.id, run.app)));
+    }
+    if run.status.is_final() {
+        return Ok(Err(format!("run `{}` already {}", run.id, run.status.as_str())));
+    }
+    Ok(Ok(run))
+}
+
+pub fn app_of<'a>(state: &'a AppState, name: &str) -> Result<&'a App> {
+    state.policy.app(name).ok_or_else(|| Error::Refused(format!("app `{name}` is not in the pipeline policy")))
+}
+
+/// What the steps after a successful deployment of stage `idx` are: approval of the next stage,
+/// automatic promotion, or the end of the run. Shared by `on_image_ready` and `on_approval`.
+pub struct Deployed {
+    pub entries: Vec<StepEntry>,
+    pub outbox: Vec<Outbound>,
+    pub status: RunStatus,
+    pub waiting_for: Option<String>,
+}
+
+/// Deploy `image` to stage `idx` of `app` for `run`, and decide what comes next.
+pub async fn deploy_stage(state: &AppState, run: &Run, app: &App, idx: usize, image: &ImageRef, key: &str, function: &str) -> Result<Deployed> {
+    let stage = &app.stages[idx];
+    let rr = RunRef::from(run);
+    let dep = |reason: Option<String>, restored: Option<ImageRef>| Deployment {
+        app: app.name.clone(),
+        stage: stage.name.clone(),
+        target: stage.target.clone(),
+        image: image.clone(),
+        commit: run.commit.clone(),
+        reason,
+        restored,
+    };
+    let mut outbox = Vec::new();
+    let mut entries = vec![entry(key, format!("deploying to {}", stage.name), Some(format!("{} → {}", image.id, stage.target)))];
+    outbox.push(emit(state, &rr, &format!("deployment-started.{}", stage.name), function, EventData::DeploymentStarted(dep(None, None))).1);
+
+    let outcome = state
+        .compute
+        .deploy(&DeployRequest {
+            run_id: run.id.clone(),
+            sequence: run.sequence,
+            app: app.name.clone(),
+            stage: stage.name.clone(),
+            target: stage.target.clone(),
+            image: image.clone(),
+            checks: stage.checks.iter().filter_map(|c| c.url.clone()).collect(),
+        })
+        .await?;
+
+    let finish = |outbox: &mut Vec<Outbound>, entries: &mut Vec<StepEntry>, outcome: RunOutcome, reason: String| {
+        entries.push(entry(key, format!("run {}", run_outcome_word(outcome)), Some(reason.clone())));
+        outbox.push(
+            emit(
+                state,
+                &rr,
+                "run-finished",
+                function,
+                EventData::RunFinished(RunFinished {
+                    app: app.name.clone(),
+                    commit: run.commit.clone(),
+                    outcome,
+                    reason,
+                    stage: Some(stage.name.clone()),
+                }),
+            )
+            .1,
+        );
+    };
+
+    match outcome {
+        DeployOutcome::Stale { reason } => {
+            let reason = format!("not deployed to {}: {reason}", stage.name);
+            finish(&mut outbox, &mut entries, RunOutcome::Superseded, reason);
+            Ok(Deployed { entries, outbox, status: RunStatus::Superseded, waiting_for: None })
+        }
+        DeployOutcome::Failed { reason } => {
+            outbox.push(emit(state, &rr, &format!("deployment-failed.{}", stage.name), function, EventData::DeploymentFailed(dep(Some(reason.clone()), None))).1);
+            entries.push(entry(key, format!("deployment to {} failed", stage.name), Some(reason.clone())));
+            finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} failed: {reason}", stage.name));
+            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None })
+        }
+        DeployOutcome::RolledBack { reason, restored } => {
+            outbox.push(
+                emit(state, &rr, &format!("deployment-rolledback.{}", stage.name), function, EventData::DeploymentRolledBack(dep(Some(reason.clone()), restored.clone()))).1,
+            );
+            let back_to = restored.map(|r| r.id).unwrap_or_else(|| "its previous state".into());
+            entries.push(entry(key, format!("deployment to {} rolled back", stage.name), Some(format!("{reason}; restored {back_to}"))));
+            finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} rolled back: {reason}", stage.name));
+            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None })
+        }
+        DeployOutcome::Succeeded => {
+            outbox.push(emit(state, &rr, &format!("deployment-succeeded.{}", stage.name), function, EventData::DeploymentSucceeded(dep(None, None))).1);
+            entries.push(entry(key, format!("deployed to {}", stage.name), Some(image.id.clone())));
+            let Some(next) = app.stages.get(idx + 1) else {
+                finish(&mut outbox, &mut entries, RunOutcome::Succeeded, format!("deployed to {}", stage.name));
+                return Ok(Deployed { entries, outbox, status: RunStatus::Succeeded, waiting_for: None });
+            };
+            let approval_id = format!("{}.{}", run.id, next.name);
+            match &next.approval {
+                None => {
+                    outbox.push(
+                        emit(
+                            state,
+                            &rr,
+                            &format!("approval-decided.{}", next.name),
+                            function,
+                            EventData::ApprovalDecided(ApprovalDecided {
+                                app: app.name.clone(),
+                                stage: next.name.clone(),
+                                approval_id,
+                                image: image.clone(),
+                                commit: run.commit.clone(),
+                                decision: Decision::Approved,
+                                decided_by: vec!["policy".into()],
+                                comment: Some(format!("stage {} needs no approval", next.name)),
+                            }),
+                        )
+                        .1,
+                    );
+                    entries.push(entry(key, format!("promotion to {} approved by policy", next.name), None));
+                    Ok(Deployed { entries, outbox, status: RunStatus::Running, waiting_for: Some(format!("deployment to {}", next.name)) })
+                }
+                Some(policy) => {
+                    let expires_at = Utc::now() + chrono::Duration::from_std(policy.expiry()).unwrap_or(chrono::Duration::hours(24));
+                    let record = ApprovalRecord {
+                        id: approval_id.clone(),
+                        run_id: run.id.clone(),
+                        app: app.name.clone(),
+                        stage: next.name.clone(),
+                        commit: run.commit.clone(),
+                        image: image.clone(),
+                        approvers: policy.approvers.clone(),
+                        quorum: policy.quorum,
+                        expires_at,
+                        votes: Vec::new(),
+                    };
+                    // Idempotent: a retried step keeps the first record (and its expiry).
+                    state.store.put_approval(&record).await?;
+                    let record = state.store.approval(&approval_id).await?.unwrap_or(record);
+                    let links = record.approvers.iter().map(|a| (a.clone(), state.links.link(&record.id, a, record.expires_at))).collect();
+                    state
+                        .notify
+                        .approval_requested(&ApprovalNotice {
+                            approval_id: record.id.clone(),
+                            run_id: run.id.clone(),
+                            app: app.name.clone(),
+                            stage: next.name.clone(),
+                            commit: run.commit.clone(),
+                            image: image.clone(),
+                            expires_at: record.expires_at,
+                            links,
+                        })
+                        .await?;
+                    outbox.push(
+                        emit(
+                            state,
+                            &rr,
+                            &format!("approval-requested.{}", next.name),
+                            function,
+                            EventData::ApprovalRequested(ApprovalRequested {
+                                app: app.name.clone(),
+                                stage: next.name.clone(),
+                                approval_id: record.id.clone(),
+                                image: image.clone(),
+                                commit: run.commit.clone(),
+                                approvers: record.approvers.clone(),
+                                quorum: record.quorum,
+                                expires_at: record.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            }),
+                        )
+                        .1,
+                    );
+                    let waiting = waiting_for_approval(&record);
+                    entries.push(entry(key, format!("approval of {} requested", next.name), Some(waiting.clone())));
+                    Ok(Deployed { entries, outbox, status: RunStatus::Waiting, waiting_for: Some(waiting) })
+                }
+            }
+        }
+    }
+}
+
+pub fn waiting_for_approval(a: &ApprovalRecord) -> String {
+    let approved: Vec<&str> = a.votes.iter().filter(|v| v.decision == Decision::Approved).map(|v| v.approver.as_str()).collect();
+    format!(
+        "approval of {} by {} of [{}] ({} given{}); expires {}",
+        a.stage,
+        a.quorum,
+        a.approvers.join(", "),
+        approved.len(),
+        if approved.is_empty() { String::new() } else { format!(": {}", approved.join(", ")) },
+        a.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
+}
+
+pub fn run_outcome_word(o: RunOutcome) -> &'static str {
+    match o {
+        RunOutcome::Succeeded => "succeeded",
+        RunOutcome::Failed => "failed",
+        RunOutcome::Rejected => "rejected",
+        RunOutcome::Superseded => "superseded",
+    }
+}
+
+pub fn status_of(o: RunOutcome) -> RunStatus {
+    match o {
+        RunOutcome::Succeeded => RunStatus::Succeeded,
+        RunOutcome::Failed => RunStatus::Failed,
+        RunOutcome::Rejected => RunStatus::Rejected,
+        RunOutcome::Superseded => RunStatus::Superseded,
+    }
+}
+
+/// A step commit on an existing run.
+pub fn commit(run: &Run, key: &str, d: Deployed, image: Option<ImageRef>, stage: Option<String>) -> StepCommit {
+    StepCommit {
+        run_id: run.id.clone(),
+        key: key.to_string(),
+        new_run: None,
+        entries: d.entries,
+        status: d.status,
+        waiting_for: d.waiting_for,
+        image,
+        stage,
+        outbox: d.outbox,
+    }
+}
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}

@@ -1,0 +1,88 @@
+//! `on_approval` — a stage's approval was decided: promote the approved image, or end the run.
+//!
+//! - Trigger: Service Bus subscription `on-approval` (sessions on, SessionId = `app/stage`, so
+//!   deploys to one stage are serialized).
+//! - Input: `approval.decided` (from the `approval` function, or from a stage that needs none).
+//! - Effect when approved: rolls the *same* immutable image the approval names out to the stage
+//!   (refused if it is not the run's image); then as `on_image_ready` for what comes next.
+//! - Output: `deployment.*` then `approval.requested` / `approval.decided` / `run.finished`;
+//!   `run.finished` with outcome `rejected` when rejected.
+//! - Retry: transient failures are redelivered; idempotency key `promote.STAGE`.
+
+use super::*;
+use crate::invoke::BusMessage;
+
+pub const NAME: &str = "on_approval";
+
+pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
+    let ev = decode(&msg.body, EventType::ApprovalDecided)?;
+    let EventData::ApprovalDecided(decided) = &ev.data else { unreachable!("decode checked the type") };
+    let run = match active_run(&state, &ev).await? {
+        Ok(r) => r,
+        Err(why) => return Ok(StepDone::Ignored(why).describe()),
+    };
+    let app = app_of(&state, &run.app)?;
+    let Some((idx, stage)) = app.stage(&decided.stage) else {
+        return Err(Error::Refused(format!("app `{}` has no stage `{}`", app.name, decided.stage)));
+    };
+    if idx == 0 {
+        return Err(Error::Refused(format!("stage `{}` is the first stage; it is deployed when the image is ready", stage.name)));
+    }
+    match &run.image {
+        Some(img) if img.id == decided.image.id => {}
+        Some(img) => {
+            return Err(Error::Refused(format!("the approval is for image {} but run {} deploys {}", decided.image.id, run.id, img.id)));
+        }
+        None => return Err(Error::Refused(format!("run {} has no image yet", run.id))),
+    }
+    // A human decision must match the approval record the votes made; a policy decision needs a
+    // stage without an approval rule.
+    if decided.decided_by == ["policy"] {
+        if stage.approval.is_some() {
+            return Err(Error::Refused(format!("stage `{}` needs approval by people; a policy decision cannot promote it", stage.name)));
+        }
+    } else {
+        let record = state.store.approval(&decided.approval_id).await?.ok_or_else(|| Error::Refused(format!("no approval `{}`", decided.approval_id)))?;
+        if record.outcome() != Some(decided.decision) || record.run_id != run.id || record.stage != stage.name {
+            return Err(Error::Refused(format!("approval `{}` does not record this decision", decided.approval_id)));
+        }
+    }
+    let key = format!("promote.{}", stage.name);
+    let rr = RunRef::from(&run);
+    let done = run_step(&state, &run.id, &key, || async {
+        let by = decided.decided_by.join(", ");
+        if decided.decision == Decision::Rejected {
+            let comment = decided.comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
+            let reason = format!("promotion to {} rejected by {by}{comment}", stage.name);
+            let (_, out) = emit(
+                &state,
+                &rr,
+                "run-finished",
+                NAME,
+                EventData::RunFinished(RunFinished {
+                    app: app.name.clone(),
+                    commit: run.commit.clone(),
+                    outcome: RunOutcome::Rejected,
+                    reason: reason.clone(),
+                    stage: Some(stage.name.clone()),
+                }),
+            );
+            return Ok(Some(StepCommit {
+                run_id: run.id.clone(),
+                key: key.clone(),
+                new_run: None,
+                entries: vec![entry(&key, format!("{} rejected", stage.name), Some(reason.clone())), entry(&key, "run rejected", Some(reason))],
+                status: RunStatus::Rejected,
+                waiting_for: None,
+                image: None,
+                stage: Some(stage.name.clone()),
+                outbox: vec![out],
+            }));
+        }
+        let mut d = deploy_stage(&state, &run, app, idx, &decided.image, &key, NAME).await?;
+        d.entries.insert(0, entry(&key, format!("{} approved", stage.name), Some(format!("by {by}"))));
+        Ok(Some(commit(&run, &key, d, None, Some(stage.name.clone()))))
+    })
+    .await?;
+    Ok(done.describe())
+}
