@@ -1,0 +1,480 @@
+//! Router tests: every function driven through envelopes shaped as the Azure Functions host sends
+//! them, with the real GitHub and Azure DevOps payloads from tests/fixtures, against both stores.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use deploychain_functions::adapters::memory::MemoryStore;
+use deploychain_functions::adapters::sqlite::SqliteStore;
+use deploychain_functions::adapters::{RunStatus, Store};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
+    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap()))]
+}
+
+/// The probot push fixture rewritten to another repository, branch and commit (its shape kept).
+fn push_payload(repo: &str, branch: &str, commit: &str) -> Vec<u8> {
+    let mut p = fixture_json("github/push.branch-updated.probot.json");
+    p["repository"]["full_name"] = json!(repo);
+    p["ref"] = json!(format!("refs/heads/{branch}"));
+    p["after"] = json!(commit);
+    p["head_commit"]["id"] = json!(commit);
+    serde_json::to_vec(&p).unwrap()
+}
+
+fn workflow_run_payload(repo: &str, branch: &str, commit: &str, path: &str, conclusion: &str) -> Vec<u8> {
+    let mut p = fixture_json("github/workflow_run.completed.success.json");
+    p["repository"]["full_name"] = json!(repo);
+    p["workflow_run"]["head_branch"] = json!(branch);
+    p["workflow_run"]["head_sha"] = json!(commit);
+    p["workflow_run"]["path"] = json!(path);
+    p["workflow_run"]["conclusion"] = json!(conclusion);
+    serde_json::to_vec(&p).unwrap()
+}
+
+const HELLO_COMMIT: &str = "6c62fb45fe66bfb1ea9a66abc38f6a0cc974292b"; // the registry fixture's revision label
+
+#[tokio::test]
+async fn readiness_answers_on_root() {
+    let h = Harness::new(Arc::new(MemoryStore::default()));
+    use tower::ServiceExt;
+    let rsp = h.router.clone().oneshot(axum::http::Request::get("/").body(axum::body::Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+}
+
+#[tokio::test]
+async fn probot_push_fixture_starts_a_run_with_a_build_request() {
+    for (name, store) in stores() {
+        let mut h = Harness::new(store);
+        let body = fixture("github/push.branch-updated.probot.json");
+        let (status, res) = h.github_signed("push", &body).await;
+        assert_eq!(status, 202, "{name}: {res}");
+        let run = res["run"].as_str().unwrap().to_string();
+        assert_eq!(run, "probot-738a951d2f3e" .to_string().get(..).map(|_| run.clone()).unwrap());
+        assert!(run.starts_with("probot-"));
+        let sent = h.publisher.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].subject, "dev.deploychain.push.v1");
+        assert_eq!(sent[0].message_id, format!("{run}.push"));
+        assert_eq!(sent[0].session_id.as_deref(), Some("probot"));
+        assert_eq!(sent[0].properties["cloudEvents_type"], "dev.deploychain.push.v1");
+        assert_eq!(sent[0].properties["cloudEvents_runid"], run);
+        h.pump().await;
+        assert_eq!(h.publisher.types(), vec!["push", "build.requested"], "{name}");
+        assert_eq!(h.builds.requests.lock().unwrap().len(), 1);
+        let r = h.state.store.run(&run).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Running);
+        assert!(r.waiting_for.as_deref().unwrap().contains("build of"), "{:?}", r.waiting_for);
+    }
+}
+
+#[tokio::test]
+async fn forged_or_missing_signatures_get_401_and_publish_nothing() {
+    let h = Harness::new(Arc::new(MemoryStore::default()));
+    let body = fixture("github/push.branch-updated.probot.json");
+    let (s, res) = h.github("push", &body, None).await;
+    assert_eq!(s, 401, "{res}");
+    let (s, _) = h.github("push", &body, Some("sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17")).await;
+    assert_eq!(s, 401);
+    let mut tampered = body.clone();
+    let sig = sign(&body);
+    tampered[10] ^= 1;
+    let (s, _) = h.github("push", &tampered, Some(&sig)).await;
+    assert_eq!(s, 401);
+    let (s, _) = h.github("push", &body, Some("sha256=zz")).await;
+    assert_eq!(s, 401);
+    assert!(h.publisher.sent().is_empty());
+}
+
+#[tokio::test]
+async fn tags_deletions_pings_and_unknown_pipelines_are_acknowledged_and_ignored() {
+    let h = Harness::new(Arc::new(MemoryStore::default()));
+    let (s, res) = h.github_signed("push", &fixture("github/push.tag-created.ghes-35.json")).await;
+    assert_eq!(s, 202);
+    assert!(res["ignored"].as_str().unwrap().contains("not a branch"), "{res}");
+    let (s, res) = h.github_signed("push", &fixture("github/push.tag-deleted.json")).await;
+    assert_eq!(s, 202);
+    assert!(res["ignored"].is_string(), "{res}");
+    let (s, res) = h.github_signed("ping", &fixture("github/ping.json")).await;
+    assert_eq!(s, 200, "{res}");
+    let (s, res) = h.github_signed("check_suite", &fixture("github/check_suite.completed.json")).await;
+    assert_eq!(s, 202);
+    assert!(res["ignored"].as_str().unwrap().contains("check_suite"), "{res}");
+    // A branch no pipeline deploys, and a repository not in the policy: no run.
+    let (s, res) = h.github_signed("push", &push_payload("bkeepers-inc/test", "main", "738a951d2f3e7c2b16cc5a0d6a2b1e7d9a1b2c3d")).await;
+    assert_eq!(s, 202);
+    assert!(res["ignored"].as_str().unwrap().contains("no run"), "{res}");
+    let (s, res) = h.github_signed("push", &push_payload("someone/else", "main", "738a951d2f3e7c2b16cc5a0d6a2b1e7d9a1b2c3d")).await;
+    assert_eq!(s, 202);
+    assert!(res["ignored"].as_str().unwrap().contains("not in the pipeline policy"), "{res}");
+    // workflow_run that is not completed.
+    let (s, res) = h.github_signed("workflow_run", &fixture("github/workflow_run.requested.json")).await;
+    assert_eq!(s, 202, "{res}");
+    assert!(h.publisher.sent().is_empty());
+    assert!(h.state.store.runs(&Default::default()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_webhooks_are_refused_and_change_nothing() {
+    let h = Harness::with_max_body(Arc::new(MemoryStore::default()), 4096);
+    let (s, res) = h.github_signed("push", b"{not json").await;
+    assert_eq!(s, 400, "{res}");
+    let big = vec![b' '; 5000];
+    let (s, res) = h.github_signed("push", &big).await;
+    assert_eq!(s, 413, "{res}");
+    let (s, _, _) = h.ado(&big, Some(&basic(ADO_USER, ADO_SECRET))).await;
+    assert_eq!(s, 413);
+    let env = http_envelope("github_webhook", "GET", "hooks/github", &[], &[], &[], b"");
+    let (s, _, _) = h.http("github_webhook", &env).await;
+    assert_eq!(s, 400);
+    assert!(h.publisher.sent().is_empty());
+}
+
+#[tokio::test]
+async fn build_failure_finishes_the_run_as_failed_with_the_reason() {
+    let mut h = Harness::new(Arc::new(MemoryStore::default()));
+    let commit = "3484a3fb816e0859fd6e1cea078d76385ff50625"; // the workflow_run fixture's head_sha
+    assert_eq!(h.github_signed("push", &push_payload("octo-org/octo-repo", "master", commit)).await.0, 202);
+    h.pump().await;
+    let mut p = fixture_json("github/workflow_run.completed.success.json");
+    p["workflow_run"]["conclusion"] = json!("failure");
+    let (s, res) = h.github_signed("workflow_run", &serde_json::to_vec(&p).unwrap()).await;
+    assert_eq!(s, 202, "{res}");
+    h.pump().await;
+    assert_eq!(h.publisher.types(), vec!["push", "build.requested", "build.completed", "run.finished"]);
+    let run = h.state.store.run("octo-3484a3fb816e").await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    let last = run.steps.last().unwrap();
+    assert!(last.detail.as_deref().unwrap().contains("failure"), "{last:?}");
+    assert!(h.baker.requests.lock().unwrap().is_empty());
+    let finished: Value = serde_json::from_str(&h.publisher.sent()[3].body).unwrap();
+    assert_eq!(finished["data"]["outcome"], "failed");
+}
+
+#[tokio::test]
+async fn workflow_run_fixture_completes_the_build_and_requests_an_image() {
+    let mut h = Harness::new(Arc::new(SqliteStore::in_memory().unwrap()));
+    let commit = "3484a3fb816e0859fd6e1cea078d76385ff50625";
+    h.github_signed("push", &push_payload("octo-org/octo-repo", "master", commit)).await;
+    h.pump().await;
+    let (s, res) = h.github_signed("workflow_run", &fixture("github/workflow_run.completed.success.json")).await;
+    assert_eq!(s, 202, "{res}");
+    h.pump().await;
+    assert_eq!(h.publisher.types(), vec!["push", "build.requested", "build.completed", "image.requested"]);
+    let req = h.baker.requests.lock().unwrap().clone();
+    assert_eq!(req.len(), 1);
+    assert_eq!(req[0].build_id, "289782451");
+    let run = h.state.store.run("octo-3484a3fb816e").await.unwrap().unwrap();
+    assert!(run.waiting_for.unwrap().starts_with("image of 3484a3fb816e"));
+}
+
+/// The happy path, push → production, for one app with three stages (one automatic promotion,
+/// one quorum-of-two approval), then every message redelivered: nothing new happens.
+#[tokio::test]
+async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
+    for (name, store) in stores() {
+        let mut h = Harness::new(store);
+        assert_eq!(h.github_signed("push", &push_payload("Codertocat/Hello-World", "master", HELLO_COMMIT)).await.0, 202);
+        h.pump().await;
+        let wr = workflow_run_payload("Codertocat/Hello-World", "master", HELLO_COMMIT, ".github/workflows/build.yml", "success");
+        assert_eq!(h.github_signed("workflow_run", &wr).await.0, 202);
+        h.pump().await;
+        // The real registry_package fixture: its revision label names the commit.
+        let (s, res) = h.github_signed("registry_package", &fixture("github/registry_package.published.container.json")).await;
+        assert_eq!(s, 202, "{name}: {res}");
+        h.pump().await;
+        let run_id = "hello-6c62fb45fe66";
+        assert_eq!(
+            h.publisher.types(),
+            vec![
+                "push", "build.requested", "build.completed", "image.requested", "image.ready",
+                "deployment.started", "deployment.succeeded", "approval.decided",
+                "deployment.started", "deployment.succeeded", "approval.requested"
+            ],
+            "{name}"
+        );
+        let run = h.state.store.run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Waiting);
+        assert!(run.waiting_for.as_deref().unwrap().starts_with("approval of production by 2 of [alice@example.com, bob@example.com]"), "{:?}", run.waiting_for);
+        let image = run.image.clone().unwrap();
+        assert_eq!(image.id, "ghcr.io/codertocat/hello-world@sha256:3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498");
+        // Sessions serialize deploys per app and stage.
+        let sessions: Vec<_> = h.publisher.sent().iter().map(|m| m.session_id.clone().unwrap()).collect();
+        assert_eq!(sessions[4], "hello/staging");
+        assert_eq!(sessions[7], "hello/canary");
+
+        // Approvers get one link each; a GET never decides.
+        let notice = h.notify.notices()[0].clone();
+        assert_eq!(notice.links.len(), 2);
+        let before = h.publisher.sent().len();
+        let (s, _, page) = approval_call(&h, &notice.links[0].1, "GET", None).await;
+        assert_eq!(s, 200);
+        assert!(page.contains("Promote hello to production?") && page.contains(&image.id), "{page}");
+        assert_eq!(h.publisher.sent().len(), before);
+        assert!(h.state.store.approval(&notice.approval_id).await.unwrap().unwrap().votes.is_empty());
+
+        // Alice approves: 1 of 2, still waiting. Bob approves: decided.
+        let (s, _, _) = approval_call(&h, &notice.links[0].1, "POST", Some("decision=approve&comment=looks+good")).await;
+        assert_eq!(s, 200);
+        assert_eq!(h.publisher.sent().len(), before, "one approval of a quorum of two publishes nothing");
+        let run = h.state.store.run(run_id).await.unwrap().unwrap();
+        assert!(run.waiting_for.as_deref().unwrap().contains("1 given: alice@example.com"), "{:?}", run.waiting_for);
+        let (s, _, _) = approval_call(&h, &notice.links[1].1, "POST", Some("decision=approve")).await;
+        assert_eq!(s, 200);
+        h.pump().await;
+        let types = h.publisher.types();
+        assert_eq!(&types[before..], ["approval.decided", "deployment.started", "deployment.succeeded", "run.finished"], "{name}");
+        let run = h.state.store.run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded);
+        assert_eq!(h.compute.current("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-hello/providers/Microsoft.Compute/virtualMachineScaleSets/hello-prod").unwrap().image, image);
+        assert_eq!(h.compute.rollouts().len(), 3);
+        let finished: Value = serde_json::from_str(&h.publisher.sent().last().unwrap().body).unwrap();
+        assert_eq!(finished["data"]["outcome"], "succeeded");
+        // Every event of the run is in one trace.
+        let traces: std::collections::HashSet<String> = h.publisher.sent().iter().map(|m| m.properties["cloudEvents_traceparent"].split('-').nth(1).unwrap().to_string()).collect();
+        assert_eq!(traces.len(), 1, "{traces:?}");
+
+        // Redeliver everything (as after a lost lock, or an operator replay): nothing new.
+        let all = h.publisher.sent();
+        let (rollouts, builds, notices) = (h.compute.rollouts().len(), h.builds.requests.lock().unwrap().len(), h.notify.notices().len());
+        let steps = run.steps.len();
+        for m in &all {
+            if let Some(f) = subscriber(&m.subject) {
+                let (s, v) = h.deliver(f, m, 2).await;
+                assert_eq!(s, 200, "{v}");
+            }
+        }
+        // A repeated webhook delivery maps to the same MessageId.
+        h.github_signed("registry_package", &fixture("github/registry_package.published.container.json")).await;
+        let again = h.publisher.sent();
+        assert_eq!(again.len(), all.len() + 1);
+        assert_eq!(again.last().unwrap().message_id, format!("{run_id}.image-ready"));
+        assert_eq!(h.compute.rollouts().len(), rollouts);
+        assert_eq!(h.builds.requests.lock().unwrap().len(), builds);
+        assert_eq!(h.notify.notices().len(), notices);
+        assert_eq!(h.state.store.run(run_id).await.unwrap().unwrap().steps.len(), steps);
+        // And a second POST by an approver changes nothing.
+        let (s, _, _) = approval_call(&h, &notice.links[1].1, "POST", Some("decision=reject")).await;
+        assert_eq!(s, 409, "the run finished");
+    }
+}
+
+async fn approval_call(h: &Harness, link: &str, method: &str, form: Option<&str>) -> (u16, serde_json::Map<String, Value>, String) {
+    let u = url::Url::parse(link).unwrap();
+    let id = u.path().trim_start_matches("/api/approvals/").to_string();
+    let q: Vec<(String, String)> = u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let q: Vec<(&str, &str)> = q.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut headers = vec![("Accept", "text/html".to_string())];
+    if form.is_some() {
+        headers.push(("Content-Type", "application/x-www-form-urlencoded".to_string()));
+    }
+    let env = http_envelope("approval", method, &format!("approvals/{id}"), &q, &headers, &[("id", id.as_str())], form.unwrap_or("").as_bytes());
+    h.http("approval", &env).await
+}
+
+async fn to_waiting_for_approval(h: &mut Harness) -> deploychain_functions::adapters::ApprovalNotice {
+    h.github_signed("push", &push_payload("Codertocat/Hello-World", "master", HELLO_COMMIT)).await;
+    h.pump().await;
+    h.github_signed("workflow_run", &workflow_run_payload("Codertocat/Hello-World", "master", HELLO_COMMIT, ".github/workflows/build.yml", "success")).await;
+    h.pump().await;
+    h.github_signed("package", &fixture("github/package.published.container.json")).await;
+    h.pump().await;
+    h.notify.notices().pop().unwrap()
+}
+
+#[tokio::test]
+async fn tampered_expired_and_foreign_links_decide_nothing() {
+    let mut h = Harness::new(Arc::new(MemoryStore::default()));
+    let notice = to_waiting_for_approval(&mut h).await;
+    let before = h.publisher.sent().len();
+    let good = notice.links[0].1.clone();
+    // Someone else's name on Alice's signature.
+    let forged = good.replace("alice%40example.com", "mallory%40example.com");
+    assert_eq!(approval_call(&h, &forged, "POST", Some("decision=approve")).await.0, 401);
+    // A later expiry on the same signature.
+    let u = url::Url::parse(&good).unwrap();
+    let exp: i64 = u.query_pairs().find(|(k, _)| k == "exp").unwrap().1.parse().unwrap();
+    let stretched = good.replace(&format!("exp={exp}"), &format!("exp={}", exp + 86_400));
+    assert_eq!(approval_call(&h, &stretched, "POST", Some("decision=approve")).await.0, 401);
+    // A genuine link that expired.
+    let expired = h.state.links.link(&notice.approval_id, "alice@example.com", chrono::Utc::now() - chrono::Duration::minutes(1));
+    assert_eq!(approval_call(&h, &expired, "POST", Some("decision=approve")).await.0, 410);
+    // An unknown approval, a bad decision.
+    let other = h.state.links.link("hello-000000000000.production", "alice@example.com", chrono::Utc::now() + chrono::Duration::hours(1));
+    assert_eq!(approval_call(&h, &other, "POST", Some("decision=approve")).await.0, 404);
+    assert_eq!(approval_call(&h, &good, "POST", Some("decision=maybe")).await.0, 400);
+    assert_eq!(h.publisher.sent().len(), before);
+    assert!(h.state.store.approval(&notice.approval_id).await.unwrap().unwrap().votes.is_empty());
+}
+
+#[tokio::test]
+async fn a_rejection_ends_the_run_as_rejected() {
+    let mut h = Harness::new(Arc::new(MemoryStore::default()));
+    let notice = to_waiting_for_approval(&mut h).await;
+    let (s, _, page) = approval_call(&h, &notice.links[1].1, "POST", Some("decision=reject&comment=not+on+a+Friday")).await;
+    assert_eq!(s, 200, "{page}");
+    h.pump().await;
+    let run = h.state.store.run(&notice.run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Rejected);
+    assert!(run.steps.last().unwrap().detail.as_deref().unwrap().contains("not on a Friday"));
+    assert_eq!(h.compute.rollouts().len(), 2, "production untouched");
+}
+
+#[tokio::test]
+async fn azure_devops_fixtures_start_a_run_and_complete_its_build() {
+    let mut h = Harness::new(Arc::new(SqliteStore::in_memory().unwrap()));
+    let (s, hdr, res) = h.ado(&fixture("azure-devops/git.push.aspnet-webhooks.json"), None).await;
+    assert_eq!(s, 401, "{res}");
+    assert_eq!(hdr["WWW-Authenticate"], "Basic realm=\"deploychain\"");
+    let (s, _, _) = h.ado(&fixture("azure-devops/git.push.aspnet-webhooks.json"), Some(&basic(ADO_USER, "wrong"))).await;
+    assert_eq!(s, 401);
+    assert!(h.publisher.sent().is_empty());
+
+    let (s, _, res) = h.ado(&fixture("azure-devops/git.push.aspnet-webhooks.json"), Some(&basic(ADO_USER, ADO_SECRET))).await;
+    assert_eq!(s, 202, "{res}");
+    assert_eq!(res["runs"][0]["run"], "ado-c8e823a60a85");
+    // build.complete (XAML era, UTF-8 BOM) reports commit 600c52d2…: start that run first.
+    let mut push = fixture_json("azure-devops/git.push.aspnet-webhooks.json");
+    push["resource"]["refUpdates"][0]["newObjectId"] = json!("600c52d2d5b655caa111abfd863e5a9bd304bb0e");
+    h.ado(&serde_json::to_vec(&push).unwrap(), Some(&basic(ADO_USER, ADO_SECRET))).await;
+    h.pump().await;
+    let (s, _, res) = h.ado(&fixture("azure-devops/build.complete.aspnet-webhooks.json"), Some(&basic(ADO_USER, ADO_SECRET))).await;
+    assert_eq!(s, 202, "{res}");
+    h.pump().await;
+    let run = h.state.store.run("ado-600c52d2d5b6").await.unwrap().unwrap();
+    assert!(run.steps.iter().any(|s| s.name == "build succeeded"), "{:?}", run.steps);
+    assert_eq!(h.baker.requests.lock().unwrap().len(), 1);
+    let (s, _, res) = h.ado(&fixture("azure-devops/ms.vss-release.deployment-completed-event.json"), Some(&basic(ADO_USER, ADO_SECRET))).await;
+    assert_eq!(s, 202);
+    assert!(res["ignored"].is_string());
+}
+
+#[tokio::test]
+async fn a_malformed_message_is_parked_at_once_with_a_reason() {
+    let mut h = Harness::new(Arc::new(MemoryStore::default()));
+    let props = Default::default();
+    for (body, reason) in [
+        (&b"{\"not\":\"a cloudevent\"}"[..], "MalformedEvent"),
+        (&b"\xff\xfe binary junk"[..], "MalformedEvent"),
+    ] {
+        let env = bus_envelope("on_push", body, Some("poison-1"), 1, Some("dev.deploychain.push.v1"), None, &props, 1);
+        let (s, v) = h.invoke("on_push", &env).await;
+        assert_eq!(s, 200, "parked messages are completed, not retried: {v}");
+        let parked = h.publisher.parked().pop().unwrap();
+        assert_eq!(parked.reason, reason);
+        assert_eq!(parked.function, "on_push");
+        assert_eq!(parked.delivery_count, 1);
+    }
+    // A well-formed event of the wrong type on this subscription.
+    h.github_signed("push", &fixture("github/push.branch-updated.probot.json")).await;
+    let push = h.publisher.sent()[0].clone();
+    let (s, _) = h.deliver("on_build_completed", &push, 1).await;
+    assert_eq!(s, 200);
+    assert!(h.publisher.parked().last().unwrap().description.contains("expected `dev.deploychain.build.completed.v1`"));
+    // An event for a run nobody started.
+    let mut ev: Value = serde_json::from_str(&push.body).unwrap();
+    ev["type"] = json!("dev.deploychain.build.completed.v1");
+    ev["data"] = json!({"app":"probot","provider":"github-actions","branch":"bkeepers-patch-3","commit":"738a951d2f3e","buildId":"1","outcome":"succeeded"});
+    let env = bus_envelope("on_build_completed", ev.to_string().as_bytes(), Some("x.build-completed"), 1, None, None, &props, 2);
+    h.invoke("on_build_completed", &env).await;
+    assert_eq!(h.publisher.parked().last().unwrap().reason, "UnknownRun");
+    // Other runs are unaffected.
+    h.pump().await;
+    assert_eq!(h.publisher.types(), vec!["push", "build.requested"]);
+    // A body the host could not have sent with dataType binary: fail, keep the message.
+    let bad = json!({"Data": {"msg": "\"{}\""}, "Metadata": {}});
+    assert_eq!(h.invoke("on_push", &bad).await.0, 500);
+}
+
+#[tokio::test]
+async fn a_bus_outage_fails_the_invocation_and_the_redelivery_finishes_the_step_once() {
+    let mut h = Harness::new(Arc::new(SqliteStore::in_memory().unwrap()));
+    h.github_signed("push", &fixture("github/push.branch-updated.probot.json")).await;
+    let push = h.publisher.sent()[0].clone();
+    h.delivered = 1;
+    h.publisher.set_down(true);
+    // The webhook answers 503 while the bus is down: GitHub will redeliver; nothing was accepted.
+    let (s, _) = h.github_signed("push", &fixture("github/push.branch-updated.probot.json")).await;
+    assert_eq!(s, 503);
+    let (s, v) = h.deliver("on_push", &push, 1).await;
+    assert_eq!(s, 500, "transient: the host abandons and the broker redelivers: {v}");
+    h.publisher.set_down(false);
+    let (s, v) = h.deliver("on_push", &push, 2).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["Logs"][0].as_str().unwrap().contains("re-published"), "{v}");
+    assert_eq!(h.publisher.types(), vec!["push", "build.requested"]);
+    assert_eq!(h.builds.requests.lock().unwrap().len(), 1);
+    let (s, v) = h.deliver("on_push", &push, 3).await;
+    assert_eq!(s, 200);
+    assert!(v["Logs"][0].as_str().unwrap().contains("duplicate"), "{v}");
+    assert_eq!(h.publisher.sent().len(), 2);
+}
+
+#[tokio::test]
+async fn runs_api_shows_steps_times_and_what_a_run_waits_for() {
+    let mut h = Harness::new(Arc::new(SqliteStore::in_memory().unwrap()));
+    let notice = to_waiting_for_approval(&mut h).await;
+    let env = http_envelope("runs", "GET", &format!("runs/{}", notice.run_id), &[], &[], &[("id", notice.run_id.as_str())], b"");
+    let (s, hdr, body) = h.http("runs", &env).await;
+    assert_eq!(s, 200);
+    assert!(hdr["Content-Type"].as_str().unwrap().starts_with("application/json"));
+    let run: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(run["status"], "waiting");
+    assert!(run["waitingFor"].as_str().unwrap().starts_with("approval of production"));
+    let steps = run["steps"].as_array().unwrap();
+    let whats: Vec<&str> = steps.iter().map(|s| s["what"].as_str().unwrap()).collect();
+    assert_eq!(whats.first(), Some(&"push received"));
+    assert!(whats.contains(&"deployed to staging") && whats.contains(&"deployed to canary"), "{whats:?}");
+    assert!(steps.iter().all(|s| s["at"].as_str().is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok())));
+
+    let env = http_envelope("runs", "GET", "runs", &[("commit", "6c62fb45")], &[], &[], b"");
+    let (s, _, body) = h.http("runs", &env).await;
+    assert_eq!(s, 200);
+    let list: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["runs"].as_array().unwrap().len(), 1);
+    let env = http_envelope("runs", "GET", "runs", &[("commit", "ffffffff")], &[], &[], b"");
+    assert_eq!(serde_json::from_str::<Value>(&h.http("runs", &env).await.2).unwrap()["runs"].as_array().unwrap().len(), 0);
+    let env = http_envelope("runs", "GET", "runs", &[("commit", "zz; drop")], &[], &[], b"");
+    assert_eq!(h.http("runs", &env).await.0, 400);
+    let env = http_envelope("runs", "GET", "runs/nope", &[], &[], &[("id", "nope")], b"");
+    assert_eq!(h.http("runs", &env).await.0, 404);
+}
+
+#[tokio::test]
+async fn an_older_run_never_replaces_a_newer_one() {
+    let mut h = Harness::new(Arc::new(MemoryStore::default()));
+    // Two pushes of the probot branch; the newer one deploys first, then the older one's image arrives.
+    let old = "1111111111111111111111111111111111111111";
+    let new = "2222222222222222222222222222222222222222";
+    for c in [old, new] {
+        h.github_signed("push", &push_payload("bkeepers-inc/test", "bkeepers-patch-3", c)).await;
+        h.pump().await;
+    }
+    let image_for = |run: &str, v: &str| deploychain_events::DeployEvent {
+        id: format!("{run}.image-ready"),
+        source: "/deploychain/probot/image-builder".into(),
+        time: chrono::Utc::now(),
+        run_id: run.into(),
+        trace: Default::default(),
+        data: deploychain_events::EventData::ImageReady(deploychain_events::ImageReady {
+            app: "probot".into(),
+            commit: run.trim_start_matches("probot-").into(),
+            image: deploychain_events::ImageRef { kind: deploychain_events::ImageKind::GalleryImageVersion, id: format!("/galleries/g/images/probot/versions/{v}"), version: Some(v.into()), digest: None },
+            branch: None,
+        }),
+    };
+    for (run, v) in [("probot-222222222222", "1.0.2"), ("probot-111111111111", "1.0.1")] {
+        let ev = image_for(run, v);
+        let out = deploychain_functions::adapters::Outbound::from_event(&ev, Some("probot/staging".into()));
+        let (s, _) = h.deliver("on_image_ready", &out, 1).await;
+        assert_eq!(s, 200);
+    }
+    let older = h.state.store.run("probot-111111111111").await.unwrap().unwrap();
+    assert_eq!(older.status, RunStatus::Superseded);
+    assert!(older.steps.last().unwrap().detail.as_deref().unwrap().contains("newer run probot-222222222222"), "{:?}", older.steps);
+    let target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-probot/providers/Microsoft.Compute/virtualMachineScaleSets/probot-staging";
+    assert_eq!(h.compute.current(target).unwrap().run_id, "probot-222222222222");
+}
