@@ -305,37 +305,35 @@ impl DeployEvent {
                 return Err(EventError::BadAttribute {
                     attribute: "subject",
                     message: format!("`{s}` differs from the run id `{run_id}`"),
-                })
+                });
             }
             Some(_) => {}
         }
         if ev.id().is_empty() || ev.id().len() > 128 {
             return Err(EventError::BadAttribute { attribute: "id", message: "must be 1 to 128 characters".into() });
         }
-        if let Some(ct) = ev.datacontenttype() {
-            if !ct.starts_with("application/json") {
-                return Err(EventError::BadAttribute {
-                    attribute: "datacontenttype",
-                    message: format!("`{ct}` is not application/json"),
-                });
-            }
+        if let Some(ct) = ev.datacontenttype()
+            && !ct.starts_with("application/json")
+        {
+            return Err(EventError::BadAttribute { attribute: "datacontenttype", message: format!("`{ct}` is not application/json") });
         }
         let time = *ev.time().ok_or(EventError::MissingAttribute("time"))?;
         let traceparent = ev.extension("traceparent").map(|v| v.to_string());
-        if let Some(tp) = &traceparent {
-            if !TraceContext::is_valid_traceparent(tp) {
-                return Err(EventError::BadAttribute { attribute: "traceparent", message: format!("`{tp}` is not a W3C traceparent") });
-            }
+        if let Some(tp) = &traceparent
+            && !TraceContext::is_valid_traceparent(tp)
+        {
+            return Err(EventError::BadAttribute { attribute: "traceparent", message: format!("`{tp}` is not a W3C traceparent") });
         }
         let tracestate = ev.extension("tracestate").map(|v| v.to_string());
-        let json = match ev.data() {
-            Some(Data::Json(v)) => v.clone(),
-            Some(Data::String(s)) => serde_json::from_str(s)
-                .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
-            Some(Data::Binary(b)) => serde_json::from_slice(b)
-                .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
-            None => return Err(EventError::MissingAttribute("data")),
-        };
+        let json =
+            match ev.data() {
+                Some(Data::Json(v)) => v.clone(),
+                Some(Data::String(s)) => serde_json::from_str(s)
+                    .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
+                Some(Data::Binary(b)) => serde_json::from_slice(b)
+                    .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
+                None => return Err(EventError::MissingAttribute("data")),
+            };
         let data = EventData::from_json(ty, json)?;
         Ok(DeployEvent {
             id: ev.id().to_string(),
@@ -358,10 +356,7 @@ mod tests {
             source: "/github/octo-org/web".into(),
             time: DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z").map(|t| t.with_timezone(&Utc)).unwrap_or_default(),
             run_id: "web-abc".into(),
-            trace: TraceContext {
-                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
-                tracestate: None,
-            },
+            trace: TraceContext { traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()), tracestate: None },
             data: EventData::Push(Push {
                 app: "web".into(),
                 provider: Provider::Github,
@@ -403,14 +398,20 @@ mod tests {
         assert_eq!(err, Err(EventError::UnknownType("dev.deploychain.nope.v1".into())));
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json_bytes()).unwrap_or_default();
         v["subject"] = "other".into();
-        assert!(matches!(DeployEvent::from_json_bytes(v.to_string().as_bytes()), Err(EventError::BadAttribute { attribute: "subject", .. })));
+        assert!(matches!(
+            DeployEvent::from_json_bytes(v.to_string().as_bytes()),
+            Err(EventError::BadAttribute { attribute: "subject", .. })
+        ));
     }
 
     #[test]
     fn bad_traceparent_and_missing_data_fields_are_refused() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json_bytes()).unwrap_or_default();
         v["traceparent"] = "00-zz-01".into();
-        assert!(matches!(DeployEvent::from_json_bytes(v.to_string().as_bytes()), Err(EventError::BadAttribute { attribute: "traceparent", .. })));
+        assert!(matches!(
+            DeployEvent::from_json_bytes(v.to_string().as_bytes()),
+            Err(EventError::BadAttribute { attribute: "traceparent", .. })
+        ));
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json_bytes()).unwrap_or_default();
         v["data"].as_object_mut().map(|m| m.remove("commit"));
         assert!(matches!(DeployEvent::from_json_bytes(v.to_string().as_bytes()), Err(EventError::BadData { .. })));

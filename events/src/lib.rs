@@ -9,7 +9,7 @@ mod data;
 mod envelope;
 
 pub use data::*;
-pub use envelope::{DeployEvent, EventData, EventError, EventType, TraceContext, RUN_ID_EXTENSION};
+pub use envelope::{DeployEvent, EventData, EventError, EventType, RUN_ID_EXTENSION, TraceContext};
 
 /// The content type of a structured-mode CloudEvent in JSON.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json; charset=utf-8";

@@ -18,13 +18,7 @@ fn dir(name: &str) -> PathBuf {
 fn file_names(folder: &str) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir(folder))
         .unwrap_or_else(|e| panic!("cannot list events/{folder}: {e}"))
-        .map(|entry| {
-            entry
-                .expect("directory entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|entry| entry.expect("directory entry").file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     names
@@ -53,15 +47,7 @@ fn validator(ty: EventType) -> jsonschema::Validator {
 
 /// Every validation error of `instance`, one line each.
 fn errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<String> {
-    validator
-        .iter_errors(instance)
-        .map(|e| {
-            format!(
-                "{} at `{}` (schema `{}`)",
-                e, e.instance_path, e.schema_path
-            )
-        })
-        .collect()
+    validator.iter_errors(instance).map(|e| format!("{} at `{}` (schema `{}`)", e, e.instance_path, e.schema_path)).collect()
 }
 
 /// The event type a sample file is for, from its name: `<short_name>.json` or `<short_name>.<variant>.json`.
@@ -70,8 +56,7 @@ fn type_of_sample_name(name: &str) -> Option<EventType> {
     EventType::ALL
         .into_iter()
         .filter(|t| {
-            name == format!("{}.json", t.short_name())
-                || (name.starts_with(&format!("{}.", t.short_name())) && name.ends_with(".json"))
+            name == format!("{}.json", t.short_name()) || (name.starts_with(&format!("{}.", t.short_name())) && name.ends_with(".json"))
         })
         .max_by_key(|t| t.short_name().len())
 }
@@ -84,10 +69,8 @@ fn samples() -> Vec<(String, EventType, Value, Vec<u8>)> {
         .filter_map(|name| {
             let ty = type_of_sample_name(&name)?;
             let path = dir("samples").join(&name);
-            let bytes =
-                fs::read(&path).unwrap_or_else(|e| panic!("cannot read samples/{name}: {e}"));
-            let value = serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("samples/{name} is not JSON: {e}"));
+            let bytes = fs::read(&path).unwrap_or_else(|e| panic!("cannot read samples/{name}: {e}"));
+            let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("samples/{name} is not JSON: {e}"));
             Some((name, ty, value, bytes))
         })
         .collect()
@@ -98,79 +81,44 @@ fn every_type_has_a_schema_and_a_sample() {
     let mut problems = Vec::new();
 
     // Schemas: exactly one per type, well-formed 2020-12, self-describing.
-    let expected: Vec<String> = EventType::ALL
-        .iter()
-        .map(|t| format!("{}.schema.json", t.short_name()))
-        .collect();
+    let expected: Vec<String> = EventType::ALL.iter().map(|t| format!("{}.schema.json", t.short_name())).collect();
     for name in file_names("schemas") {
         if !expected.contains(&name) {
-            problems.push(format!(
-                "schemas/{name}: stray file (not `<short_name>.schema.json` of any event type)"
-            ));
+            problems.push(format!("schemas/{name}: stray file (not `<short_name>.schema.json` of any event type)"));
         }
     }
     for ty in EventType::ALL {
         let path = schema_path(ty);
         if !path.is_file() {
-            problems.push(format!(
-                "{ty}: missing schemas/{}.schema.json",
-                ty.short_name()
-            ));
+            problems.push(format!("{ty}: missing schemas/{}.schema.json", ty.short_name()));
             continue;
         }
         let s = read_json(&path);
         if let Err(e) = jsonschema::draft202012::meta::validate(&s) {
-            problems.push(format!(
-                "schemas/{}.schema.json is not a valid 2020-12 schema: {e}",
-                ty.short_name()
-            ));
+            problems.push(format!("schemas/{}.schema.json is not a valid 2020-12 schema: {e}", ty.short_name()));
         }
         // Compiling resolves every $ref, so a dangling one fails here.
-        if let Err(e) = jsonschema::draft202012::options()
-            .should_validate_formats(true)
-            .build(&s)
-        {
-            problems.push(format!(
-                "schemas/{}.schema.json does not compile: {e}",
-                ty.short_name()
-            ));
+        if let Err(e) = jsonschema::draft202012::options().should_validate_formats(true).build(&s) {
+            problems.push(format!("schemas/{}.schema.json does not compile: {e}", ty.short_name()));
         }
         if s["$schema"] != SCHEMA_DIALECT {
-            problems.push(format!(
-                "schemas/{}.schema.json: `$schema` must be {SCHEMA_DIALECT}",
-                ty.short_name()
-            ));
+            problems.push(format!("schemas/{}.schema.json: `$schema` must be {SCHEMA_DIALECT}", ty.short_name()));
         }
-        let id = format!(
-            "https://deploychain.dev/schemas/{}.schema.json",
-            ty.short_name()
-        );
+        let id = format!("https://deploychain.dev/schemas/{}.schema.json", ty.short_name());
         if s["$id"] != id.as_str() {
-            problems.push(format!(
-                "schemas/{}.schema.json: `$id` must be {id}",
-                ty.short_name()
-            ));
+            problems.push(format!("schemas/{}.schema.json: `$id` must be {id}", ty.short_name()));
         }
         if !s["title"].is_string() || !s["description"].is_string() {
-            problems.push(format!(
-                "schemas/{}.schema.json: needs a title and a description",
-                ty.short_name()
-            ));
+            problems.push(format!("schemas/{}.schema.json: needs a title and a description", ty.short_name()));
         }
         if s["properties"]["type"]["const"] != ty.as_str() {
-            problems.push(format!(
-                "schemas/{}.schema.json: `type` must be const {ty}",
-                ty.short_name()
-            ));
+            problems.push(format!("schemas/{}.schema.json: `type` must be const {ty}", ty.short_name()));
         }
         // Self-contained: the only references are to the schema's own $defs.
         let text = s.to_string();
         for (i, _) in text.match_indices("\"$ref\":") {
             if !text[i..].starts_with("\"$ref\":\"#/$defs/") {
-                problems.push(format!(
-                    "schemas/{}.schema.json: external or non-$defs $ref",
-                    ty.short_name()
-                ));
+                problems.push(format!("schemas/{}.schema.json: external or non-$defs $ref", ty.short_name()));
             }
         }
     }
@@ -184,28 +132,18 @@ fn every_type_has_a_schema_and_a_sample() {
         };
         let v = read_json(&dir("samples").join(&name));
         if v["type"] != ty.as_str() {
-            problems.push(format!(
-                "samples/{name}: `type` is {} but the file name says {ty}",
-                v["type"]
-            ));
+            problems.push(format!("samples/{name}: `type` is {} but the file name says {ty}", v["type"]));
             continue;
         }
         *per_type.entry(ty.as_str()).or_default() += 1;
     }
     for ty in EventType::ALL {
         if !per_type.contains_key(ty.as_str()) {
-            problems.push(format!(
-                "{ty}: no sample in samples/ (expected samples/{}.json)",
-                ty.short_name()
-            ));
+            problems.push(format!("{ty}: no sample in samples/ (expected samples/{}.json)", ty.short_name()));
         }
     }
 
-    assert!(
-        problems.is_empty(),
-        "event catalogue problems:\n  {}",
-        problems.join("\n  ")
-    );
+    assert!(problems.is_empty(), "event catalogue problems:\n  {}", problems.join("\n  "));
 }
 
 #[test]
@@ -216,11 +154,7 @@ fn every_sample_validates_against_its_schema() {
             failures.push(format!("samples/{name}: {e}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "samples that do not match their schema:\n  {}",
-        failures.join("\n  ")
-    );
+    assert!(failures.is_empty(), "samples that do not match their schema:\n  {}", failures.join("\n  "));
 }
 
 #[test]
@@ -235,60 +169,36 @@ fn every_sample_round_trips_through_rust_types_and_the_sdk() {
             }
         };
         if event.event_type() != ty {
-            failures.push(format!(
-                "samples/{name}: parsed as {} instead of {ty}",
-                event.event_type()
-            ));
+            failures.push(format!("samples/{name}: parsed as {} instead of {ty}", event.event_type()));
         }
         // What deploychain would write for this event is exactly the sample.
-        let written: Value =
-            serde_json::from_slice(&event.to_json_bytes()).expect("to_json_bytes writes JSON");
+        let written: Value = serde_json::from_slice(&event.to_json_bytes()).expect("to_json_bytes writes JSON");
         if written != value {
-            failures.push(format!(
-                "samples/{name}: to_json_bytes differs from the sample\n    sample:  {value}\n    written: {written}"
-            ));
+            failures.push(format!("samples/{name}: to_json_bytes differs from the sample\n    sample:  {value}\n    written: {written}"));
         }
         // The CloudEvents SDK reads the sample to the same event.
         match serde_json::from_slice::<cloudevents::Event>(&bytes) {
             Ok(ce) => match DeployEvent::from_cloudevent(&ce) {
                 Ok(via_sdk) if via_sdk == event => {}
-                Ok(via_sdk) => failures.push(format!(
-                    "samples/{name}: through the SDK: {via_sdk:?}\n    directly: {event:?}"
-                )),
-                Err(e) => {
-                    failures.push(format!("samples/{name}: DeployEvent::from_cloudevent: {e}"))
-                }
+                Ok(via_sdk) => failures.push(format!("samples/{name}: through the SDK: {via_sdk:?}\n    directly: {event:?}")),
+                Err(e) => failures.push(format!("samples/{name}: DeployEvent::from_cloudevent: {e}")),
             },
-            Err(e) => failures.push(format!(
-                "samples/{name}: the CloudEvents SDK cannot read it: {e}"
-            )),
+            Err(e) => failures.push(format!("samples/{name}: the CloudEvents SDK cannot read it: {e}")),
         }
         // And the SDK event deploychain builds converts back losslessly.
         if DeployEvent::from_cloudevent(&event.to_cloudevent()).as_ref() != Ok(&event) {
-            failures.push(format!(
-                "samples/{name}: to_cloudevent/from_cloudevent is lossy"
-            ));
+            failures.push(format!("samples/{name}: to_cloudevent/from_cloudevent is lossy"));
         }
         // Samples follow the id and run-id conventions.
         let run_id = run_id(event.data.app(), commit_of(&event.data));
         if event.run_id != run_id {
-            failures.push(format!(
-                "samples/{name}: run id {} is not run_id(app, commit) = {run_id}",
-                event.run_id
-            ));
+            failures.push(format!("samples/{name}: run id {} is not run_id(app, commit) = {run_id}", event.run_id));
         }
         if !event.id.starts_with(&format!("{run_id}.")) {
-            failures.push(format!(
-                "samples/{name}: id {} is not `<runid>.<step>`",
-                event.id
-            ));
+            failures.push(format!("samples/{name}: id {} is not `<runid>.<step>`", event.id));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "round-trip failures:\n  {}",
-        failures.join("\n  ")
-    );
+    assert!(failures.is_empty(), "round-trip failures:\n  {}", failures.join("\n  "));
 }
 
 fn commit_of(data: &EventData) -> &str {
@@ -349,75 +259,43 @@ fn deployment(full: bool, failed: bool) -> Deployment {
 /// The data of `ty`, with every optional field set (`full`) or none. The match is exhaustive, so a new
 /// event type does not compile until it is covered here.
 fn data_for(ty: EventType, full: bool) -> EventData {
-    let image = if full {
-        gallery_image("2.3.0", true)
-    } else {
-        container_image(false)
-    };
+    let image = if full { gallery_image("2.3.0", true) } else { container_image(false) };
     match ty {
         EventType::Push => EventData::Push(Push {
             app: APP.into(),
-            provider: if full {
-                Provider::AzureDevops
-            } else {
-                Provider::Github
-            },
-            repository: if full {
-                "https://dev.azure.com/contoso/shop/_git/api".into()
-            } else {
-                "octo-org/api".into()
-            },
+            provider: if full { Provider::AzureDevops } else { Provider::Github },
+            repository: if full { "https://dev.azure.com/contoso/shop/_git/api".into() } else { "octo-org/api".into() },
             branch: "release/2.3".into(),
             commit: COMMIT.into(),
             before: full.then(|| "0000000000000000000000000000000000000000".to_string()),
             pusher: full.then(|| "Jane Doe".to_string()),
-            message: full
-                .then(|| "Merge PR 42: faster checkout\n\nRelated work items: #7".to_string()),
-            url: full
-                .then(|| format!("https://dev.azure.com/contoso/shop/_git/api/commit/{COMMIT}")),
+            message: full.then(|| "Merge PR 42: faster checkout\n\nRelated work items: #7".to_string()),
+            url: full.then(|| format!("https://dev.azure.com/contoso/shop/_git/api/commit/{COMMIT}")),
             delivery: full.then(|| "5e7c5c3a-3b52-4b1e-9b0e-3b8f4f7f1c2d".to_string()),
         }),
         EventType::BuildRequested => EventData::BuildRequested(BuildRequested {
             app: APP.into(),
-            provider: if full {
-                BuildProvider::AzurePipelines
-            } else {
-                BuildProvider::GithubActions
-            },
+            provider: if full { BuildProvider::AzurePipelines } else { BuildProvider::GithubActions },
             branch: "release/2.3".into(),
             commit: COMMIT.into(),
             pipeline: full.then(|| "api-ci".to_string()),
         }),
         EventType::BuildCompleted => EventData::BuildCompleted(BuildCompleted {
             app: APP.into(),
-            provider: if full {
-                BuildProvider::AzurePipelines
-            } else {
-                BuildProvider::GithubActions
-            },
+            provider: if full { BuildProvider::AzurePipelines } else { BuildProvider::GithubActions },
             branch: "release/2.3".into(),
             commit: COMMIT.into(),
             build_id: "4711".into(),
-            outcome: if full {
-                BuildOutcome::Failed
-            } else {
-                BuildOutcome::Canceled
-            },
+            outcome: if full { BuildOutcome::Failed } else { BuildOutcome::Canceled },
             pipeline: full.then(|| "api-ci".to_string()),
-            url: full.then(|| {
-                "https://dev.azure.com/contoso/shop/_build/results?buildId=4711".to_string()
-            }),
+            url: full.then(|| "https://dev.azure.com/contoso/shop/_build/results?buildId=4711".to_string()),
             detail: full.then(|| "partiallySucceeded".to_string()),
         }),
         EventType::ImageRequested => EventData::ImageRequested(ImageRequested {
             app: APP.into(),
             commit: COMMIT.into(),
             build_id: "4711".into(),
-            source: if full {
-                "image-builder".into()
-            } else {
-                "registry".into()
-            },
+            source: if full { "image-builder".into() } else { "registry".into() },
             destination: if full {
                 "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg-img/providers/Microsoft.Compute/galleries/gal/images/api".into()
             } else {
@@ -441,20 +319,12 @@ fn data_for(ty: EventType, full: bool) -> EventData {
             image,
             commit: COMMIT.into(),
             approvers: if full {
-                vec![
-                    "alice@example.com".into(),
-                    "bob@example.com".into(),
-                    "carol".into(),
-                ]
+                vec!["alice@example.com".into(), "bob@example.com".into(), "carol".into()]
             } else {
                 vec!["alice@example.com".into()]
             },
             quorum: if full { 2 } else { 1 },
-            expires_at: if full {
-                "2026-12-01T09:30:00+01:00".into()
-            } else {
-                "2026-12-01T08:30:00Z".into()
-            },
+            expires_at: if full { "2026-12-01T09:30:00+01:00".into() } else { "2026-12-01T08:30:00Z".into() },
         }),
         EventType::ApprovalDecided => EventData::ApprovalDecided(ApprovalDecided {
             app: APP.into(),
@@ -462,31 +332,15 @@ fn data_for(ty: EventType, full: bool) -> EventData {
             approval_id: "7d0b0f3bd0c1b8f2".into(),
             image,
             commit: COMMIT.into(),
-            decision: if full {
-                Decision::Rejected
-            } else {
-                Decision::Approved
-            },
-            decided_by: if full {
-                vec!["alice@example.com".into(), "carol".into()]
-            } else {
-                vec!["policy".into()]
-            },
+            decision: if full { Decision::Rejected } else { Decision::Approved },
+            decided_by: if full { vec!["alice@example.com".into(), "carol".into()] } else { vec!["policy".into()] },
             comment: full.then(|| "Not during the sale.".to_string()),
         }),
         EventType::RunFinished => EventData::RunFinished(RunFinished {
             app: APP.into(),
             commit: COMMIT.into(),
-            outcome: if full {
-                RunOutcome::Superseded
-            } else {
-                RunOutcome::Succeeded
-            },
-            reason: if full {
-                "api-1a2b3c4d5e6f took over".into()
-            } else {
-                "deployed to every stage".into()
-            },
+            outcome: if full { RunOutcome::Superseded } else { RunOutcome::Succeeded },
+            reason: if full { "api-1a2b3c4d5e6f took over".into() } else { "deployed to every stage".into() },
             stage: full.then(|| "prod-eu".to_string()),
         }),
     }
@@ -494,30 +348,18 @@ fn data_for(ty: EventType, full: bool) -> EventData {
 
 fn built_event(ty: EventType, full: bool) -> DeployEvent {
     let data = data_for(ty, full);
-    assert_eq!(
-        data.event_type(),
-        ty,
-        "data_for({ty}) built the wrong variant"
-    );
+    assert_eq!(data.event_type(), ty, "data_for({ty}) built the wrong variant");
     let run_id = run_id(APP, COMMIT);
     let step = match data.stage() {
         Some(stage) => format!("{}.{stage}", ty.short_name().replace('.', "-")),
         None => ty.short_name().replace('.', "-"),
     };
-    let time: DateTime<Utc> = DateTime::parse_from_rfc3339(if full {
-        "2026-12-01T08:15:42.123+01:00"
-    } else {
-        "2026-12-01T07:15:42Z"
-    })
-    .expect("test time")
-    .with_timezone(&Utc);
+    let time: DateTime<Utc> = DateTime::parse_from_rfc3339(if full { "2026-12-01T08:15:42.123+01:00" } else { "2026-12-01T07:15:42Z" })
+        .expect("test time")
+        .with_timezone(&Utc);
     DeployEvent {
         id: event_id(&run_id, &step),
-        source: if full {
-            format!("/deploychain/{APP}/on_approval")
-        } else {
-            "/azure-devops/contoso/shop".into()
-        },
+        source: if full { format!("/deploychain/{APP}/on_approval") } else { "/azure-devops/contoso/shop".into() },
         time,
         run_id,
         trace: if full {
@@ -542,24 +384,15 @@ fn rust_built_events_validate_against_schemas() {
             let bytes = event.to_json_bytes();
             let value: Value = serde_json::from_slice(&bytes).expect("to_json_bytes writes JSON");
             for e in errors(&v, &value) {
-                failures.push(format!(
-                    "{ty} (optional fields {}): {e}\n    event: {value}",
-                    if full { "set" } else { "unset" }
-                ));
+                failures.push(format!("{ty} (optional fields {}): {e}\n    event: {value}", if full { "set" } else { "unset" }));
             }
             if DeployEvent::from_json_bytes(&bytes).as_ref() != Ok(&event) {
-                failures.push(format!(
-                    "{ty} (optional fields {}): does not read back from its own JSON",
-                    if full { "set" } else { "unset" }
-                ));
+                failures
+                    .push(format!("{ty} (optional fields {}): does not read back from its own JSON", if full { "set" } else { "unset" }));
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "Rust-built events that the schemas refuse:\n  {}",
-        failures.join("\n  ")
-    );
+    assert!(failures.is_empty(), "Rust-built events that the schemas refuse:\n  {}", failures.join("\n  "));
 }
 
 // ------------------------------------------------------------------ strictness
@@ -573,19 +406,10 @@ fn sample(name: &str) -> (EventType, Value) {
 type Mutation = (&'static str, Box<dyn FnOnce(&mut Value)>);
 
 /// Apply `mutate` to a copy of `value`; the result must be refused by `validator`.
-fn assert_refused(
-    validator: &jsonschema::Validator,
-    what: &str,
-    value: &Value,
-    mutate: impl FnOnce(&mut Value),
-) -> Result<(), String> {
+fn assert_refused(validator: &jsonschema::Validator, what: &str, value: &Value, mutate: impl FnOnce(&mut Value)) -> Result<(), String> {
     let mut bad = value.clone();
     mutate(&mut bad);
-    if validator.is_valid(&bad) {
-        Err(format!("{what}: accepted {bad}"))
-    } else {
-        Ok(())
-    }
+    if validator.is_valid(&bad) { Err(format!("{what}: accepted {bad}")) } else { Ok(()) }
 }
 
 #[test]
@@ -595,10 +419,7 @@ fn schemas_reject_bad_events() {
     // Mutations that apply to every sample (all data types carry `app` and `commit`).
     for (name, ty, value, _) in samples() {
         let v = validator(ty);
-        let other = EventType::ALL
-            .into_iter()
-            .find(|t| *t != ty)
-            .expect("another type");
+        let other = EventType::ALL.into_iter().find(|t| *t != ty).expect("another type");
         let cases: Vec<Mutation> = vec![
             (
                 "missing required data field `commit`",
@@ -612,30 +433,12 @@ fn schemas_reject_bad_events() {
                     e["data"].as_object_mut().map(|m| m.remove("app"));
                 }),
             ),
-            (
-                "wrong `type`",
-                Box::new(move |e| e["type"] = other.as_str().into()),
-            ),
-            (
-                "unknown `type`",
-                Box::new(|e| e["type"] = "dev.deploychain.nope.v1".into()),
-            ),
-            (
-                "bad commit (not hex)",
-                Box::new(|e| e["data"]["commit"] = "not-a-commit".into()),
-            ),
-            (
-                "bad commit (too short)",
-                Box::new(|e| e["data"]["commit"] = "abc123".into()),
-            ),
-            (
-                "unknown data field",
-                Box::new(|e| e["data"]["comit"] = COMMIT.into()),
-            ),
-            (
-                "bad app name",
-                Box::new(|e| e["data"]["app"] = "Web_App".into()),
-            ),
+            ("wrong `type`", Box::new(move |e| e["type"] = other.as_str().into())),
+            ("unknown `type`", Box::new(|e| e["type"] = "dev.deploychain.nope.v1".into())),
+            ("bad commit (not hex)", Box::new(|e| e["data"]["commit"] = "not-a-commit".into())),
+            ("bad commit (too short)", Box::new(|e| e["data"]["commit"] = "abc123".into())),
+            ("unknown data field", Box::new(|e| e["data"]["comit"] = COMMIT.into())),
+            ("bad app name", Box::new(|e| e["data"]["app"] = "Web_App".into())),
             (
                 "missing `runid`",
                 Box::new(|e| {
@@ -654,33 +457,13 @@ fn schemas_reject_bad_events() {
                     e.as_object_mut().map(|m| m.remove("data"));
                 }),
             ),
-            (
-                "wrong specversion",
-                Box::new(|e| e["specversion"] = "0.3".into()),
-            ),
-            (
-                "wrong datacontenttype",
-                Box::new(|e| e["datacontenttype"] = "text/plain".into()),
-            ),
-            (
-                "time without zone",
-                Box::new(|e| e["time"] = "2026-11-22T10:00:00".into()),
-            ),
-            (
-                "bad traceparent",
-                Box::new(|e| e["traceparent"] = "00-zz-01".into()),
-            ),
-            (
-                "all-zero trace id",
-                Box::new(|e| {
-                    e["traceparent"] = format!("00-{}-b7ad6b7169203331-01", "0".repeat(32)).into()
-                }),
-            ),
+            ("wrong specversion", Box::new(|e| e["specversion"] = "0.3".into())),
+            ("wrong datacontenttype", Box::new(|e| e["datacontenttype"] = "text/plain".into())),
+            ("time without zone", Box::new(|e| e["time"] = "2026-11-22T10:00:00".into())),
+            ("bad traceparent", Box::new(|e| e["traceparent"] = "00-zz-01".into())),
+            ("all-zero trace id", Box::new(|e| e["traceparent"] = format!("00-{}-b7ad6b7169203331-01", "0".repeat(32)).into())),
             ("empty id", Box::new(|e| e["id"] = "".into())),
-            (
-                "id over 128 characters",
-                Box::new(|e| e["id"] = "x".repeat(129).into()),
-            ),
+            ("id over 128 characters", Box::new(|e| e["id"] = "x".repeat(129).into())),
         ];
         for (what, mutate) in cases {
             if let Err(e) = assert_refused(&v, &format!("samples/{name}: {what}"), &value, mutate) {
@@ -694,43 +477,19 @@ fn schemas_reject_bad_events() {
     let v = validator(ty);
     let specific: Vec<Mutation> = vec![
         ("quorum 0", Box::new(|e| e["data"]["quorum"] = 0.into())),
-        (
-            "quorum not an integer",
-            Box::new(|e| e["data"]["quorum"] = json!(1.5)),
-        ),
-        (
-            "no approvers",
-            Box::new(|e| e["data"]["approvers"] = json!([])),
-        ),
-        (
-            "blank approver",
-            Box::new(|e| e["data"]["approvers"] = json!(["alice@example.com", " "])),
-        ),
-        (
-            "duplicate approver",
-            Box::new(|e| {
-                e["data"]["approvers"] = json!(["alice@example.com", "alice@example.com"])
-            }),
-        ),
-        (
-            "expiresAt not a date-time",
-            Box::new(|e| e["data"]["expiresAt"] = "tomorrow".into()),
-        ),
+        ("quorum not an integer", Box::new(|e| e["data"]["quorum"] = json!(1.5))),
+        ("no approvers", Box::new(|e| e["data"]["approvers"] = json!([]))),
+        ("blank approver", Box::new(|e| e["data"]["approvers"] = json!(["alice@example.com", " "]))),
+        ("duplicate approver", Box::new(|e| e["data"]["approvers"] = json!(["alice@example.com", "alice@example.com"]))),
+        ("expiresAt not a date-time", Box::new(|e| e["data"]["expiresAt"] = "tomorrow".into())),
         (
             "image bound to a tag",
             Box::new(|e| {
-                e["data"]["image"] =
-                    json!({"kind": "container", "id": "ghcr.io/octo-org/web:latest"});
+                e["data"]["image"] = json!({"kind": "container", "id": "ghcr.io/octo-org/web:latest"});
             }),
         ),
-        (
-            "unknown image kind",
-            Box::new(|e| e["data"]["image"]["kind"] = "vhd".into()),
-        ),
-        (
-            "unknown image field",
-            Box::new(|e| e["data"]["image"]["tag"] = "latest".into()),
-        ),
+        ("unknown image kind", Box::new(|e| e["data"]["image"]["kind"] = "vhd".into())),
+        ("unknown image field", Box::new(|e| e["data"]["image"]["tag"] = "latest".into())),
         (
             "missing image id",
             Box::new(|e| {
@@ -739,12 +498,7 @@ fn schemas_reject_bad_events() {
         ),
     ];
     for (what, mutate) in specific {
-        if let Err(e) = assert_refused(
-            &v,
-            &format!("approval.requested: {what}"),
-            &requested,
-            mutate,
-        ) {
+        if let Err(e) = assert_refused(&v, &format!("approval.requested: {what}"), &requested, mutate) {
             failures.push(e);
         }
     }
@@ -752,18 +506,9 @@ fn schemas_reject_bad_events() {
     let (ty, decided) = sample("approval.decided.approved.json");
     let v = validator(ty);
     let specific: Vec<Mutation> = vec![
-        (
-            "nobody decided",
-            Box::new(|e| e["data"]["decidedBy"] = json!([])),
-        ),
-        (
-            "unknown decision",
-            Box::new(|e| e["data"]["decision"] = "maybe".into()),
-        ),
-        (
-            "decision in another case",
-            Box::new(|e| e["data"]["decision"] = "Approved".into()),
-        ),
+        ("nobody decided", Box::new(|e| e["data"]["decidedBy"] = json!([]))),
+        ("unknown decision", Box::new(|e| e["data"]["decision"] = "maybe".into())),
+        ("decision in another case", Box::new(|e| e["data"]["decision"] = "Approved".into())),
     ];
     for (what, mutate) in specific {
         if let Err(e) = assert_refused(&v, &format!("approval.decided: {what}"), &decided, mutate) {
@@ -774,22 +519,10 @@ fn schemas_reject_bad_events() {
     let (ty, push) = sample("push.json");
     let v = validator(ty);
     let specific: Vec<Mutation> = vec![
-        (
-            "unknown provider",
-            Box::new(|e| e["data"]["provider"] = "gitlab".into()),
-        ),
-        (
-            "provider in snake case",
-            Box::new(|e| e["data"]["provider"] = "azure_devops".into()),
-        ),
-        (
-            "GitHub repository that is not owner/repo",
-            Box::new(|e| e["data"]["repository"] = "web".into()),
-        ),
-        (
-            "empty branch",
-            Box::new(|e| e["data"]["branch"] = "".into()),
-        ),
+        ("unknown provider", Box::new(|e| e["data"]["provider"] = "gitlab".into())),
+        ("provider in snake case", Box::new(|e| e["data"]["provider"] = "azure_devops".into())),
+        ("GitHub repository that is not owner/repo", Box::new(|e| e["data"]["repository"] = "web".into())),
+        ("empty branch", Box::new(|e| e["data"]["branch"] = "".into())),
     ];
     for (what, mutate) in specific {
         if let Err(e) = assert_refused(&v, &format!("push: {what}"), &push, mutate) {
@@ -806,14 +539,8 @@ fn schemas_reject_bad_events() {
                 e["data"].as_object_mut().map(|m| m.remove("reason"));
             }),
         ),
-        (
-            "empty reason",
-            Box::new(|e| e["data"]["reason"] = "".into()),
-        ),
-        (
-            "unknown outcome",
-            Box::new(|e| e["data"]["outcome"] = "aborted".into()),
-        ),
+        ("empty reason", Box::new(|e| e["data"]["reason"] = "".into())),
+        ("unknown outcome", Box::new(|e| e["data"]["outcome"] = "aborted".into())),
     ];
     for (what, mutate) in specific {
         if let Err(e) = assert_refused(&v, &format!("run.finished: {what}"), &finished, mutate) {
@@ -823,33 +550,15 @@ fn schemas_reject_bad_events() {
 
     // `time` is enforced by its pattern even where `format` is only an annotation.
     let (ty, push) = sample("push.json");
-    let annotation_only = jsonschema::draft202012::options()
-        .should_validate_formats(false)
-        .build(&schema(ty))
-        .expect("schema compiles");
-    assert!(
-        annotation_only.is_valid(&push),
-        "push.json must be valid without format assertion"
-    );
-    for bad_time in [
-        "yesterday",
-        "2026-11-22 10:00:00Z",
-        "2026-13-22T10:00:00Z",
-        "2026-11-22T10:00:00",
-    ] {
-        if let Err(e) = assert_refused(
-            &annotation_only,
-            &format!("push (formats not asserted): time `{bad_time}`"),
-            &push,
-            |e| e["time"] = bad_time.into(),
-        ) {
+    let annotation_only = jsonschema::draft202012::options().should_validate_formats(false).build(&schema(ty)).expect("schema compiles");
+    assert!(annotation_only.is_valid(&push), "push.json must be valid without format assertion");
+    for bad_time in ["yesterday", "2026-11-22 10:00:00Z", "2026-13-22T10:00:00Z", "2026-11-22T10:00:00"] {
+        if let Err(e) = assert_refused(&annotation_only, &format!("push (formats not asserted): time `{bad_time}`"), &push, |e| {
+            e["time"] = bad_time.into()
+        }) {
             failures.push(e);
         }
     }
 
-    assert!(
-        failures.is_empty(),
-        "schemas accept bad events:\n  {}",
-        failures.join("\n  ")
-    );
+    assert!(failures.is_empty(), "schemas accept bad events:\n  {}", failures.join("\n  "));
 }

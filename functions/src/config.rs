@@ -167,13 +167,19 @@ impl Config {
         if policy.apps.iter().any(|a| a.source.github.is_some()) && self.github_secret.is_none() {
             errs.push("GITHUB_WEBHOOK_SECRET: not set, but the policy has GitHub repositories".into());
         }
-        if policy.apps.iter().any(|a| a.source.azure_devops.is_some() || a.build.provider == deploychain_events::BuildProvider::AzurePipelines)
+        if policy
+            .apps
+            .iter()
+            .any(|a| a.source.azure_devops.is_some() || a.build.provider == deploychain_events::BuildProvider::AzurePipelines)
             && self.azure_devops_secret.is_none()
         {
             errs.push("AZURE_DEVOPS_WEBHOOK_SECRET: not set, but the policy has Azure DevOps repositories or pipelines".into());
         }
         if policy.apps.iter().flat_map(|a| &a.stages).any(|s| s.approval.is_some()) && self.notify_url.is_none() {
-            errs.push("DEPLOYCHAIN_NOTIFY_URL: not set, but the policy has stages that need approval (approvers get their links through it)".into());
+            errs.push(
+                "DEPLOYCHAIN_NOTIFY_URL: not set, but the policy has stages that need approval (approvers get their links through it)"
+                    .into(),
+            );
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }

@@ -93,9 +93,7 @@ impl BusMessage {
     pub fn from_invocation(req: &InvokeRequest, binding: &str) -> Result<BusMessage, EnvelopeError> {
         let raw = req.data.get(binding).ok_or_else(|| EnvelopeError::MissingData(binding.into()))?;
         let b64 = raw.as_str().ok_or_else(|| EnvelopeError::NotBase64(binding.into()))?;
-        let body = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| EnvelopeError::NotBase64(binding.into()))?;
+        let body = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| EnvelopeError::NotBase64(binding.into()))?;
         let m = &req.metadata;
         let properties = m
             .iter()
@@ -135,17 +133,15 @@ impl HttpRequest {
         let get = |k: &str| obj.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v);
         let str_of = |v: &Value| match v {
             Value::String(s) => s.clone(),
-            Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+            Value::Array(a) => {
+                a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(",")
+            }
             Value::Null => String::new(),
             other => other.to_string(),
         };
         let map_of = |v: Option<&Value>, lower: bool| -> BTreeMap<String, String> {
             v.and_then(Value::as_object)
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| (if lower { k.to_ascii_lowercase() } else { k.clone() }, str_of(v)))
-                        .collect()
-                })
+                .map(|o| o.iter().map(|(k, v)| (if lower { k.to_ascii_lowercase() } else { k.clone() }, str_of(v))).collect())
                 .unwrap_or_default()
         };
         let headers = map_of(get("Headers"), true);
@@ -201,7 +197,8 @@ impl HttpResponse {
         // Approval pages must not be framed or leak their signed URL to other sites.
         headers.insert("X-Frame-Options".to_string(), "DENY".to_string());
         headers.insert("Referrer-Policy".to_string(), "no-referrer".to_string());
-        headers.insert("Content-Security-Policy".to_string(), "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'".to_string());
+        headers
+            .insert("Content-Security-Policy".to_string(), "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'".to_string());
         HttpResponse { status, headers, body }
     }
 

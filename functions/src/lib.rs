@@ -91,7 +91,12 @@ pub fn app(state: AppState) -> Router {
 
 /// An HTTP-triggered function: every outcome, including errors, is a 200 to the host with the
 /// caller's status in `Outputs.res` (a non-2xx to the host would reach the caller as an empty 500).
-async fn http_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>, name: &'static str, f: HttpFn) -> Response {
+async fn http_fn(
+    State(state): State<AppState>,
+    body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>,
+    name: &'static str,
+    f: HttpFn,
+) -> Response {
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => return envelope_rejected(name, e),
@@ -130,7 +135,12 @@ pub fn error_response(e: &Error) -> HttpResponse {
 /// A Service Bus-triggered function. Transient errors fail the invocation (the host abandons the
 /// message; the broker redelivers it). Permanent errors park the message with a reason and then
 /// succeed, so the host completes the original instead of retrying it MaxDeliveryCount times.
-async fn bus_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>, name: &'static str, f: BusFn) -> Response {
+async fn bus_fn(
+    State(state): State<AppState>,
+    body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>,
+    name: &'static str,
+    f: BusFn,
+) -> Response {
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => return envelope_rejected(name, e),
@@ -192,7 +202,11 @@ fn failed(name: &str, e: &Error) -> Response {
 
 fn envelope_rejected(name: &str, e: axum::extract::rejection::JsonRejection) -> Response {
     tracing::error!(function = name, error = %e, "the invocation envelope is not the host's JSON");
-    let status = if matches!(e, axum::extract::rejection::JsonRejection::BytesRejection(_)) { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+    let status = if matches!(e, axum::extract::rejection::JsonRejection::BytesRejection(_)) {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
     let body = InvokeResponse { logs: vec![format!("{name}: bad invocation envelope: {e}")], ..Default::default() };
     (status, Json(body)).into_response()
 }

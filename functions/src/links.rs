@@ -52,7 +52,14 @@ impl ApprovalLinks {
     }
 
     /// Check a link's query; returns the approver it was issued to. Constant-time comparison.
-    pub fn verify(&self, approval_id: &str, approver: Option<&str>, exp: Option<&str>, sig: Option<&str>, now: DateTime<Utc>) -> Result<String, LinkError> {
+    pub fn verify(
+        &self,
+        approval_id: &str,
+        approver: Option<&str>,
+        exp: Option<&str>,
+        sig: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<String, LinkError> {
         let (Some(approver), Some(exp), Some(sig)) = (approver, exp, sig) else {
             return Err(LinkError::Incomplete);
         };
@@ -87,12 +94,21 @@ mod tests {
         let exp = Utc::now() + chrono::Duration::hours(1);
         let sig = l.sign("web-1.production", "alice@example.com", exp);
         let e = exp.timestamp().to_string();
-        assert_eq!(l.verify("web-1.production", Some("alice@example.com"), Some(&e), Some(&sig), Utc::now()), Ok("alice@example.com".into()));
+        assert_eq!(
+            l.verify("web-1.production", Some("alice@example.com"), Some(&e), Some(&sig), Utc::now()),
+            Ok("alice@example.com".into())
+        );
         assert_eq!(l.verify("web-1.production", Some("bob@example.com"), Some(&e), Some(&sig), Utc::now()), Err(LinkError::BadSignature));
         assert_eq!(l.verify("web-2.production", Some("alice@example.com"), Some(&e), Some(&sig), Utc::now()), Err(LinkError::BadSignature));
         let later = (exp.timestamp() + 1).to_string();
-        assert_eq!(l.verify("web-1.production", Some("alice@example.com"), Some(&later), Some(&sig), Utc::now()), Err(LinkError::BadSignature));
-        assert!(matches!(l.verify("web-1.production", Some("alice@example.com"), Some(&e), Some(&sig), exp + chrono::Duration::seconds(1)), Err(LinkError::Expired(_))));
+        assert_eq!(
+            l.verify("web-1.production", Some("alice@example.com"), Some(&later), Some(&sig), Utc::now()),
+            Err(LinkError::BadSignature)
+        );
+        assert!(matches!(
+            l.verify("web-1.production", Some("alice@example.com"), Some(&e), Some(&sig), exp + chrono::Duration::seconds(1)),
+            Err(LinkError::Expired(_))
+        ));
         assert_eq!(l.verify("web-1.production", None, Some(&e), Some(&sig), Utc::now()), Err(LinkError::Incomplete));
     }
 

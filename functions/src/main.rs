@@ -1,9 +1,9 @@
 //! The `handler` executable: read the configuration and policy, build the adapters, serve.
 
 use anyhow::Context;
-use deploychain_functions::adapters::{memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, sqlite::SqliteStore, Notify};
+use deploychain_functions::adapters::{Notify, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, sqlite::SqliteStore};
 use deploychain_functions::config::{ComputeConfig, Config, StoreConfig};
-use deploychain_functions::{app, links::ApprovalLinks, policy::Policy, AppState};
+use deploychain_functions::{AppState, app, links::ApprovalLinks, policy::Policy};
 use std::sync::Arc;
 
 #[tokio::main]
@@ -14,7 +14,8 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let config = Config::from_env().map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
-    let text = std::fs::read_to_string(&config.policy_path).with_context(|| format!("reading the pipeline policy {}", config.policy_path.display()))?;
+    let text = std::fs::read_to_string(&config.policy_path)
+        .with_context(|| format!("reading the pipeline policy {}", config.policy_path.display()))?;
     let policy = Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{} ({})", e, config.policy_path.display()))?;
     config.check_against(&policy).map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
 
@@ -52,9 +53,10 @@ async fn main() -> anyhow::Result<()> {
     // The host calls http://127.0.0.1:{port}: listen on IPv4 loopback.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;
     tracing::info!(port, "deploychain handler listening");
-    axum::serve(listener, app(state)).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(())
 }

@@ -160,7 +160,10 @@ impl Policy {
         for (i, app) in self.apps.iter().enumerate() {
             let k = |f: &str| format!("app[{i}].{f}");
             if !valid_name(&app.name) {
-                return Err(invalid(k("name"), format!("`{}` must be 1-40 of a-z, 0-9 and `-`, starting with a letter or digit", app.name)));
+                return Err(invalid(
+                    k("name"),
+                    format!("`{}` must be 1-40 of a-z, 0-9 and `-`, starting with a letter or digit", app.name),
+                ));
             }
             if !names.insert(app.name.clone()) {
                 return Err(invalid(k("name"), format!("app `{}` is declared twice", app.name)));
@@ -195,11 +198,8 @@ impl Policy {
                     return Err(invalid(k(&format!("branches[{j}]")), format!("`{b}`: use a branch name, optionally ending in one `*`")));
                 }
             }
-            match (app.build.provider, app.source.github.is_some()) {
-                (BuildProvider::GithubActions, false) => {
-                    return Err(invalid(k("build.provider"), "github-actions builds need a `source.github` repository"));
-                }
-                _ => {}
+            if let (BuildProvider::GithubActions, false) = (app.build.provider, app.source.github.is_some()) {
+                return Err(invalid(k("build.provider"), "github-actions builds need a `source.github` repository"));
             }
             if app.image.destination.trim().is_empty() {
                 return Err(invalid(k("image.destination"), "must not be empty"));
@@ -217,7 +217,10 @@ impl Policy {
                     return Err(invalid(sk("name"), format!("stage `{}` is declared twice", st.name)));
                 }
                 if !st.target.to_ascii_lowercase().contains("/providers/microsoft.compute/virtualmachinescalesets/") {
-                    return Err(invalid(sk("target"), "must be a VM scale set resource id (…/providers/Microsoft.Compute/virtualMachineScaleSets/NAME)"));
+                    return Err(invalid(
+                        sk("target"),
+                        "must be a VM scale set resource id (…/providers/Microsoft.Compute/virtualMachineScaleSets/NAME)",
+                    ));
                 }
                 for (c, check) in st.checks.iter().enumerate() {
                     if check.kind != "http" {
@@ -229,7 +232,10 @@ impl Policy {
                 }
                 if let Some(a) = &st.approval {
                     if j == 0 {
-                        return Err(invalid(sk("approval"), "the first stage deploys as soon as the image is ready; put approvals on later stages"));
+                        return Err(invalid(
+                            sk("approval"),
+                            "the first stage deploys as soon as the image is ready; put approvals on later stages",
+                        ));
                     }
                     if a.approvers.is_empty() || a.approvers.iter().any(|x| x.trim().is_empty()) {
                         return Err(invalid(sk("approval.approvers"), "list at least one approver identity"));
@@ -238,10 +244,16 @@ impl Policy {
                         return Err(invalid(sk("approval.approvers"), "an approver is listed twice"));
                     }
                     if a.quorum == 0 || a.quorum as usize > a.approvers.len() {
-                        return Err(invalid(sk("approval.quorum"), format!("must be between 1 and the number of approvers ({})", a.approvers.len())));
+                        return Err(invalid(
+                            sk("approval.quorum"),
+                            format!("must be between 1 and the number of approvers ({})", a.approvers.len()),
+                        ));
                     }
                     if parse_duration(&a.expires_after).is_none() {
-                        return Err(invalid(sk("approval.expires_after"), format!("`{}` is not a duration like 30m, 24h or 7d", a.expires_after)));
+                        return Err(invalid(
+                            sk("approval.expires_after"),
+                            format!("`{}` is not a duration like 30m, 24h or 7d", a.expires_after),
+                        ));
                     }
                 }
             }
@@ -255,9 +267,7 @@ impl Policy {
 
     /// The app that a GitHub push to `repo` (`owner/name`) on `branch` belongs to.
     pub fn github_app(&self, repo: &str, branch: &str) -> Option<&App> {
-        self.apps.iter().find(|a| {
-            a.source.github.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(repo)) && a.matches_branch(branch)
-        })
+        self.apps.iter().find(|a| a.source.github.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(repo)) && a.matches_branch(branch))
     }
 
     /// Whether any app builds from this GitHub repository (whatever the branch).
@@ -267,17 +277,15 @@ impl Policy {
 
     pub fn azure_devops_app(&self, remote_url: &str, branch: &str) -> Option<&App> {
         let want = normalize_url(remote_url);
-        self.apps
-            .iter()
-            .find(|a| a.source.azure_devops.as_deref().is_some_and(|u| normalize_url(u) == want) && a.matches_branch(branch))
+        self.apps.iter().find(|a| a.source.azure_devops.as_deref().is_some_and(|u| normalize_url(u) == want) && a.matches_branch(branch))
     }
 
     /// The app whose registry image repository is `repo` (`ghcr.io/owner/name`, case-insensitive).
     pub fn registry_app(&self, repo: &str) -> Option<&App> {
         let want = repo.trim_end_matches('/').to_ascii_lowercase();
-        self.apps.iter().find(|a| {
-            a.image.source == ImageSource::Registry && a.image.destination.trim_end_matches('/').to_ascii_lowercase() == want
-        })
+        self.apps
+            .iter()
+            .find(|a| a.image.source == ImageSource::Registry && a.image.destination.trim_end_matches('/').to_ascii_lowercase() == want)
     }
 }
 
@@ -307,10 +315,7 @@ impl App {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 40
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
+    !s.is_empty() && s.len() <= 40 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-')
 }
 
 /// Azure Repos URLs compare without scheme, user info, trailing `/` or `.git`, case-insensitively.

@@ -8,7 +8,7 @@ use common::*;
 use deploychain_functions::adapters::memory::MemoryStore;
 use deploychain_functions::adapters::sqlite::SqliteStore;
 use deploychain_functions::adapters::{RunStatus, Store};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::sync::Arc;
 
 fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
@@ -53,7 +53,7 @@ async fn probot_push_fixture_starts_a_run_with_a_build_request() {
         let (status, res) = h.github_signed("push", &body).await;
         assert_eq!(status, 202, "{name}: {res}");
         let run = res["run"].as_str().unwrap().to_string();
-        assert_eq!(run, "probot-738a951d2f3e" .to_string().get(..).map(|_| run.clone()).unwrap());
+        assert_eq!(run, "probot-738a951d2f3e".to_string().get(..).map(|_| run.clone()).unwrap());
         assert!(run.starts_with("probot-"));
         let sent = h.publisher.sent();
         assert_eq!(sent.len(), 1);
@@ -190,15 +190,27 @@ async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
         assert_eq!(
             h.publisher.types(),
             vec![
-                "push", "build.requested", "build.completed", "image.requested", "image.ready",
-                "deployment.started", "deployment.succeeded", "approval.decided",
-                "deployment.started", "deployment.succeeded", "approval.requested"
+                "push",
+                "build.requested",
+                "build.completed",
+                "image.requested",
+                "image.ready",
+                "deployment.started",
+                "deployment.succeeded",
+                "approval.decided",
+                "deployment.started",
+                "deployment.succeeded",
+                "approval.requested"
             ],
             "{name}"
         );
         let run = h.state.store.run(run_id).await.unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Waiting);
-        assert!(run.waiting_for.as_deref().unwrap().starts_with("approval of production by 2 of [alice@example.com, bob@example.com]"), "{:?}", run.waiting_for);
+        assert!(
+            run.waiting_for.as_deref().unwrap().starts_with("approval of production by 2 of [alice@example.com, bob@example.com]"),
+            "{:?}",
+            run.waiting_for
+        );
         let image = run.image.clone().unwrap();
         assert_eq!(image.id, "ghcr.io/codertocat/hello-world@sha256:3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498");
         // Sessions serialize deploys per app and stage.
@@ -234,7 +246,8 @@ async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
         let finished: Value = serde_json::from_str(&h.publisher.sent().last().unwrap().body).unwrap();
         assert_eq!(finished["data"]["outcome"], "succeeded");
         // Every event of the run is in one trace.
-        let traces: std::collections::HashSet<String> = h.publisher.sent().iter().map(|m| m.properties["cloudEvents_traceparent"].split('-').nth(1).unwrap().to_string()).collect();
+        let traces: std::collections::HashSet<String> =
+            h.publisher.sent().iter().map(|m| m.properties["cloudEvents_traceparent"].split('-').nth(1).unwrap().to_string()).collect();
         assert_eq!(traces.len(), 1, "{traces:?}");
 
         // Redeliver everything (as after a lost lock, or an operator replay): nothing new.
@@ -271,14 +284,19 @@ async fn approval_call(h: &Harness, link: &str, method: &str, form: Option<&str>
     if form.is_some() {
         headers.push(("Content-Type", "application/x-www-form-urlencoded".to_string()));
     }
-    let env = http_envelope("approval", method, &format!("approvals/{id}"), &q, &headers, &[("id", id.as_str())], form.unwrap_or("").as_bytes());
+    let env =
+        http_envelope("approval", method, &format!("approvals/{id}"), &q, &headers, &[("id", id.as_str())], form.unwrap_or("").as_bytes());
     h.http("approval", &env).await
 }
 
 async fn to_waiting_for_approval(h: &mut Harness) -> deploychain_functions::adapters::ApprovalNotice {
     h.github_signed("push", &push_payload("Codertocat/Hello-World", "master", HELLO_COMMIT)).await;
     h.pump().await;
-    h.github_signed("workflow_run", &workflow_run_payload("Codertocat/Hello-World", "master", HELLO_COMMIT, ".github/workflows/build.yml", "success")).await;
+    h.github_signed(
+        "workflow_run",
+        &workflow_run_payload("Codertocat/Hello-World", "master", HELLO_COMMIT, ".github/workflows/build.yml", "success"),
+    )
+    .await;
     h.pump().await;
     h.github_signed("package", &fixture("github/package.published.container.json")).await;
     h.pump().await;
@@ -347,7 +365,8 @@ async fn azure_devops_fixtures_start_a_run_and_complete_its_build() {
     let run = h.state.store.run("ado-600c52d2d5b6").await.unwrap().unwrap();
     assert!(run.steps.iter().any(|s| s.name == "build succeeded"), "{:?}", run.steps);
     assert_eq!(h.baker.requests.lock().unwrap().len(), 1);
-    let (s, _, res) = h.ado(&fixture("azure-devops/ms.vss-release.deployment-completed-event.json"), Some(&basic(ADO_USER, ADO_SECRET))).await;
+    let (s, _, res) =
+        h.ado(&fixture("azure-devops/ms.vss-release.deployment-completed-event.json"), Some(&basic(ADO_USER, ADO_SECRET))).await;
     assert_eq!(s, 202);
     assert!(res["ignored"].is_string());
 }
@@ -356,10 +375,7 @@ async fn azure_devops_fixtures_start_a_run_and_complete_its_build() {
 async fn a_malformed_message_is_parked_at_once_with_a_reason() {
     let mut h = Harness::new(Arc::new(MemoryStore::default()));
     let props = Default::default();
-    for (body, reason) in [
-        (&b"{\"not\":\"a cloudevent\"}"[..], "MalformedEvent"),
-        (&b"\xff\xfe binary junk"[..], "MalformedEvent"),
-    ] {
+    for (body, reason) in [(&b"{\"not\":\"a cloudevent\"}"[..], "MalformedEvent"), (&b"\xff\xfe binary junk"[..], "MalformedEvent")] {
         let env = bus_envelope("on_push", body, Some("poison-1"), 1, Some("dev.deploychain.push.v1"), None, &props, 1);
         let (s, v) = h.invoke("on_push", &env).await;
         assert_eq!(s, 200, "parked messages are completed, not retried: {v}");
@@ -462,7 +478,12 @@ async fn an_older_run_never_replaces_a_newer_one() {
         data: deploychain_events::EventData::ImageReady(deploychain_events::ImageReady {
             app: "probot".into(),
             commit: run.trim_start_matches("probot-").into(),
-            image: deploychain_events::ImageRef { kind: deploychain_events::ImageKind::GalleryImageVersion, id: format!("/galleries/g/images/probot/versions/{v}"), version: Some(v.into()), digest: None },
+            image: deploychain_events::ImageRef {
+                kind: deploychain_events::ImageKind::GalleryImageVersion,
+                id: format!("/galleries/g/images/probot/versions/{v}"),
+                version: Some(v.into()),
+                digest: None,
+            },
             branch: None,
         }),
     };

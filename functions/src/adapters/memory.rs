@@ -78,14 +78,14 @@ impl Store for MemoryStore {
         if st.steps.contains_key(&key) {
             return Ok(false);
         }
-        if let Some(new_run) = &c.new_run {
-            if !st.runs.contains_key(&new_run.id) {
-                let seq = st.sequences.entry(new_run.app.clone()).or_insert(0);
-                *seq += 1;
-                let mut r = new_run.clone();
-                r.sequence = *seq;
-                st.runs.insert(r.id.clone(), r);
-            }
+        if let Some(new_run) = &c.new_run
+            && !st.runs.contains_key(&new_run.id)
+        {
+            let seq = st.sequences.entry(new_run.app.clone()).or_insert(0);
+            *seq += 1;
+            let mut r = new_run.clone();
+            r.sequence = *seq;
+            st.runs.insert(r.id.clone(), r);
         }
         let run = st.runs.get_mut(&c.run_id).ok_or_else(|| Error::NotFound(format!("run `{}`", c.run_id)))?;
         apply(run, c);

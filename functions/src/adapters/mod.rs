@@ -11,7 +11,7 @@ pub mod sqlite;
 use crate::error::Result;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deploychain_events::{BuildProvider, DeployEvent, ImageRef, CLOUDEVENTS_JSON};
+use deploychain_events::{BuildProvider, CLOUDEVENTS_JSON, DeployEvent, ImageRef};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -78,11 +78,7 @@ impl ConnectionString {
     /// The namespace name the crate puts in front of `.servicebus.windows.net`.
     fn namespace(&self) -> String {
         let host = self.endpoint.host_str().unwrap_or("local");
-        if self.is_azure() {
-            host.trim_end_matches(".servicebus.windows.net").to_string()
-        } else {
-            "local".to_string()
-        }
+        if self.is_azure() { host.trim_end_matches(".servicebus.windows.net").to_string() } else { "local".to_string() }
     }
 
     /// Where requests really go when the endpoint is not Azure: plain HTTP on the endpoint's host and port.
@@ -109,7 +105,8 @@ impl azure_core::HttpClient for RewriteClient {
     async fn execute_request(&self, request: &azure_core::Request) -> azure_core::Result<azure_core::Response> {
         let mut req = request.clone();
         let url = req.url_mut();
-        let fail = |what: &str| azure_core::Error::message(azure_core::error::ErrorKind::Other, format!("cannot rewrite the request {what}"));
+        let fail =
+            |what: &str| azure_core::Error::message(azure_core::error::ErrorKind::Other, format!("cannot rewrite the request {what}"));
         url.set_scheme(self.base.scheme()).map_err(|_| fail("scheme"))?;
         url.set_host(self.base.host_str()).map_err(|_| fail("host"))?;
         url.set_port(self.base.port()).map_err(|_| fail("port"))?;
@@ -226,8 +223,9 @@ mod tests {
         assert!(c.rewrite_base().is_none());
         assert!(!format!("{c:?}").contains("abc="));
 
-        let l = ConnectionString::parse("Endpoint=sb://127.0.0.1:7072;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true")
-            .expect("parses");
+        let l =
+            ConnectionString::parse("Endpoint=sb://127.0.0.1:7072;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true")
+                .expect("parses");
         assert_eq!(l.rewrite_base().map(|u| u.to_string()), Some("http://127.0.0.1:7072/".into()));
 
         let err = ConnectionString::parse("Endpoint=sb://x/;SharedAccessKeyName=Root").err().unwrap_or_default();

@@ -23,7 +23,13 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     }
     let approver = state
         .links
-        .verify(&id, req.query.get("approver").map(String::as_str), req.query.get("exp").map(String::as_str), req.query.get("sig").map(String::as_str), Utc::now())
+        .verify(
+            &id,
+            req.query.get("approver").map(String::as_str),
+            req.query.get("exp").map(String::as_str),
+            req.query.get("sig").map(String::as_str),
+            Utc::now(),
+        )
         .map_err(|e| match e {
             LinkError::Expired(_) => Error::Gone(e.to_string()),
             _ => Error::Unauthorized(e.to_string()),
@@ -79,7 +85,8 @@ async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, app
         return Err(Error::Conflict(format!("run `{}` already {}", run.id, run.status.as_str())));
     }
     let decided_before = record.outcome();
-    let record = state.store.vote(&record.id, &Vote { approver: approver.to_string(), decision, at: now, comment: comment.clone() }).await?;
+    let record =
+        state.store.vote(&record.id, &Vote { approver: approver.to_string(), decision, at: now, comment: comment.clone() }).await?;
     let rr = RunRef::from(&run);
     let stage = record.stage.clone();
     // One run entry per vote (idempotent per approver).
@@ -112,7 +119,11 @@ async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, app
                 )
                 .1,
             );
-            entries.push(entry(&vote_key, format!("approval of {stage} decided: {}", if o == Decision::Approved { "approved" } else { "rejected" }), Some(format!("by {}", by.join(", ")))));
+            entries.push(entry(
+                &vote_key,
+                format!("approval of {stage} decided: {}", if o == Decision::Approved { "approved" } else { "rejected" }),
+                Some(format!("by {}", by.join(", "))),
+            ));
         }
         let commit = StepCommit {
             run_id: run.id.clone(),
@@ -158,9 +169,26 @@ fn page(a: &ApprovalRecord, approver: &str, just: Option<Decision>, wants_json: 
     let votes: String = a
         .votes
         .iter()
-        .map(|v| format!("<li>{} {} at {}</li>", esc(&v.approver), if v.decision == Decision::Approved { "approved" } else { "rejected" }, v.at.to_rfc3339()))
+        .map(|v| {
+            format!(
+                "<li>{} {} at {}</li>",
+                esc(&v.approver),
+                if v.decision == Decision::Approved { "approved" } else { "rejected" },
+                v.at.to_rfc3339()
+            )
+        })
         .collect();
-    let action = format!("/api/approvals/{}?{}", esc(&a.id), esc(&req.query.iter().filter(|(k, _)| matches!(k.as_str(), "approver" | "exp" | "sig")).map(|(k, v)| format!("{k}={}", url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>())).collect::<Vec<_>>().join("&")));
+    let action = format!(
+        "/api/approvals/{}?{}",
+        esc(&a.id),
+        esc(&req
+            .query
+            .iter()
+            .filter(|(k, _)| matches!(k.as_str(), "approver" | "exp" | "sig"))
+            .map(|(k, v)| format!("{k}={}", url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()))
+            .collect::<Vec<_>>()
+            .join("&"))
+    );
     let form = if mine.is_none() && outcome.is_none() {
         format!(
             "<form method=\"post\" action=\"{action}\"><label>Comment <input name=\"comment\" maxlength=\"2000\"></label> \
@@ -170,7 +198,10 @@ fn page(a: &ApprovalRecord, approver: &str, just: Option<Decision>, wants_json: 
         String::new()
     };
     let note = match (just, mine) {
-        (Some(_), Some(v)) => format!("<p><strong>Your decision is recorded: {}.</strong></p>", if v.decision == Decision::Approved { "approved" } else { "rejected" }),
+        (Some(_), Some(v)) => format!(
+            "<p><strong>Your decision is recorded: {}.</strong></p>",
+            if v.decision == Decision::Approved { "approved" } else { "rejected" }
+        ),
         (None, Some(v)) => format!("<p>You {} this already.</p>", if v.decision == Decision::Approved { "approved" } else { "rejected" }),
         _ => String::new(),
     };

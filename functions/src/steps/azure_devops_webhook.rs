@@ -11,7 +11,7 @@ use super::github_webhook::{accepted, ignored, publish_event, run_trace, strip_b
 use super::*;
 use crate::invoke::{HttpRequest, HttpResponse};
 use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 pub const NAME: &str = "azure_devops_webhook";
@@ -36,11 +36,21 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
 }
 
 fn check_basic_auth(state: &AppState, header: Option<&str>) -> Result<()> {
-    let secret = state.config.azure_devops_secret.as_ref().ok_or_else(|| Error::Unauthorized("Azure DevOps service hooks are not configured".into()))?;
+    let secret = state
+        .config
+        .azure_devops_secret
+        .as_ref()
+        .ok_or_else(|| Error::Unauthorized("Azure DevOps service hooks are not configured".into()))?;
     let header = header.ok_or_else(|| Error::Unauthorized("missing basic authentication".into()))?;
-    let b64 = header.strip_prefix("Basic ").or_else(|| header.strip_prefix("basic ")).ok_or_else(|| Error::Unauthorized("authentication is not Basic".into()))?;
-    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|_| Error::Unauthorized("malformed basic authentication".into()))?;
-    let (user, pass) = raw.split_at(raw.iter().position(|b| *b == b':').ok_or_else(|| Error::Unauthorized("malformed basic authentication".into()))?);
+    let b64 = header
+        .strip_prefix("Basic ")
+        .or_else(|| header.strip_prefix("basic "))
+        .ok_or_else(|| Error::Unauthorized("authentication is not Basic".into()))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| Error::Unauthorized("malformed basic authentication".into()))?;
+    let (user, pass) =
+        raw.split_at(raw.iter().position(|b| *b == b':').ok_or_else(|| Error::Unauthorized("malformed basic authentication".into()))?);
     let pass = &pass[1..];
     let user_ok = user.ct_eq(state.config.azure_devops_user.as_bytes());
     let pass_ok = pass.ct_eq(secret.expose().as_bytes());
@@ -53,7 +63,8 @@ fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 
 async fn git_push(state: &AppState, p: &Value) -> Result<HttpResponse> {
     let r = &p["resource"];
-    let remote = s(r, &["repository", "remoteUrl"]).ok_or_else(|| Error::Malformed("git.push without `resource.repository.remoteUrl`".into()))?;
+    let remote =
+        s(r, &["repository", "remoteUrl"]).ok_or_else(|| Error::Malformed("git.push without `resource.repository.remoteUrl`".into()))?;
     let updates = r["refUpdates"].as_array().ok_or_else(|| Error::Malformed("git.push without `resource.refUpdates`".into()))?;
     let mut accepted_runs = Vec::new();
     let mut reasons = Vec::new();
@@ -76,7 +87,8 @@ async fn git_push(state: &AppState, p: &Value) -> Result<HttpResponse> {
             return Err(Error::Malformed(format!("`newObjectId` `{new}` is not a commit id")));
         }
         let rid = run_id(&app.name, &new);
-        let commit_msg = r["commits"].as_array().and_then(|c| c.iter().find(|c| s(c, &["commitId"]).map(str::to_ascii_lowercase) == Some(new.clone())));
+        let commit_msg =
+            r["commits"].as_array().and_then(|c| c.iter().find(|c| s(c, &["commitId"]).map(str::to_ascii_lowercase) == Some(new.clone())));
         let ev = DeployEvent {
             id: event_id(&rid, "push"),
             source: format!("/azure-devops/{}", s(r, &["repository", "project", "name"]).unwrap_or("project")),
@@ -111,7 +123,8 @@ async fn build_complete(state: &AppState, p: &Value) -> Result<HttpResponse> {
     let (branch_ref, sha) = match (s(r, &["sourceBranch"]), s(r, &["sourceVersion"])) {
         (Some(b), Some(v)) => (b.to_string(), v.to_string()),
         _ => {
-            let gv = s(r, &["sourceGetVersion"]).ok_or_else(|| Error::Malformed("build.complete without sourceBranch/sourceVersion".into()))?;
+            let gv =
+                s(r, &["sourceGetVersion"]).ok_or_else(|| Error::Malformed("build.complete without sourceBranch/sourceVersion".into()))?;
             let mut parts = gv.splitn(3, ':');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some("LG"), Some(b), Some(v)) => (b.to_string(), v.to_string()),

@@ -11,7 +11,7 @@
 use super::*;
 use crate::invoke::{HttpRequest, HttpResponse};
 use hmac::{Hmac, Mac};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sha2::Sha256;
 
 pub const NAME: &str = "github_webhook";
@@ -28,7 +28,8 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     verify_signature(secret.expose().as_bytes(), &req.body, req.header("x-hub-signature-256"))?;
     let event = req.header("x-github-event").ok_or_else(|| Error::Malformed("missing X-GitHub-Event header".into()))?.to_string();
     let delivery = req.header("x-github-delivery").map(str::to_string);
-    let payload: Value = serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
+    let payload: Value =
+        serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
     if !payload.is_object() {
         return Err(Error::Malformed("the body is not a JSON object".into()));
     }
@@ -76,10 +77,11 @@ pub async fn publish_event(state: &AppState, ev: &DeployEvent) -> Result<()> {
 
 /// The trace an edge event of an existing run continues.
 pub async fn run_trace(state: &AppState, run_id: &str, event_id: &str) -> Result<Option<TraceContext>> {
-    Ok(state.store.run(run_id).await?.map(|r| TraceContext {
-        traceparent: r.traceparent.as_deref().map(|tp| child_traceparent(tp, event_id)),
-        tracestate: None,
-    }))
+    Ok(state
+        .store
+        .run(run_id)
+        .await?
+        .map(|r| TraceContext { traceparent: r.traceparent.as_deref().map(|tp| child_traceparent(tp, event_id)), tracestate: None }))
 }
 
 async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<HttpResponse> {
@@ -93,7 +95,11 @@ async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<H
         return Ok(ignored(format!("branch `{branch}` was deleted")));
     }
     let Some(app) = state.policy.github_app(repo, branch) else {
-        let why = if state.policy.knows_github_repo(repo) { format!("branch `{branch}` of {repo} is not deployed by any pipeline") } else { format!("repository {repo} is not in the pipeline policy") };
+        let why = if state.policy.knows_github_repo(repo) {
+            format!("branch `{branch}` of {repo} is not deployed by any pipeline")
+        } else {
+            format!("repository {repo} is not in the pipeline policy")
+        };
         return Ok(ignored(format!("{why}: no run")));
     };
     if after.len() < 7 || !after.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -214,7 +220,10 @@ async fn package(state: &AppState, p: &Value, event: &str) -> Result<HttpRespons
     let Some(trace) = run_trace(state, &rid, &id).await? else {
         return Ok(ignored(format!("no run for commit {commit} of app `{}`", app.name)));
     };
-    let version = s(meta, &["tag", "name"]).filter(|t| !t.is_empty()).or(s(meta, &["labels", "all_labels", "org.opencontainers.image.version"])).map(str::to_string);
+    let version = s(meta, &["tag", "name"])
+        .filter(|t| !t.is_empty())
+        .or(s(meta, &["labels", "all_labels", "org.opencontainers.image.version"]))
+        .map(str::to_string);
     let ev = DeployEvent {
         id,
         source: format!("/github/{}", s(p, &["repository", "full_name"]).unwrap_or("packages")),
@@ -244,6 +253,9 @@ mod tests {
         assert!(matches!(verify_signature(b"It's a Secret to Everybody", b"Hello, World?", Some(sig)), Err(Error::Unauthorized(_))));
         assert!(matches!(verify_signature(b"wrong", b"Hello, World!", Some(sig)), Err(Error::Unauthorized(_))));
         assert!(matches!(verify_signature(b"It's a Secret to Everybody", b"Hello, World!", None), Err(Error::Unauthorized(_))));
-        assert!(matches!(verify_signature(b"It's a Secret to Everybody", b"Hello, World!", Some("sha1=757107")), Err(Error::Unauthorized(_))));
+        assert!(matches!(
+            verify_signature(b"It's a Secret to Everybody", b"Hello, World!", Some("sha1=757107")),
+            Err(Error::Unauthorized(_))
+        ));
     }
 }

@@ -16,10 +16,10 @@ pub mod on_image_ready;
 pub mod on_push;
 pub mod runs;
 
+use crate::AppState;
 use crate::adapters::{ApprovalNotice, ApprovalRecord, DeployOutcome, DeployRequest, Outbound, Run, RunStatus, StepCommit, StepEntry};
 use crate::error::{Error, Result};
 use crate::policy::{App, Policy};
-use crate::AppState;
 use chrono::{DateTime, Utc};
 use deploychain_events::*;
 use std::future::Future;
@@ -185,7 +185,15 @@ pub struct Deployed {
 }
 
 /// Deploy `image` to stage `idx` of `app` for `run`, and decide what comes next.
-pub async fn deploy_stage(state: &AppState, run: &Run, app: &App, idx: usize, image: &ImageRef, key: &str, function: &str) -> Result<Deployed> {
+pub async fn deploy_stage(
+    state: &AppState,
+    run: &Run,
+    app: &App,
+    idx: usize,
+    image: &ImageRef,
+    key: &str,
+    function: &str,
+) -> Result<Deployed> {
     let stage = &app.stages[idx];
     let rr = RunRef::from(run);
     let dep = |reason: Option<String>, restored: Option<ImageRef>| Deployment {
@@ -241,14 +249,30 @@ pub async fn deploy_stage(state: &AppState, run: &Run, app: &App, idx: usize, im
             Ok(Deployed { entries, outbox, status: RunStatus::Superseded, waiting_for: None })
         }
         DeployOutcome::Failed { reason } => {
-            outbox.push(emit(state, &rr, &format!("deployment-failed.{}", stage.name), function, EventData::DeploymentFailed(dep(Some(reason.clone()), None))).1);
+            outbox.push(
+                emit(
+                    state,
+                    &rr,
+                    &format!("deployment-failed.{}", stage.name),
+                    function,
+                    EventData::DeploymentFailed(dep(Some(reason.clone()), None)),
+                )
+                .1,
+            );
             entries.push(entry(key, format!("deployment to {} failed", stage.name), Some(reason.clone())));
             finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} failed: {reason}", stage.name));
             Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None })
         }
         DeployOutcome::RolledBack { reason, restored } => {
             outbox.push(
-                emit(state, &rr, &format!("deployment-rolledback.{}", stage.name), function, EventData::DeploymentRolledBack(dep(Some(reason.clone()), restored.clone()))).1,
+                emit(
+                    state,
+                    &rr,
+                    &format!("deployment-rolledback.{}", stage.name),
+                    function,
+                    EventData::DeploymentRolledBack(dep(Some(reason.clone()), restored.clone())),
+                )
+                .1,
             );
             let back_to = restored.map(|r| r.id).unwrap_or_else(|| "its previous state".into());
             entries.push(entry(key, format!("deployment to {} rolled back", stage.name), Some(format!("{reason}; restored {back_to}"))));
@@ -256,7 +280,16 @@ pub async fn deploy_stage(state: &AppState, run: &Run, app: &App, idx: usize, im
             Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None })
         }
         DeployOutcome::Succeeded => {
-            outbox.push(emit(state, &rr, &format!("deployment-succeeded.{}", stage.name), function, EventData::DeploymentSucceeded(dep(None, None))).1);
+            outbox.push(
+                emit(
+                    state,
+                    &rr,
+                    &format!("deployment-succeeded.{}", stage.name),
+                    function,
+                    EventData::DeploymentSucceeded(dep(None, None)),
+                )
+                .1,
+            );
             entries.push(entry(key, format!("deployed to {}", stage.name), Some(image.id.clone())));
             let Some(next) = app.stages.get(idx + 1) else {
                 finish(&mut outbox, &mut entries, RunOutcome::Succeeded, format!("deployed to {}", stage.name));

@@ -42,7 +42,11 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
             return Err(Error::Refused(format!("stage `{}` needs approval by people; a policy decision cannot promote it", stage.name)));
         }
     } else {
-        let record = state.store.approval(&decided.approval_id).await?.ok_or_else(|| Error::Refused(format!("no approval `{}`", decided.approval_id)))?;
+        let record = state
+            .store
+            .approval(&decided.approval_id)
+            .await?
+            .ok_or_else(|| Error::Refused(format!("no approval `{}`", decided.approval_id)))?;
         if record.outcome() != Some(decided.decision) || record.run_id != run.id || record.stage != stage.name {
             return Err(Error::Refused(format!("approval `{}` does not record this decision", decided.approval_id)));
         }
@@ -71,7 +75,10 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 run_id: run.id.clone(),
                 key: key.clone(),
                 new_run: None,
-                entries: vec![entry(&key, format!("{} rejected", stage.name), Some(reason.clone())), entry(&key, "run rejected", Some(reason))],
+                entries: vec![
+                    entry(&key, format!("{} rejected", stage.name), Some(reason.clone())),
+                    entry(&key, "run rejected", Some(reason)),
+                ],
                 status: RunStatus::Rejected,
                 waiting_for: None,
                 image: None,

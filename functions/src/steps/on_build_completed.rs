@@ -38,7 +38,13 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 &rr,
                 "run-finished",
                 NAME,
-                EventData::RunFinished(RunFinished { app: app.name.clone(), commit: run.commit.clone(), outcome: RunOutcome::Failed, reason: reason.clone(), stage: None }),
+                EventData::RunFinished(RunFinished {
+                    app: app.name.clone(),
+                    commit: run.commit.clone(),
+                    outcome: RunOutcome::Failed,
+                    reason: reason.clone(),
+                    stage: None,
+                }),
             );
             return Ok(Some(StepCommit {
                 run_id: run.id.clone(),
@@ -85,7 +91,12 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 entry(KEY, "image requested", Some(format!("{} → {}", app.image.source.as_str(), app.image.destination))),
             ],
             status: RunStatus::Running,
-            waiting_for: Some(format!("image of {} from {} ({})", &run.commit[..run.commit.len().min(12)], app.image.source.as_str(), app.image.destination)),
+            waiting_for: Some(format!(
+                "image of {} from {} ({})",
+                &run.commit[..run.commit.len().min(12)],
+                app.image.source.as_str(),
+                app.image.destination
+            )),
             image: None,
             stage: None,
             outbox: vec![out],

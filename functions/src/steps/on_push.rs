@@ -82,7 +82,12 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
             key: KEY.into(),
             new_run: Some(run.clone()),
             entries: vec![
-                StepEntry { key: KEY.into(), name: "push received".into(), at: ev.time, detail: Some(format!("{} {}{who}", push.branch, run.commit)) },
+                StepEntry {
+                    key: KEY.into(),
+                    name: "push received".into(),
+                    at: ev.time,
+                    detail: Some(format!("{} {}{who}", push.branch, run.commit)),
+                },
                 entry(KEY, "build requested", Some(format!("{provider}{pipeline}"))),
             ],
             status: RunStatus::Running,

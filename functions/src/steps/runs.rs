@@ -18,13 +18,17 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     }
     let limit = match req.query.get("limit") {
         None => 50,
-        Some(l) => l.parse::<usize>().ok().filter(|n| (1..=500).contains(n)).ok_or_else(|| Error::Malformed(format!("limit `{l}` is not 1 to 500")))?,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| Error::Malformed(format!("limit `{l}` is not 1 to 500")))?,
     };
     let commit = req.query.get("commit").cloned();
-    if let Some(c) = &commit {
-        if c.len() < 4 || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::Malformed(format!("commit `{c}` is not 4 to 64 hex digits")));
-        }
+    if let Some(c) = &commit
+        && (c.len() < 4 || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(Error::Malformed(format!("commit `{c}` is not 4 to 64 hex digits")));
     }
     let runs = state.store.runs(&RunQuery { app: req.query.get("app").cloned(), commit, limit }).await?;
     Ok(HttpResponse::json(200, &json!({ "runs": runs.iter().map(summary).collect::<Vec<_>>() })))
@@ -43,6 +47,7 @@ pub fn detail(r: &Run) -> serde_json::Value {
     v["repository"] = json!(r.repository);
     v["sequence"] = json!(r.sequence);
     v["traceparent"] = json!(r.traceparent);
-    v["steps"] = json!(r.steps.iter().map(|s| json!({ "step": s.key, "what": s.name, "at": s.at, "detail": s.detail })).collect::<Vec<_>>());
+    v["steps"] =
+        json!(r.steps.iter().map(|s| json!({ "step": s.key, "what": s.name, "at": s.at, "detail": s.detail })).collect::<Vec<_>>());
     v
 }

@@ -3,19 +3,19 @@
 //! delivers every published message to the function whose subscription filter takes its Label.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use axum::Router;
 use axum::body::Body;
 use axum::http::Request;
-use axum::Router;
 use base64::Engine;
 use deploychain_functions::adapters::memory::*;
 use deploychain_functions::adapters::{Outbound, Store};
 use deploychain_functions::config::Config;
 use deploychain_functions::links::ApprovalLinks;
 use deploychain_functions::policy::Policy;
-use deploychain_functions::{app, AppState};
+use deploychain_functions::{AppState, app};
 use hmac::{Hmac, Mac};
 use http_body_util::BodyExt;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use sha2::Sha256;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,7 +105,10 @@ pub fn config(max_body: usize) -> Config {
     let vars: HashMap<&str, String> = HashMap::from([
         ("APPROVAL_SIGNING_KEY", SIGNING_KEY.to_string()),
         ("DEPLOYCHAIN_PUBLIC_URL", "https://deploychain-test.azurewebsites.net".to_string()),
-        ("ServiceBusConnection", "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true".to_string()),
+        (
+            "ServiceBusConnection",
+            "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true".to_string(),
+        ),
         ("DEPLOYCHAIN_COMPUTE", "simulated".to_string()),
         ("GITHUB_WEBHOOK_SECRET", GH_SECRET.to_string()),
         ("AZURE_DEVOPS_WEBHOOK_SECRET", ADO_SECRET.to_string()),
@@ -173,7 +176,10 @@ impl Harness {
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         // The host needs a JSON object (never empty) with a JSON content type.
         assert!(ct.starts_with("application/json"), "content-type {ct} from {function}");
-        assert!(v.is_object() && v.get("Outputs").is_some() && v.get("Logs").is_some() && v.get("ReturnValue").is_some(), "{function}: {v}");
+        assert!(
+            v.is_object() && v.get("Outputs").is_some() && v.get("Logs").is_some() && v.get("ReturnValue").is_some(),
+            "{function}: {v}"
+        );
         (status, v)
     }
 
@@ -220,7 +226,16 @@ impl Harness {
     /// Deliver one published message to a function as a `serviceBusTrigger` invocation.
     pub async fn deliver(&mut self, function: &str, m: &Outbound, delivery_count: u32) -> (u16, Value) {
         self.seq += 1;
-        let env = bus_envelope(function, m.body.as_bytes(), Some(&m.message_id), delivery_count, Some(&m.subject), m.session_id.as_deref(), &m.properties, self.seq);
+        let env = bus_envelope(
+            function,
+            m.body.as_bytes(),
+            Some(&m.message_id),
+            delivery_count,
+            Some(&m.subject),
+            m.session_id.as_deref(),
+            &m.properties,
+            self.seq,
+        );
         self.invoke(function, &env).await
     }
 
@@ -269,9 +284,22 @@ fn sys(function: &str) -> Value {
 }
 
 /// An `httpTrigger` invocation in default mode (reference §2.5).
-pub fn http_envelope(function: &str, method: &str, route: &str, query: &[(&str, &str)], headers: &[(&str, String)], params: &[(&str, &str)], body: &[u8]) -> Value {
-    let qs = query.iter().map(|(k, v)| format!("{k}={}", url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>())).collect::<Vec<_>>().join("&");
-    let url = format!("https://deploychain-test.azurewebsites.net/api/{route}{}", if qs.is_empty() { String::new() } else { format!("?{qs}") });
+pub fn http_envelope(
+    function: &str,
+    method: &str,
+    route: &str,
+    query: &[(&str, &str)],
+    headers: &[(&str, String)],
+    params: &[(&str, &str)],
+    body: &[u8],
+) -> Value {
+    let qs = query
+        .iter()
+        .map(|(k, v)| format!("{k}={}", url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()))
+        .collect::<Vec<_>>()
+        .join("&");
+    let url =
+        format!("https://deploychain-test.azurewebsites.net/api/{route}{}", if qs.is_empty() { String::new() } else { format!("?{qs}") });
     let mut hdr_arrays = Map::new();
     let mut hdr_joined = Map::new();
     let mut all: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
@@ -337,7 +365,16 @@ pub fn http_envelope(function: &str, method: &str, route: &str, query: &[(&str, 
 
 /// A `serviceBusTrigger` invocation with `dataType: binary` (reference §2.2–§2.4).
 #[allow(clippy::too_many_arguments)]
-pub fn bus_envelope(function: &str, body: &[u8], message_id: Option<&str>, delivery_count: u32, label: Option<&str>, session: Option<&str>, props: &std::collections::BTreeMap<String, String>, seq: i64) -> Value {
+pub fn bus_envelope(
+    function: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+    delivery_count: u32,
+    label: Option<&str>,
+    session: Option<&str>,
+    props: &std::collections::BTreeMap<String, String>,
+    seq: i64,
+) -> Value {
     let mut meta = Map::new();
     for k in ["MessageReceiver", "MessageSession", "MessageActions", "SessionActions", "ReceiveActions"] {
         meta.insert(k.into(), json!({}));
