@@ -152,6 +152,7 @@ async fn build_failure_finishes_the_run_as_failed_with_the_reason() {
     assert!(h.baker.requests.lock().unwrap().is_empty());
     let finished: Value = serde_json::from_str(&h.publisher.sent()[3].body).unwrap();
     assert_eq!(finished["data"]["outcome"], "failed");
+    assert_bodies_match_schemas(&h.publisher.sent());
 }
 
 #[tokio::test]
@@ -250,6 +251,8 @@ async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
             h.publisher.sent().iter().map(|m| m.properties["cloudEvents_traceparent"].split('-').nth(1).unwrap().to_string()).collect();
         assert_eq!(traces.len(), 1, "{traces:?}");
 
+        assert_bodies_match_schemas(&h.publisher.sent());
+
         // Redeliver everything (as after a lost lock, or an operator replay): nothing new.
         let all = h.publisher.sent();
         let (rollouts, builds, notices) = (h.compute.rollouts().len(), h.builds.requests.lock().unwrap().len(), h.notify.notices().len());
@@ -339,6 +342,7 @@ async fn a_rejection_ends_the_run_as_rejected() {
     assert_eq!(run.status, RunStatus::Rejected);
     assert!(run.steps.last().unwrap().detail.as_deref().unwrap().contains("not on a Friday"));
     assert_eq!(h.compute.rollouts().len(), 2, "production untouched");
+    assert_bodies_match_schemas(&h.publisher.sent());
 }
 
 #[tokio::test]

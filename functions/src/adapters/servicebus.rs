@@ -164,6 +164,16 @@ pub fn property_value(s: &str) -> String {
     out
 }
 
+/// Broker properties travel as raw header JSON: keep a foreign id or label ASCII-printable (and
+/// within MessageId's 128 characters) by replacing it with a digest when it is not.
+fn header_safe(s: &str) -> String {
+    if s.len() <= 100 && s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        s.to_string()
+    } else {
+        format!("sha-{}", deploychain_events::short_digest(&[s]))
+    }
+}
+
 fn transient(entity: &str, e: azure_core::Error) -> Error {
     // The error text names the status and entity; it holds no key (the SAS goes in a header).
     Error::Transient(format!("service bus send to `{entity}` failed: {e}"))
@@ -200,8 +210,8 @@ impl Publish for ServiceBusPublisher {
             content_type: Some("application/octet-stream".into()),
             broker_properties: Some(SettableBrokerProperties {
                 // One parked copy per (function, message): a retried park is dropped by duplicate detection.
-                message_id: Some(format!("parked.{}.{}", msg.function, msg.message_id)),
-                label: msg.original_subject.clone(),
+                message_id: Some(format!("parked.{}.{}", msg.function, header_safe(&msg.message_id))),
+                label: msg.original_subject.as_deref().map(header_safe),
                 ..Default::default()
             }),
             custom_properties: Some(props),
@@ -232,6 +242,13 @@ mod tests {
         assert!(err.contains("SharedAccessKey"), "{err}");
         let err = ConnectionString::parse("SharedAccessKey=supersecret").err().unwrap_or_default();
         assert!(!err.contains("supersecret"));
+    }
+
+    #[test]
+    fn foreign_ids_are_made_header_safe() {
+        assert_eq!(header_safe("web-1.push"), "web-1.push");
+        assert!(header_safe("café-1").starts_with("sha-"));
+        assert!(header_safe(&"x".repeat(300)).starts_with("sha-"));
     }
 
     #[test]

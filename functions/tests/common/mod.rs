@@ -405,3 +405,16 @@ pub fn bus_envelope(
     meta.insert("sys".into(), sys(function));
     json!({ "Data": { "msg": base64::engine::general_purpose::STANDARD.encode(body) }, "Metadata": Value::Object(meta) })
 }
+
+/// Every published body is a CloudEvent that validates against its type's schema in events/schemas.
+pub fn assert_bodies_match_schemas(sent: &[Outbound]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../events/schemas");
+    for m in sent {
+        let short = m.subject.trim_start_matches("dev.deploychain.").trim_end_matches(".v1");
+        let schema: Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{short}.schema.json"))).unwrap()).unwrap();
+        let v = jsonschema::options().should_validate_formats(true).build(&schema).unwrap();
+        let body: Value = serde_json::from_str(&m.body).unwrap();
+        let errors: Vec<String> = v.iter_errors(&body).map(|e| format!("{e} at {}", e.instance_path)).collect();
+        assert!(errors.is_empty(), "{} does not match its schema: {errors:#?}\n{body:#}", m.message_id);
+    }
+}

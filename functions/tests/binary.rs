@@ -1,0 +1,135 @@
+//! The `handler` executable as the Functions host starts it: it reads its app settings and policy,
+//! fails fast naming every bad setting (never printing a secret), and otherwise answers readiness on
+//! `GET /` and invocations on `FUNCTIONS_CUSTOMHANDLER_PORT`.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn base_env(dir: &std::path::Path, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
+        ("FUNCTIONS_APP_ROOT_PATH", dir.display().to_string()),
+        ("DEPLOYCHAIN_POLICY", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy.toml").display().to_string()),
+        ("DEPLOYCHAIN_STORE", format!("sqlite:{}", dir.join("state.sqlite").display())),
+        (
+            "ServiceBusConnection",
+            "Endpoint=sb://127.0.0.1:9;SharedAccessKeyName=Root;SharedAccessKey=bus-key-value;UseDevelopmentEmulator=true".into(),
+        ),
+        ("APPROVAL_SIGNING_KEY", "an-approval-signing-key-of-32-chars-or-more".into()),
+        ("DEPLOYCHAIN_PUBLIC_URL", "http://127.0.0.1:7071".into()),
+        ("DEPLOYCHAIN_COMPUTE", "simulated".into()),
+        ("DEPLOYCHAIN_NOTIFY_URL", "http://127.0.0.1:9/notify".into()),
+        ("GITHUB_WEBHOOK_SECRET", "github-secret-value".into()),
+    ]
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("deploychain-binary-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run_to_exit(env: &[(&str, String)]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return (status.code(), err);
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("the handler did not exit on bad configuration");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_settings_stop_start_up_with_every_setting_named_and_no_secret_printed() {
+    let dir = tempdir("bad");
+    let mut env: Vec<_> = base_env(&dir, free_port()).into_iter().filter(|(k, _)| *k != "DEPLOYCHAIN_PUBLIC_URL").collect();
+    env.retain(|(k, _)| *k != "APPROVAL_SIGNING_KEY");
+    env.push(("APPROVAL_SIGNING_KEY", "too-short-secret".into()));
+    env.push(("ServiceBusConnection", "SharedAccessKey=bus-key-value".into()));
+    let (code, err) = run_to_exit(&env);
+    assert_ne!(code, Some(0));
+    for setting in ["DEPLOYCHAIN_PUBLIC_URL", "APPROVAL_SIGNING_KEY", "ServiceBusConnection"] {
+        assert!(err.contains(setting), "{setting} not named in:\n{err}");
+    }
+    for secret in ["too-short-secret", "bus-key-value", "github-secret-value"] {
+        assert!(!err.contains(secret), "secret printed:\n{err}");
+    }
+}
+
+#[test]
+fn an_invalid_policy_stops_start_up_naming_the_key() {
+    let dir = tempdir("policy");
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy.toml")).unwrap();
+    let bad = dir.join("policy.toml");
+    std::fs::write(&bad, text.replace("quorum = 1", "quorum = 5")).unwrap();
+    let mut env = base_env(&dir, free_port());
+    env.retain(|(k, _)| *k != "DEPLOYCHAIN_POLICY");
+    env.push(("DEPLOYCHAIN_POLICY", bad.display().to_string()));
+    let (code, err) = run_to_exit(&env);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("app[0].stage[1].approval.quorum"), "{err}");
+}
+
+#[test]
+fn the_handler_answers_readiness_and_invocations_on_its_port() {
+    let dir = tempdir("ok");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .env_clear()
+        .envs(base_env(&dir, port).iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let start = Instant::now();
+        // The host polls GET / until any answer.
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.unwrap();
+                let mut buf = String::new();
+                s.read_to_string(&mut buf).await.unwrap();
+                assert!(buf.starts_with("HTTP/1.1 200"), "{buf}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no readiness");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let env = serde_json::json!({"Data": {"req": {"Url": "http://127.0.0.1:7071/api/runs", "Method": "GET", "Query": {}, "Headers": {}, "Params": {}}}, "Metadata": {}});
+        let body = env.to_string();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("POST /runs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        buf
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(result.starts_with("HTTP/1.1 200"), "{result}");
+    assert!(result.contains("content-type: application/json"), "{result}");
+    assert!(result.contains("\"statusCode\":200") && result.contains("{\\\"runs\\\":[]}"), "{result}");
+}
