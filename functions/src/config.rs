@@ -30,10 +30,11 @@ pub enum StoreConfig {
     Sqlite(PathBuf),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ComputeConfig {
-    /// In-process simulated scale sets (the local stack and demos) until the ARM adapter is configured.
-    Simulated,
+    /// Simulated scale sets kept in a SQLite file (the local stack and demos) until the ARM adapter
+    /// is configured; targets whose name contains one of `fail` fail their health check.
+    Simulated { path: PathBuf, fail: Vec<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -116,14 +117,20 @@ impl Config {
                 }
             },
         };
+        let sim_path = match &store {
+            StoreConfig::Sqlite(p) => p.with_file_name("scalesets.sqlite"),
+        };
+        let fail: Vec<String> = get("DEPLOYCHAIN_SIMULATED_FAILING_TARGETS")
+            .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+            .unwrap_or_default();
         let compute = match get("DEPLOYCHAIN_COMPUTE").as_deref() {
-            Some("simulated") => ComputeConfig::Simulated,
+            Some("simulated") => ComputeConfig::Simulated { path: sim_path, fail },
             other => {
                 errs.push(format!(
                     "DEPLOYCHAIN_COMPUTE: {} (the only backend in this build is `simulated`; the ARM scale-set adapter is configured separately)",
                     other.map(|o| format!("`{o}` is not known")).unwrap_or_else(|| "not set".into())
                 ));
-                ComputeConfig::Simulated
+                ComputeConfig::Simulated { path: sim_path, fail }
             }
         };
         let notify_url = match get("DEPLOYCHAIN_NOTIFY_URL").map(|u| url::Url::parse(&u)) {

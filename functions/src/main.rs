@@ -1,7 +1,9 @@
 //! The `handler` executable: read the configuration and policy, build the adapters, serve.
 
 use anyhow::Context;
-use deploychain_functions::adapters::{Notify, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, sqlite::SqliteStore};
+use deploychain_functions::adapters::{
+    Notify, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, simulated::SimulatedScaleSets, sqlite::SqliteStore,
+};
 use deploychain_functions::config::{ComputeConfig, Config, StoreConfig};
 use deploychain_functions::{AppState, app, links::ApprovalLinks, policy::Policy};
 use std::sync::Arc;
@@ -25,10 +27,10 @@ async fn main() -> anyhow::Result<()> {
     let store = match &config.store {
         StoreConfig::Sqlite(path) => SqliteStore::open(path).map_err(anyhow::Error::msg)?,
     };
-    let compute = match config.compute {
-        ComputeConfig::Simulated => {
-            tracing::warn!("DEPLOYCHAIN_COMPUTE=simulated: rollouts go to in-process simulated scale sets, not Azure");
-            Arc::new(memory::MemoryCompute::default())
+    let compute = match &config.compute {
+        ComputeConfig::Simulated { path, fail } => {
+            tracing::warn!(path = %path.display(), "DEPLOYCHAIN_COMPUTE=simulated: rollouts go to simulated scale sets, not Azure");
+            Arc::new(SimulatedScaleSets::open(path, fail.clone()).map_err(anyhow::Error::msg)?)
         }
     };
     let notify: Arc<dyn Notify> = match &config.notify_url {

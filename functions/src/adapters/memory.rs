@@ -188,7 +188,7 @@ impl ImageBaker for MemoryBaker {
 }
 
 /// What a simulated scale set runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetState {
     pub image: ImageRef,
     pub run_id: String,
@@ -217,22 +217,24 @@ impl MemoryCompute {
     }
 }
 
+/// The fencing rule every scale-set backend applies: redeploying what a target already runs for the
+/// same run is a no-op success; an older run never replaces a newer one.
+pub fn fence(current: Option<&TargetState>, req: &DeployRequest) -> Option<DeployOutcome> {
+    let cur = current?;
+    if cur.image == req.image && cur.run_id == req.run_id {
+        return Some(DeployOutcome::Succeeded);
+    }
+    (cur.sequence > req.sequence).then(|| DeployOutcome::Stale {
+        reason: format!("target runs {} from newer run {} (sequence {} > {})", cur.image.id, cur.run_id, cur.sequence, req.sequence),
+    })
+}
+
 #[async_trait]
 impl Compute for MemoryCompute {
     async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome> {
         let mut targets = lock(&self.targets);
-        if let Some(cur) = targets.get(&req.target) {
-            if cur.image == req.image && cur.run_id == req.run_id {
-                return Ok(DeployOutcome::Succeeded);
-            }
-            if cur.sequence > req.sequence {
-                return Ok(DeployOutcome::Stale {
-                    reason: format!(
-                        "target runs {} from newer run {} (sequence {} > {})",
-                        cur.image.id, cur.run_id, cur.sequence, req.sequence
-                    ),
-                });
-            }
+        if let Some(done) = fence(targets.get(&req.target), req) {
+            return Ok(done);
         }
         if lock(&self.failing).iter().any(|t| t == &req.target) {
             let restored = targets.get(&req.target).map(|c| c.image.clone());

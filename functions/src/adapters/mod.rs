@@ -6,6 +6,7 @@
 pub mod memory;
 pub mod notify;
 pub mod servicebus;
+pub mod simulated;
 pub mod sqlite;
 
 use crate::error::Result;
