@@ -1,0 +1,76 @@
+//! Throughput of the embedded bus: a benchmark that prints figures, not a timed test.
+//! `cargo bench -p deploychain-bus` (optionally `-- N` for the message count, default 2000).
+//!
+//! For each store (in memory; a file with WAL and synchronous=FULL, i.e. one fsync per commit)
+//! it measures, one operation at a time: sends to a queue, peek-lock + complete of those
+//! messages, and sends to a topic that fans out to three subscriptions.
+
+use deploychain_bus::{Broker, EntityPath, NewMessage, Queue, Subscription, Topic, Topology};
+use std::time::{Duration, Instant};
+
+fn topology() -> anyhow::Result<Topology> {
+    let mut t = Topology::new("bench");
+    t.add_queue(Queue::new("work"))?;
+    let mut topic = Topic::new("events");
+    topic.requires_duplicate_detection = true;
+    for s in ["a", "b", "c"] {
+        topic.subscriptions.push(Subscription::new(s));
+    }
+    t.add_topic(topic)?;
+    Ok(t)
+}
+
+fn rate(n: usize, d: Duration) -> String {
+    format!("{:>9.0}/s  ({:>7.1} µs each)", n as f64 / d.as_secs_f64(), d.as_secs_f64() * 1e6 / n as f64)
+}
+
+async fn run(name: &str, b: &Broker, n: usize) -> anyhow::Result<()> {
+    let body = vec![b'x'; 1024];
+    let queue = EntityPath::queue("work");
+
+    let start = Instant::now();
+    for i in 0..n {
+        b.send("work", NewMessage { message_id: Some(format!("m-{i}")), ..NewMessage::new(body.clone()) }).await?;
+    }
+    let send = start.elapsed();
+
+    let start = Instant::now();
+    let mut received = 0;
+    while let Some(m) = b.peek_lock(&queue, Duration::ZERO).await? {
+        b.complete(&queue, m.lock_token.ok_or_else(|| anyhow::anyhow!("no lock token"))?).await?;
+        received += 1;
+    }
+    let receive = start.elapsed();
+    anyhow::ensure!(received == n, "received {received} of {n}");
+
+    let start = Instant::now();
+    for i in 0..n {
+        b.send("events", NewMessage { message_id: Some(format!("e-{i}")), ..NewMessage::new(body.clone()) }).await?;
+    }
+    let fan_out = start.elapsed();
+
+    println!("{name}");
+    println!("  send to a queue (1 KiB)          {}", rate(n, send));
+    println!("  peek-lock + complete             {}", rate(n, receive));
+    println!("  send to a topic, 3 subscriptions {}  (duplicate detection on)", rate(n, fan_out));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; a bare number overrides the message count.
+    let n = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()).unwrap_or(2000);
+    println!("deploychain-bus throughput, {n} messages, sequential operations\n");
+
+    run("in memory", &Broker::open_in_memory(topology()?)?, n).await?;
+
+    let dir = std::env::temp_dir().join(format!("deploychain-bus-bench-{}", std::process::id()));
+    let file = dir.join("bus.sqlite");
+    let result = async {
+        let b = Broker::open(&file, topology()?)?;
+        run(&format!("file {} (WAL, synchronous=FULL)", file.display()), &b, n).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

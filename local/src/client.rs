@@ -1,0 +1,109 @@
+//! The client side of the `deploychain` command: signed webhooks, runs, approvals.
+
+use crate::secrets::Secrets;
+use anyhow::{Context, Result, anyhow};
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use std::path::Path;
+
+pub fn github_signature(secret: &str, body: &[u8]) -> String {
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!("any key length"));
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
+/// A GitHub `push` payload for a new commit on the first GitHub app (and branch) of the policy.
+pub fn sample_push(policy: &Path, branch: Option<&str>) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
+    let p = deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?;
+    let app = p.apps.iter().find(|a| a.source.github.is_some()).ok_or_else(|| anyhow!("the policy has no GitHub app"))?;
+    let repo = app.source.github.clone().unwrap_or_default();
+    let branch = branch
+        .map(str::to_string)
+        .unwrap_or_else(|| app.branches.iter().find(|b| !b.ends_with('*')).cloned().unwrap_or_else(|| "main".into()));
+    let commit = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let before = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let who = std::env::var("USER").unwrap_or_else(|_| "developer".into());
+    let now = chrono::Utc::now().to_rfc3339();
+    let (owner, name) = repo.split_once('/').unwrap_or(("owner", "repo"));
+    Ok(serde_json::to_vec(&json!({
+        "ref": format!("refs/heads/{branch}"), "before": before, "after": commit,
+        "created": false, "deleted": false, "forced": false, "base_ref": null,
+        "compare": format!("https://github.com/{repo}/compare/{}...{}", &before[..12], &commit[..12]),
+        "commits": [{ "id": commit, "tree_id": before, "distinct": true, "message": "A change, pushed with deploychain send",
+                      "timestamp": now, "url": format!("https://github.com/{repo}/commit/{commit}"),
+                      "author": { "name": who, "email": format!("{who}@example.com"), "username": who },
+                      "committer": { "name": who, "email": format!("{who}@example.com"), "username": who },
+                      "added": [], "removed": [], "modified": ["README.md"] }],
+        "head_commit": { "id": commit, "tree_id": before, "distinct": true, "message": "A change, pushed with deploychain send",
+                         "timestamp": now, "url": format!("https://github.com/{repo}/commit/{commit}"),
+                         "author": { "name": who, "email": format!("{who}@example.com"), "username": who },
+                         "committer": { "name": who, "email": format!("{who}@example.com"), "username": who },
+                         "added": [], "removed": [], "modified": ["README.md"] },
+        "repository": { "name": name, "full_name": repo, "owner": { "name": owner, "login": owner }, "default_branch": branch, "private": true },
+        "pusher": { "name": who, "email": format!("{who}@example.com") },
+        "sender": { "login": who, "type": "User" }
+    }))?)
+}
+
+pub async fn send_github(base: &str, s: &Secrets, event: &str, body: &[u8]) -> Result<(u16, String)> {
+    let rsp = reqwest::Client::new()
+        .post(format!("{base}/api/hooks/github"))
+        .header("content-type", "application/json")
+        .header("user-agent", "GitHub-Hookshot/deploychain-send")
+        .header("x-github-event", event)
+        .header("x-github-delivery", uuid::Uuid::new_v4().to_string())
+        .header("x-hub-signature-256", github_signature(&s.github_webhook, body))
+        .body(body.to_vec())
+        .send()
+        .await
+        .with_context(|| format!("POST {base}/api/hooks/github (is `deploychain up` running?)"))?;
+    Ok((rsp.status().as_u16(), rsp.text().await.unwrap_or_default()))
+}
+
+pub async fn send_azure_devops(base: &str, s: &Secrets, body: &[u8]) -> Result<(u16, String)> {
+    let rsp = reqwest::Client::new()
+        .post(format!("{base}/api/hooks/azure-devops"))
+        .header("content-type", "application/json; charset=utf-8")
+        .basic_auth(&s.azure_devops_user, Some(&s.azure_devops_webhook))
+        .body(body.to_vec())
+        .send()
+        .await
+        .with_context(|| format!("POST {base}/api/hooks/azure-devops (is `deploychain up` running?)"))?;
+    Ok((rsp.status().as_u16(), rsp.text().await.unwrap_or_default()))
+}
+
+pub async fn runs(base: &str, s: &Secrets, id: Option<&str>, commit: Option<&str>) -> Result<String> {
+    let mut url = url::Url::parse(&format!("{base}/api/runs"))?;
+    if let Some(id) = id {
+        url.path_segments_mut().map_err(|_| anyhow!("bad url"))?.push(id);
+    }
+    if let Some(c) = commit {
+        url.query_pairs_mut().append_pair("commit", c);
+    }
+    let rsp =
+        reqwest::Client::new().get(url).header("x-functions-key", &s.function_key).send().await.context("is `deploychain up` running?")?;
+    let status = rsp.status().as_u16();
+    let text = rsp.text().await.unwrap_or_default();
+    let pretty = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| serde_json::to_string_pretty(&v).ok()).unwrap_or(text);
+    if !(200..300).contains(&status) {
+        return Err(anyhow!("{status}: {pretty}"));
+    }
+    Ok(pretty)
+}
+
+/// POST a decision to a signed approval link, as the page's form does.
+pub async fn decide(link: &str, decision: &str, comment: Option<&str>) -> Result<(u16, String)> {
+    let mut form = vec![("decision", decision.to_string())];
+    if let Some(c) = comment {
+        form.push(("comment", c.to_string()));
+    }
+    let rsp = reqwest::Client::new()
+        .post(link)
+        .header("accept", "application/json")
+        .form(&form)
+        .send()
+        .await
+        .context("is `deploychain up` running?")?;
+    Ok((rsp.status().as_u16(), rsp.text().await.unwrap_or_default()))
+}

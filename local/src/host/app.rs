@@ -1,0 +1,256 @@
+//! The function app as the Functions host reads it from its app root: `host.json`, one folder per
+//! function with its `function.json`, and `local.settings.json` (`Values` = app settings).
+//! `%SETTING%` binding expressions are resolved from the app settings, as the host's name
+//! resolver does.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct FunctionApp {
+    pub root: PathBuf,
+    pub host: HostSettings,
+    pub functions: Vec<Function>,
+    /// `local.settings.json` `Values`.
+    pub settings: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    pub executable: String,
+    pub arguments: Vec<String>,
+    pub working_directory: Option<String>,
+    pub function_timeout: Duration,
+    pub route_prefix: String,
+    pub max_concurrent_calls: usize,
+    pub max_concurrent_sessions: usize,
+    pub max_auto_lock_renewal: Duration,
+    pub auto_complete: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Function {
+    pub name: String,
+    pub trigger: Trigger,
+}
+
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    Http(HttpTrigger),
+    ServiceBus(BusTrigger),
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpTrigger {
+    pub binding: String,
+    /// Output binding name (`res`), or `$return`.
+    pub output: Option<String>,
+    /// Lower-case methods; empty = all.
+    pub methods: Vec<String>,
+    pub route: String,
+    pub auth_level: AuthLevel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthLevel {
+    Anonymous,
+    Function,
+    Admin,
+}
+
+#[derive(Debug, Clone)]
+pub struct BusTrigger {
+    pub binding: String,
+    /// `queue`, or `topic/subscriptions/sub`.
+    pub entity: String,
+    pub binary: bool,
+    pub sessions: bool,
+    pub auto_complete: bool,
+    pub connection: String,
+}
+
+/// `hh:mm:ss` (optionally `d.hh:mm:ss`, fractional seconds).
+pub fn parse_timespan(s: &str) -> Option<Duration> {
+    let (days, rest) = match s.split_once('.') {
+        Some((d, r)) if r.contains(':') && !d.contains(':') => (d.parse::<u64>().ok()?, r),
+        _ => (0, s),
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    if parts.len() != 3 {
+        return None;
+    }
+    let h: u64 = parts[0].parse().ok()?;
+    let m: u64 = parts[1].parse().ok()?;
+    let sec: f64 = parts[2].parse().ok()?;
+    Some(Duration::from_secs(days * 86_400 + h * 3600 + m * 60) + Duration::from_secs_f64(sec))
+}
+
+fn get_ci<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v)
+}
+
+impl FunctionApp {
+    pub fn load(root: &Path) -> Result<FunctionApp> {
+        let host_path = root.join("host.json");
+        let host: Value = serde_json::from_slice(&std::fs::read(&host_path).with_context(|| format!("reading {}", host_path.display()))?)
+            .with_context(|| format!("{} is not JSON", host_path.display()))?;
+        let settings = match std::fs::read(root.join("local.settings.json")) {
+            Ok(b) => {
+                let v: Value = serde_json::from_slice(&b).context("local.settings.json is not JSON")?;
+                get_ci(&v, "Values")
+                    .and_then(Value::as_object)
+                    .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect())
+                    .unwrap_or_default()
+            }
+            Err(_) => BTreeMap::new(),
+        };
+        let ch = get_ci(&host, "customHandler")
+            .or_else(|| get_ci(&host, "httpWorker"))
+            .ok_or_else(|| anyhow!("host.json has no customHandler section"))?;
+        let desc = get_ci(ch, "description").ok_or_else(|| anyhow!("host.json customHandler has no description"))?;
+        let executable = get_ci(desc, "defaultExecutablePath")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("host.json customHandler.description.defaultExecutablePath is required"))?
+            .to_string();
+        let arguments = get_ci(desc, "arguments")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let working_directory = get_ci(desc, "workingDirectory").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+        let function_timeout = match get_ci(&host, "functionTimeout").and_then(Value::as_str) {
+            Some(s) => parse_timespan(s).ok_or_else(|| anyhow!("host.json functionTimeout `{s}` is not hh:mm:ss"))?,
+            None => Duration::from_secs(30 * 60),
+        };
+        let ext = get_ci(&host, "extensions").cloned().unwrap_or(Value::Null);
+        let route_prefix = get_ci(&ext, "http")
+            .and_then(|h| get_ci(h, "routePrefix"))
+            .and_then(Value::as_str)
+            .map(|s| s.trim_matches('/').to_string())
+            .unwrap_or_else(|| "api".into());
+        let sb = get_ci(&ext, "serviceBus").cloned().unwrap_or(Value::Null);
+        let num = |k: &str, d: usize| get_ci(&sb, k).and_then(Value::as_u64).map(|n| n as usize).unwrap_or(d);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let host_settings = HostSettings {
+            executable,
+            arguments,
+            working_directory,
+            function_timeout,
+            route_prefix,
+            max_concurrent_calls: num("maxConcurrentCalls", 16 * cores).max(1),
+            max_concurrent_sessions: num("maxConcurrentSessions", 8).max(1),
+            max_auto_lock_renewal: get_ci(&sb, "maxAutoLockRenewalDuration")
+                .and_then(Value::as_str)
+                .and_then(parse_timespan)
+                .unwrap_or(Duration::from_secs(300)),
+            auto_complete: get_ci(&sb, "autoCompleteMessages").and_then(Value::as_bool).unwrap_or(true),
+        };
+        let mut functions = Vec::new();
+        let mut dirs: Vec<PathBuf> =
+            std::fs::read_dir(root)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("function.json").is_file()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let fj: Value = serde_json::from_slice(&std::fs::read(dir.join("function.json"))?)
+                .with_context(|| format!("{name}/function.json is not JSON"))?;
+            functions.push(parse_function(&name, &fj, &settings, &host_settings).with_context(|| format!("{name}/function.json"))?);
+        }
+        if functions.is_empty() {
+            bail!("no */function.json under {}", root.display());
+        }
+        Ok(FunctionApp { root: root.to_path_buf(), host: host_settings, functions, settings })
+    }
+}
+
+/// Replace `%NAME%` with the app setting (the host's binding-expression resolver).
+pub fn resolve(s: &str, settings: &BTreeMap<String, String>) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find('%') {
+        let after = &rest[start + 1..];
+        let end = after.find('%').ok_or_else(|| anyhow!("unclosed % in `{s}`"))?;
+        let key = &after[..end];
+        let val =
+            settings.get(key).cloned().or_else(|| std::env::var(key).ok()).ok_or_else(|| anyhow!("`%{key}%` names no app setting"))?;
+        out.push_str(&rest[..start]);
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn parse_function(name: &str, fj: &Value, settings: &BTreeMap<String, String>, host: &HostSettings) -> Result<Function> {
+    let bindings = get_ci(fj, "bindings").and_then(Value::as_array).ok_or_else(|| anyhow!("no bindings"))?;
+    let trigger = bindings
+        .iter()
+        .find(|b| get_ci(b, "type").and_then(Value::as_str).is_some_and(|t| t.to_ascii_lowercase().ends_with("trigger")))
+        .ok_or_else(|| anyhow!("no trigger binding"))?;
+    let ty = get_ci(trigger, "type").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
+    let binding = get_ci(trigger, "name").and_then(Value::as_str).ok_or_else(|| anyhow!("the trigger binding has no name"))?.to_string();
+    let str_of = |k: &str| get_ci(trigger, k).and_then(Value::as_str).map(str::to_string);
+    let trigger = match ty.as_str() {
+        "httptrigger" => {
+            let output = bindings
+                .iter()
+                .find(|b| get_ci(b, "type").and_then(Value::as_str).is_some_and(|t| t.eq_ignore_ascii_case("http")))
+                .and_then(|b| get_ci(b, "name").and_then(Value::as_str).map(str::to_string));
+            let methods = get_ci(trigger, "methods")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|m| m.as_str().map(str::to_ascii_lowercase)).collect())
+                .unwrap_or_default();
+            let auth_level = match str_of("authLevel").as_deref().map(str::to_ascii_lowercase).as_deref() {
+                Some("anonymous") => AuthLevel::Anonymous,
+                Some("admin") | Some("system") => AuthLevel::Admin,
+                Some("function") | None => AuthLevel::Function,
+                Some(other) => bail!("unknown authLevel `{other}`"),
+            };
+            Trigger::Http(HttpTrigger {
+                binding,
+                output,
+                methods,
+                route: str_of("route").map(|r| r.trim_matches('/').to_string()).unwrap_or_else(|| name.to_string()),
+                auth_level,
+            })
+        }
+        "servicebustrigger" => {
+            let entity = match (str_of("queueName"), str_of("topicName"), str_of("subscriptionName")) {
+                (Some(q), None, _) => resolve(&q, settings)?,
+                (None, Some(t), Some(s)) => format!("{}/subscriptions/{}", resolve(&t, settings)?, resolve(&s, settings)?),
+                _ => bail!("a serviceBusTrigger needs queueName, or topicName and subscriptionName"),
+            };
+            Trigger::ServiceBus(BusTrigger {
+                binding,
+                entity,
+                binary: str_of("dataType").is_some_and(|d| d.eq_ignore_ascii_case("binary")),
+                sessions: get_ci(trigger, "isSessionsEnabled").and_then(Value::as_bool).unwrap_or(false),
+                auto_complete: get_ci(trigger, "autoCompleteMessages").and_then(Value::as_bool).unwrap_or(host.auto_complete),
+                connection: str_of("connection").unwrap_or_else(|| "AzureWebJobsServiceBus".into()),
+            })
+        }
+        other => bail!("trigger type `{other}` is not supported by the local host"),
+    };
+    Ok(Function { name: name.to_string(), trigger })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timespans_parse() {
+        assert_eq!(parse_timespan("00:10:00"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_timespan("1.00:00:01"), Some(Duration::from_secs(86_401)));
+        assert_eq!(parse_timespan("00:00:00.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_timespan("ten"), None);
+    }
+
+    #[test]
+    fn binding_expressions_resolve_from_settings() {
+        let s = BTreeMap::from([("TOPIC".to_string(), "deploychain-events".to_string())]);
+        assert_eq!(resolve("%TOPIC%", &s).ok().as_deref(), Some("deploychain-events"));
+        assert!(resolve("%NOPE_NOT_SET_ANYWHERE%", &s).is_err());
+    }
+}

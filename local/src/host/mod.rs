@@ -1,0 +1,75 @@
+//! A local Azure Functions host for custom handlers: it reads the same `host.json`,
+//! `*/function.json` and `local.settings.json` the real host reads, starts the same `handler`
+//! executable, and speaks the real custom-handler protocol to it — HTTP front door and Service Bus
+//! triggers — so production code has no local branches.
+
+pub mod app;
+pub mod envelope;
+pub mod http;
+pub mod servicebus;
+pub mod worker;
+
+use anyhow::{Context, Result};
+use app::{FunctionApp, Trigger};
+use deploychain_bus::Broker;
+use std::net::SocketAddr;
+use tokio::sync::watch;
+use worker::Worker;
+
+pub struct LocalHost {
+    pub app: FunctionApp,
+    pub worker: Worker,
+    pub http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalHost {
+    /// Start the handler, the front door on `http` and one trigger loop per Service Bus function.
+    pub async fn start(
+        app: FunctionApp,
+        env: Vec<(String, String)>,
+        broker: Broker,
+        namespace: &str,
+        http: tokio::net::TcpListener,
+        keys: http::Keys,
+    ) -> Result<LocalHost> {
+        let worker = Worker::start(&app, env).await.context("starting the custom handler")?;
+        let http_addr = http.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let router = http::FrontDoor::new(&app, worker.clone(), keys).router();
+        let mut http_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http, router).with_graceful_shutdown(shutdown).await {
+                tracing::error!(target: "host", "front door stopped: {e}");
+            }
+        }));
+        for f in &app.functions {
+            if let Trigger::ServiceBus(t) = &f.trigger {
+                let l = servicebus::TriggerLoop {
+                    function: f.name.clone(),
+                    trigger: t.clone(),
+                    host: app.host.clone(),
+                    broker: broker.clone(),
+                    worker: worker.clone(),
+                    namespace: namespace.to_string(),
+                };
+                tasks.push(tokio::spawn(l.run(stop_rx.clone())));
+            }
+        }
+        Ok(LocalHost { app, worker, http_addr, stop, tasks })
+    }
+
+    /// Stop receiving, let in-flight invocations settle, then stop the handler.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+        }
+        self.worker.shutdown();
+    }
+}

@@ -1,0 +1,235 @@
+//! The custom-handler process, managed as the Functions host manages it (§1): started from
+//! `customHandler.description` with the app settings and `FUNCTIONS_CUSTOMHANDLER_PORT` in its
+//! environment, ready once `GET /` answers anything, restarted when it exits, and killed and
+//! restarted when an invocation outlives `functionTimeout` (which fails every in-flight
+//! invocation on it, as in Azure).
+
+use super::app::FunctionApp;
+use anyhow::{Context, Result, anyhow};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+
+/// The handler that is up now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub port: u16,
+    pub generation: u64,
+    pub pid: u32,
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    live: watch::Receiver<Option<Live>>,
+    kill: mpsc::UnboundedSender<(u64, String)>,
+    http: reqwest::Client,
+    restarts: Arc<AtomicU32>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+/// Why an invocation did not produce an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvokeError {
+    /// The handler could not be reached (down, restarting, crashed mid-request).
+    Unreachable(String),
+    /// `functionTimeout` passed; the handler is being restarted.
+    Timeout,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn executable(app: &FunctionApp) -> PathBuf {
+    let exe = PathBuf::from(&app.host.executable);
+    let in_root = app.root.join(&exe);
+    // Relative paths resolve against the app root only if that file exists; else it is a command on PATH.
+    if exe.is_relative() && in_root.is_file() { in_root } else { exe }
+}
+
+impl Worker {
+    /// Start the handler and wait until it is ready. `env` adds to the app settings (the local
+    /// stack passes its endpoints there).
+    pub async fn start(app: &FunctionApp, env: Vec<(String, String)>) -> Result<Worker> {
+        let (live_tx, live_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+        let restarts = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let spec = Spec { app: app.clone(), env };
+        let first = spawn_ready(&spec, 1).await?;
+        live_tx.send_replace(Some(first.0));
+        tokio::spawn(supervise(spec, first, live_tx, kill_rx, restarts.clone(), stop.clone()));
+        let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).build()?;
+        Ok(Worker { live: live_rx, kill: kill_tx, http, restarts, stop })
+    }
+
+    /// The live handler, waiting up to `wait` for one (e.g. during a restart).
+    pub async fn live(&self, wait: Duration) -> Option<Live> {
+        let mut rx = self.live.clone();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(l) = *rx.borrow_and_update() {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::SeqCst)
+    }
+
+    /// POST the envelope to `/{function}` with the host's headers; kill and restart the handler
+    /// when `timeout` passes.
+    pub async fn invoke(&self, function: &str, envelope: &serde_json::Value, timeout: Duration) -> Result<Answer, InvokeError> {
+        let live = self.live(Duration::from_secs(30)).await.ok_or_else(|| InvokeError::Unreachable("the handler is not running".into()))?;
+        let req = self
+            .http
+            .post(format!("http://127.0.0.1:{}/{function}", live.port))
+            .header("content-type", "application/json; charset=utf-8")
+            .header("x-azure-functions-hostversion", "4.1036.1.23224")
+            .header("x-azure-functions-invocationid", uuid::Uuid::new_v4().to_string())
+            .header("user-agent", "Azure-Functions-Host/4.1036.1.23224 (deploychain local host)")
+            .body(envelope.to_string());
+        match tokio::time::timeout(timeout, async {
+            let rsp = req.send().await.map_err(|e| InvokeError::Unreachable(e.to_string()))?;
+            let status = rsp.status().as_u16();
+            let content_type = rsp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body = rsp.bytes().await.map_err(|e| InvokeError::Unreachable(e.to_string()))?.to_vec();
+            Ok(Answer { status, content_type, body })
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = self.kill.send((live.generation, format!("a function timeout has occurred in {function}")));
+                Err(InvokeError::Timeout)
+            }
+        }
+    }
+
+    /// Stop the handler for good.
+    pub fn shutdown(&self) {
+        self.stop.notify_one();
+    }
+}
+
+struct Spec {
+    app: FunctionApp,
+    env: Vec<(String, String)>,
+}
+
+async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
+    let port = free_port()?;
+    let exe = executable(&spec.app);
+    let mut cmd = Command::new(&exe);
+    cmd.args(&spec.app.host.arguments)
+        .current_dir(spec.app.host.working_directory.as_ref().map(|w| spec.app.root.join(w)).unwrap_or_else(|| spec.app.root.clone()))
+        .envs(spec.app.settings.iter())
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+        .env("FUNCTIONS_HTTPWORKER_PORT", port.to_string())
+        .env("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid::Uuid::new_v4().to_string())
+        .env("FUNCTIONS_HTTPWORKER_ID", uuid::Uuid::new_v4().to_string())
+        .env("FUNCTIONS_APP_ROOT_PATH", &spec.app.root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().with_context(|| format!("starting the handler {}", exe.display()))?;
+    let pid = child.id().unwrap_or_default();
+    // The host logs the handler's output; stderr lines as errors.
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                tracing::info!(target: "handler", "{l}");
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                tracing::info!(target: "handler", "{l}");
+            }
+        });
+    }
+    // Readiness: any HTTP answer to GET / within 30 s, polled every 25 ms.
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(anyhow!("the handler exited during start-up ({status})"));
+        }
+        if client.get(format!("http://127.0.0.1:{port}/")).timeout(Duration::from_secs(2)).send().await.is_ok() {
+            return Ok((Live { port, generation, pid }, child));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.start_kill();
+            return Err(anyhow!("the handler did not answer GET / on port {port} within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn supervise(
+    spec: Spec,
+    first: (Live, Child),
+    live_tx: watch::Sender<Option<Live>>,
+    mut kill_rx: mpsc::UnboundedReceiver<(u64, String)>,
+    restarts: Arc<AtomicU32>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let (mut live, mut child) = first;
+    loop {
+        let reason = tokio::select! {
+            status = child.wait() => format!("the handler exited ({})", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+            Some((generation, why)) = kill_rx.recv() => {
+                if generation != live.generation { continue; }
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                format!("{why}; restarting the handler")
+            }
+            _ = stop.notified() => {
+                live_tx.send_replace(None);
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return;
+            }
+        };
+        live_tx.send_replace(None);
+        tracing::warn!(target: "host", pid = live.pid, "{reason}");
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match spawn_ready(&spec, live.generation + 1).await {
+                Ok((l, c)) => {
+                    restarts.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!(target: "host", pid = l.pid, port = l.port, "handler restarted");
+                    live = l;
+                    child = c;
+                    live_tx.send_replace(Some(live));
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(target: "host", attempt, "handler restart failed: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt.min(10)))).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! `deploychain`: run the whole chain on this machine, and talk to it.
+
+use anyhow::{Context, Result, anyhow, bail};
+use deploychain::config::SimConfig;
+use deploychain::secrets::Secrets;
+use deploychain::stack::{Stack, StackOptions, find_repo};
+use deploychain::watch::Progress;
+use deploychain::{USAGE, client};
+use std::path::PathBuf;
+
+struct Args {
+    positional: Vec<String>,
+    flags: std::collections::BTreeMap<String, String>,
+    switches: std::collections::BTreeSet<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut positional = Vec::new();
+    let mut flags = std::collections::BTreeMap::new();
+    let mut switches = std::collections::BTreeSet::new();
+    let mut it = std::env::args().skip(1).peekable();
+    while let Some(a) = it.next() {
+        if let Some(name) = a.strip_prefix("--") {
+            if let Some((k, v)) = name.split_once('=') {
+                flags.insert(k.to_string(), v.to_string());
+            } else if matches!(name, "reset" | "reject" | "help" | "release") {
+                switches.insert(name.to_string());
+            } else {
+                let v = it.next().ok_or_else(|| anyhow!("--{name} needs a value"))?;
+                flags.insert(name.to_string(), v);
+            }
+        } else {
+            positional.push(a);
+        }
+    }
+    Ok(Args { positional, flags, switches })
+}
+
+fn repo() -> Result<PathBuf> {
+    let cwd = std::env::current_dir()?;
+    find_repo(&cwd)
+        .ok_or_else(|| anyhow!("run deploychain inside the deploychain repository (no host.json and functions/ above {})", cwd.display()))
+}
+
+fn data_dir(args: &Args, repo: &std::path::Path) -> PathBuf {
+    args.flags.get("data-dir").map(PathBuf::from).unwrap_or_else(|| repo.join(".deploychain"))
+}
+
+fn port(args: &Args, name: &str, default: u16) -> Result<u16> {
+    args.flags.get(name).map(|p| p.parse().map_err(|_| anyhow!("--{name} `{p}` is not a port"))).unwrap_or(Ok(default))
+}
+
+/// Build the handler with cargo (a no-op when it is up to date), or use the one beside this binary.
+fn handler_binary(args: &Args, repo: &std::path::Path) -> Result<PathBuf> {
+    if let Some(h) = args.flags.get("handler") {
+        return Ok(PathBuf::from(h));
+    }
+    let release = args.switches.contains("release") || !cfg!(debug_assertions);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.current_dir(repo).args(["build", "--quiet", "-p", "deploychain-functions", "--bin", "handler"]);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("building the handler …");
+    match cmd.status() {
+        Ok(s) if s.success() => {
+            let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo.join("target"));
+            Ok(target.join(if release { "release" } else { "debug" }).join("handler"))
+        }
+        _ => {
+            let beside = std::env::current_exe()?.with_file_name("handler");
+            if beside.is_file() {
+                Ok(beside)
+            } else {
+                bail!(
+                    "could not build the handler with `{cargo} build -p deploychain-functions --bin handler`, and none is beside this binary"
+                )
+            }
+        }
+    }
+}
+
+async fn up(args: &Args) -> Result<()> {
+    let repo = repo()?;
+    let data = data_dir(args, &repo);
+    if args.switches.contains("reset") && data.exists() {
+        std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+    }
+    let handler = handler_binary(args, &repo)?;
+    let sim = SimConfig::load(&repo.join("deploychain.local.toml"))?;
+    let opts = StackOptions {
+        policy: args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml")),
+        repo: repo.clone(),
+        data_dir: data.clone(),
+        handler,
+        http_port: port(args, "port", 7071)?,
+        bus_port: port(args, "bus-port", 7072)?,
+        sim,
+    };
+    let stack = Stack::start(opts).await?;
+    let mut rx = stack.progress.subscribe();
+    println!("deploychain is up — the whole chain on this machine, no cloud account");
+    println!("  Functions host   http://{}/api   (function key for /api/runs: {})", stack.http_addr, stack.secrets.function_key);
+    println!("  GitHub webhook   http://{}/api/hooks/github   (secret in {}/secrets.json)", stack.http_addr, data.display());
+    println!("  Service Bus      sb://{} (REST data plane; entities from infra/servicebus.json)", stack.bus_addr);
+    println!("  data             {}   (start over: deploychain up --reset)", data.display());
+    println!();
+    println!("Push a change from another terminal:   cargo run -p deploychain -- send github push");
+    println!("See runs:                               cargo run -p deploychain -- runs");
+    println!("Stop: Ctrl-C (nothing is lost; `deploychain up` again continues where it stopped)");
+    println!();
+    // Approval links come straight from the handler's notify call, a moment before the
+    // approval.requested event passes through the bus: hold them until that event is shown.
+    let mut held: Vec<(tokio::time::Instant, String, String, String)> = Vec::new();
+    let show_link = |run: &str, approver: &str, link: &str| {
+        println!("{} {run:<24} approval link for {approver}:", chrono::Local::now().format("%H:%M:%S"));
+        println!("           open {link}");
+        println!("           or   cargo run -p deploychain -- approve '{link}'");
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                held.retain(|(at, run, approver, link)| {
+                    let due = now.duration_since(*at) > std::time::Duration::from_secs(2);
+                    if due {
+                        show_link(run, approver, link);
+                    }
+                    !due
+                });
+            }
+            p = rx.recv() => match p {
+                Ok(Progress::Event { run, line, ty }) => {
+                    println!("{} {run:<24} {line}", chrono::Local::now().format("%H:%M:%S"));
+                    if ty == deploychain_events::EventType::ApprovalRequested {
+                        held.retain(|(_, r, approver, link)| {
+                            let mine = *r == run;
+                            if mine {
+                                show_link(r, approver, link);
+                            }
+                            !mine
+                        });
+                    }
+                }
+                Ok(Progress::Approval { run, approver, link }) => held.push((tokio::time::Instant::now(), run, approver, link)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    println!("stopping …");
+    stack.stop().await;
+    Ok(())
+}
+
+fn base_url(args: &Args) -> String {
+    args.flags
+        .get("url")
+        .cloned()
+        .unwrap_or_else(|| format!("http://127.0.0.1:{}", args.flags.get("port").map(String::as_str).unwrap_or("7071")))
+}
+
+fn secrets(args: &Args) -> Result<Secrets> {
+    let repo = repo()?;
+    let path = data_dir(args, &repo).join("secrets.json");
+    if !path.is_file() {
+        bail!("no {} yet: start the stack first with `deploychain up`", path.display());
+    }
+    Secrets::load_or_create(&path)
+}
+
+async fn run() -> Result<()> {
+    let args = parse_args()?;
+    let cmd: Vec<&str> = args.positional.iter().map(String::as_str).collect();
+    match cmd.as_slice() {
+        ["up"] => up(&args).await,
+        ["send", "github", event, rest @ ..] => {
+            let s = secrets(&args)?;
+            let body = match rest.first() {
+                Some(file) => std::fs::read(file).with_context(|| format!("reading {file}"))?,
+                None if *event == "push" => {
+                    let repo = repo()?;
+                    let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
+                    client::sample_push(&policy, args.flags.get("branch").map(String::as_str))?
+                }
+                None => bail!("give the payload file: deploychain send github {event} FILE"),
+            };
+            let (status, text) = client::send_github(&base_url(&args), &s, event, &body).await?;
+            println!("{status} {text}");
+            if !(200..300).contains(&status) {
+                bail!("the webhook was refused");
+            }
+            Ok(())
+        }
+        ["send", "azure-devops", file] => {
+            let s = secrets(&args)?;
+            let body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+            let (status, text) = client::send_azure_devops(&base_url(&args), &s, &body).await?;
+            println!("{status} {text}");
+            Ok(())
+        }
+        ["runs", rest @ ..] => {
+            let s = secrets(&args)?;
+            let text = client::runs(&base_url(&args), &s, rest.first().copied(), args.flags.get("commit").map(String::as_str)).await?;
+            println!("{text}");
+            Ok(())
+        }
+        ["approve", link] => {
+            let decision = if args.switches.contains("reject") { "reject" } else { "approve" };
+            let (status, _) = client::decide(link, decision, args.flags.get("comment").map(String::as_str)).await?;
+            println!("{status}: {decision} recorded");
+            if !(200..300).contains(&status) {
+                bail!("the decision was refused ({status})");
+            }
+            Ok(())
+        }
+        ["reset"] => {
+            let repo = repo()?;
+            let data = data_dir(&args, &repo);
+            if data.exists() {
+                std::fs::remove_dir_all(&data)?;
+            }
+            println!("removed {}", data.display());
+            Ok(())
+        }
+        _ => {
+            print!("{USAGE}");
+            if args.switches.contains("help") || cmd.is_empty() { Ok(()) } else { bail!("unknown command") }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,host=info,simulators=info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run().await {
+        eprintln!("deploychain: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,185 @@
+//! The whole chain on one machine: the embedded durable bus (served over the Service Bus REST
+//! subset), the local Functions host running the real `handler`, the simulators, and the progress
+//! view. Everything lives under one data directory; stopping and starting again loses nothing.
+
+use crate::config::SimConfig;
+use crate::host::{LocalHost, http::Keys};
+use crate::secrets::Secrets;
+use crate::sim::Simulators;
+use crate::watch::{self, Progress};
+use anyhow::{Context, Result, anyhow, bail};
+use deploychain_bus::{Broker, CorrelationFilter, Rule, SasKeys, Subscription, Topology};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{broadcast, watch as tokio_watch};
+
+pub const TOPIC: &str = "deploychain-events";
+pub const NAMESPACE: &str = "local";
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// The repository: host.json, functions/*/function.json, infra/servicebus.json.
+    pub repo: PathBuf,
+    pub data_dir: PathBuf,
+    pub policy: PathBuf,
+    pub handler: PathBuf,
+    /// 7071 as Core Tools; 0 picks a free port (tests).
+    pub http_port: u16,
+    /// 7072 by default; 0 picks a free port.
+    pub bus_port: u16,
+    pub sim: SimConfig,
+}
+
+pub struct Stack {
+    pub http_addr: SocketAddr,
+    pub bus_addr: SocketAddr,
+    pub notify_addr: SocketAddr,
+    pub broker: Broker,
+    pub secrets: Secrets,
+    pub host: LocalHost,
+    pub progress: broadcast::Sender<Progress>,
+    pub data_dir: PathBuf,
+    stop: tokio_watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The repository root: the nearest directory at or above `start` with host.json and functions/.
+pub fn find_repo(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find(|d| d.join("host.json").is_file() && d.join("functions").is_dir()).map(Path::to_path_buf)
+}
+
+/// Lay out the app root as Azure would see it: host.json, one folder per function, the handler,
+/// and local.settings.json with the local endpoints and secrets as app settings.
+fn stage_app(opts: &StackOptions, secrets: &Secrets, http: SocketAddr, bus: SocketAddr, notify: SocketAddr) -> Result<PathBuf> {
+    let app = opts.data_dir.join("app");
+    if app.exists() {
+        std::fs::remove_dir_all(&app).with_context(|| format!("clearing {}", app.display()))?;
+    }
+    std::fs::create_dir_all(&app)?;
+    std::fs::copy(opts.repo.join("host.json"), app.join("host.json"))?;
+    for e in std::fs::read_dir(opts.repo.join("functions"))? {
+        let dir = e?.path();
+        if dir.join("function.json").is_file() {
+            let name = dir.file_name().ok_or_else(|| anyhow!("bad folder"))?;
+            std::fs::create_dir_all(app.join(name))?;
+            std::fs::copy(dir.join("function.json"), app.join(name).join("function.json"))?;
+        }
+    }
+    if !opts.handler.is_file() {
+        bail!("the handler binary {} does not exist", opts.handler.display());
+    }
+    let exe = app.join("handler");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(std::fs::canonicalize(&opts.handler)?, &exe).or_else(|_| std::fs::copy(&opts.handler, &exe).map(|_| ()))?;
+    #[cfg(not(unix))]
+    std::fs::copy(&opts.handler, &exe)?;
+    let store = opts.data_dir.join("state").join("state.sqlite");
+    let values = serde_json::json!({
+        "FUNCTIONS_WORKER_RUNTIME": "custom",
+        "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+        "ServiceBusConnection": format!("Endpoint=sb://{bus};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true", secrets.bus_key_name, secrets.bus_key),
+        "DEPLOYCHAIN_TOPIC": TOPIC,
+        "DEPLOYCHAIN_PARKED_QUEUE": "deploychain-parked",
+        "DEPLOYCHAIN_POLICY": std::fs::canonicalize(&opts.policy).with_context(|| format!("policy {}", opts.policy.display()))?,
+        "DEPLOYCHAIN_STORE": format!("sqlite:{}", store.display()),
+        "DEPLOYCHAIN_COMPUTE": "simulated",
+        "DEPLOYCHAIN_SIMULATED_FAILING_TARGETS": opts.sim.failing_targets.join(","),
+        "DEPLOYCHAIN_PUBLIC_URL": format!("http://{http}"),
+        "DEPLOYCHAIN_NOTIFY_URL": format!("http://{notify}/notify"),
+        "GITHUB_WEBHOOK_SECRET": secrets.github_webhook,
+        "AZURE_DEVOPS_WEBHOOK_USER": secrets.azure_devops_user,
+        "AZURE_DEVOPS_WEBHOOK_SECRET": secrets.azure_devops_webhook,
+        "APPROVAL_SIGNING_KEY": secrets.approval_signing_key,
+        "RUST_LOG": std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    });
+    std::fs::write(
+        app.join("local.settings.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({ "IsEncrypted": false, "Values": values }))?,
+    )?;
+    Ok(app)
+}
+
+async fn bind(port: u16) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("port {port} on 127.0.0.1 is taken (is another `deploychain up` running?)"))
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Result<Stack> {
+        std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating {}", opts.data_dir.display()))?;
+        let secrets = Secrets::load_or_create(&opts.data_dir.join("secrets.json"))?;
+        let mut topology = Topology::load(opts.repo.join("infra/servicebus.json")).context("infra/servicebus.json")?;
+        // The stack's own subscriptions: the simulators' requests (a short lock, so a request held by a
+        // stopped stack comes back soon after a restart) and the progress view (everything).
+        let mut sims = Subscription::new(crate::sim::SUBSCRIPTION);
+        sims.lock_duration = std::time::Duration::from_secs(5);
+        for (i, label) in ["dev.deploychain.build.requested.v1", "dev.deploychain.image.requested.v1"].into_iter().enumerate() {
+            sims = sims.with_rule(Rule::correlation(format!("label-{i}"), CorrelationFilter::label(label)));
+        }
+        topology.add_subscription(TOPIC, sims)?;
+        topology.add_subscription(TOPIC, Subscription::new(watch::SUBSCRIPTION))?;
+        let broker = Broker::open(&opts.data_dir.join("bus.sqlite"), topology).context("opening the local bus")?;
+
+        let (stop, stop_rx) = tokio_watch::channel(false);
+        let (progress, _) = broadcast::channel(1024);
+        let mut tasks = Vec::new();
+
+        let bus_listener = bind(opts.bus_port).await?;
+        let bus_addr = bus_listener.local_addr()?;
+        let keys = SasKeys::single(&secrets.bus_key_name, &secrets.bus_key);
+        let rest = deploychain_bus::rest_router(broker.clone(), keys);
+        let mut s = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(bus_listener, rest)
+                .with_graceful_shutdown(async move {
+                    let _ = s.wait_for(|v| *v).await;
+                })
+                .await;
+        }));
+
+        let notify_listener = bind(0).await?;
+        let notify_addr = notify_listener.local_addr()?;
+        let notify = watch::notify_router(progress.clone());
+        let mut s = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(notify_listener, notify)
+                .with_graceful_shutdown(async move {
+                    let _ = s.wait_for(|v| *v).await;
+                })
+                .await;
+        }));
+
+        let http_listener = bind(opts.http_port).await?;
+        let http_addr = http_listener.local_addr()?;
+        let app_root = stage_app(&opts, &secrets, http_addr, bus_addr, notify_addr)?;
+        let app = crate::host::app::FunctionApp::load(&app_root)?;
+        let host_keys = Keys { master: secrets.master_key.clone(), function: secrets.function_key.clone() };
+        let host = LocalHost::start(app, Vec::new(), broker.clone(), NAMESPACE, http_listener, host_keys).await?;
+
+        let text = std::fs::read_to_string(&opts.policy)?;
+        let policy = Arc::new(deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?);
+        let sims = Arc::new(Simulators {
+            broker: broker.clone(),
+            topic: TOPIC.into(),
+            front_door: format!("http://{http_addr}"),
+            secrets: secrets.clone(),
+            policy,
+            config: opts.sim.clone(),
+            http: reqwest::Client::new(),
+        });
+        tasks.push(tokio::spawn(sims.run(stop_rx.clone())));
+        tasks.push(tokio::spawn(watch::watch_events(broker.clone(), TOPIC.into(), progress.clone(), stop_rx.clone())));
+
+        Ok(Stack { http_addr, bus_addr, notify_addr, broker, secrets, host, progress, data_dir: opts.data_dir, stop, tasks })
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.host.stop().await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! What `deploychain up` shows in the terminal: every chain event as it happens (from the
+//! `local-watch` subscription, which sees everything on the topic) and the approval links the
+//! handler sends to approvers (the notify webhook points at the local stack).
+
+use deploychain_bus::{Broker, EntityPath};
+use deploychain_events::*;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+pub const SUBSCRIPTION: &str = "local-watch";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A chain event, described in one line.
+    Event { run: String, ty: EventType, line: String },
+    /// An approver's signed link arrived.
+    Approval { run: String, approver: String, link: String },
+}
+
+pub fn describe(ev: &DeployEvent) -> String {
+    let short = |c: &str| c.chars().take(12).collect::<String>();
+    match &ev.data {
+        EventData::Push(p) => format!("push {}@{} by {}", p.branch, short(&p.commit), p.pusher.as_deref().unwrap_or("someone")),
+        EventData::BuildRequested(b) => {
+            format!("build requested ({}{})", provider(b.provider), b.pipeline.as_deref().map(|p| format!(" {p}")).unwrap_or_default())
+        }
+        EventData::BuildCompleted(b) => format!(
+            "build {} {}",
+            b.build_id,
+            match b.outcome {
+                BuildOutcome::Succeeded => "succeeded",
+                BuildOutcome::Failed => "FAILED",
+                BuildOutcome::Canceled => "canceled",
+            }
+        ),
+        EventData::ImageRequested(i) => format!("image requested from {} ({})", i.source, i.destination),
+        EventData::ImageReady(i) => format!("image ready {}", i.image.id),
+        EventData::DeploymentStarted(d) => format!("deploying to {} ({})", d.stage, d.target.rsplit('/').next().unwrap_or_default()),
+        EventData::DeploymentSucceeded(d) => format!("deployed to {}", d.stage),
+        EventData::DeploymentFailed(d) => format!("deployment to {} FAILED: {}", d.stage, d.reason.as_deref().unwrap_or("")),
+        EventData::DeploymentRolledBack(d) => format!("deployment to {} ROLLED BACK: {}", d.stage, d.reason.as_deref().unwrap_or("")),
+        EventData::ApprovalRequested(a) => format!("waiting for approval of {} by {} of [{}]", a.stage, a.quorum, a.approvers.join(", ")),
+        EventData::ApprovalDecided(a) => {
+            format!("{} {} by {}", a.stage, if a.decision == Decision::Approved { "approved" } else { "REJECTED" }, a.decided_by.join(", "))
+        }
+        EventData::RunFinished(r) => format!(
+            "run {}: {}",
+            match r.outcome {
+                RunOutcome::Succeeded => "succeeded",
+                RunOutcome::Failed => "FAILED",
+                RunOutcome::Rejected => "rejected",
+                RunOutcome::Superseded => "superseded",
+            },
+            r.reason
+        ),
+    }
+}
+
+fn provider(p: BuildProvider) -> &'static str {
+    match p {
+        BuildProvider::GithubActions => "GitHub Actions",
+        BuildProvider::AzurePipelines => "Azure Pipelines",
+    }
+}
+
+pub async fn watch_events(broker: Broker, topic: String, tx: broadcast::Sender<Progress>, mut stop: watch::Receiver<bool>) {
+    let Ok(path) = format!("{topic}/subscriptions/{SUBSCRIPTION}").parse::<EntityPath>() else { return };
+    loop {
+        let got = tokio::select! {
+            r = broker.receive_and_delete(&path, Duration::from_secs(2)) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match got {
+            Ok(Some(m)) => {
+                if let Ok(ev) = DeployEvent::from_json_bytes(&m.body) {
+                    let _ = tx.send(Progress::Event { run: ev.run_id.clone(), ty: ev.event_type(), line: describe(&ev) });
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(target: "watch", "{e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The notify webhook receiver: one POST per approver (`to`, `link`, `runId`, …).
+pub fn notify_router(tx: broadcast::Sender<Progress>) -> axum::Router {
+    axum::Router::new().route(
+        "/notify",
+        axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+            let tx = tx.clone();
+            async move {
+                let s = |k: &str| body.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+                let _ = tx.send(Progress::Approval { run: s("runId"), approver: s("to"), link: s("link") });
+                axum::http::StatusCode::ACCEPTED
+            }
+        }),
+    )
+}
