@@ -297,3 +297,57 @@ fn options_fresh_dir(name: &str) -> StackOptions {
         },
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_message_ids_are_delivered_once_and_sessions_keep_their_order() {
+    let stack = Stack::start(options("dupes")).await.unwrap();
+    // The same push delivered twice (GitHub redelivery): one message, one run.
+    let body = client::sample_push(&repo().join("policy.toml"), None).unwrap();
+    let (s1, t1) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
+    let (s2, t2) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(t1, t2);
+    let run = serde_json::from_str::<Value>(&t1).unwrap()["run"].as_str().unwrap().to_string();
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let pushes = stack.broker.peek(&audit, 0, 1000).await.unwrap().into_iter().filter(|m| m.message_id == format!("{run}.push")).count();
+    assert_eq!(pushes, 1, "the duplicate MessageId was dropped by the bus");
+
+    // Five messages in one app+stage session are handled one at a time, in order: they are not
+    // chain events, so each is parked, and the parking order is the handling order.
+    for i in 1..=5 {
+        stack
+            .broker
+            .send(
+                "deploychain-events",
+                NewMessage {
+                    body: format!("not an event {i}").into_bytes(),
+                    message_id: Some(format!("ordered-{i}")),
+                    session_id: Some("web/staging".into()),
+                    label: Some("dev.deploychain.image.ready.v1".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let parked: EntityPath = "deploychain-parked".parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let order: Vec<String> = loop {
+        let ids: Vec<String> = stack
+            .broker
+            .peek(&parked, 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| m.properties.get("originalmessageid").and_then(Value::as_str).map(str::to_string))
+            .filter(|id| id.starts_with("ordered-"))
+            .collect();
+        if ids.len() == 5 {
+            break ids;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {ids:?} parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(order, (1..=5).map(|i| format!("ordered-{i}")).collect::<Vec<_>>());
+    stack.stop().await;
+}
