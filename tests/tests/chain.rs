@@ -31,12 +31,11 @@ fn handler() -> PathBuf {
 }
 
 fn data_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("deploychain-chain-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    std::env::temp_dir().join(format!("deploychain-chain-{name}-{}", std::process::id()))
 }
 
-fn options(name: &str) -> StackOptions {
+/// Options for a scenario's data directory, as left by an earlier start (nothing wiped).
+fn options_keep(name: &str) -> StackOptions {
     StackOptions {
         repo: repo(),
         data_dir: data_dir(name),
@@ -51,6 +50,12 @@ fn options(name: &str) -> StackOptions {
             failing_targets: vec![],
         },
     }
+}
+
+/// Options for a scenario, starting from an empty data directory.
+fn options(name: &str) -> StackOptions {
+    let _ = std::fs::remove_dir_all(data_dir(name));
+    options_keep(name)
 }
 
 fn base(stack: &Stack) -> String {
@@ -272,30 +277,6 @@ async fn stopping_and_restarting_the_stack_mid_run_loses_nothing() {
     let r: Vec<_> = rollouts(&stack).into_iter().filter(|r| r.run_id == run).map(|r| r.stage).collect();
     assert_eq!(r, vec!["staging", "production"]);
     stack.stop().await;
-}
-
-/// Options for an existing data directory (no wipe).
-fn options_keep(name: &str) -> StackOptions {
-    let mut o = options_fresh_dir(name);
-    o.data_dir = std::env::temp_dir().join(format!("deploychain-chain-{name}-{}", std::process::id()));
-    o
-}
-
-fn options_fresh_dir(name: &str) -> StackOptions {
-    StackOptions {
-        repo: repo(),
-        data_dir: std::env::temp_dir().join(format!("deploychain-chain-{name}-{}", std::process::id())),
-        policy: repo().join("policy.toml"),
-        handler: handler(),
-        http_port: 0,
-        bus_port: 0,
-        sim: SimConfig {
-            build_delay: Duration::from_millis(50),
-            image_delay: Duration::from_millis(50),
-            failing_builds: vec![],
-            failing_targets: vec![],
-        },
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -410,6 +410,45 @@ pub fn status_of(o: RunOutcome) -> RunStatus {
     }
 }
 
+/// The commit of a step that ends a run: `what` happened (its history entry), then the run's end
+/// with the reason, and the `run.finished` event.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_run(
+    state: &AppState,
+    run: &Run,
+    key: &str,
+    function: &str,
+    what: StepEntry,
+    outcome: RunOutcome,
+    reason: String,
+    stage: Option<String>,
+) -> StepCommit {
+    let (_, out) = emit(
+        state,
+        &RunRef::from(run),
+        "run-finished",
+        function,
+        EventData::RunFinished(RunFinished {
+            app: run.app.clone(),
+            commit: run.commit.clone(),
+            outcome,
+            reason: reason.clone(),
+            stage: stage.clone(),
+        }),
+    );
+    StepCommit {
+        run_id: run.id.clone(),
+        key: key.to_string(),
+        new_run: None,
+        entries: vec![what, entry(key, format!("run {}", run_outcome_word(outcome)), Some(reason))],
+        status: status_of(outcome),
+        waiting_for: None,
+        image: None,
+        stage,
+        outbox: vec![out],
+    }
+}
+
 /// A step commit on an existing run.
 pub fn commit(run: &Run, key: &str, d: Deployed, image: Option<ImageRef>, stage: Option<String>) -> StepCommit {
     StepCommit {

@@ -52,39 +52,13 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
         }
     }
     let key = format!("promote.{}", stage.name);
-    let rr = RunRef::from(&run);
     let done = run_step(&state, &run.id, &key, || async {
         let by = decided.decided_by.join(", ");
         if decided.decision == Decision::Rejected {
             let comment = decided.comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
             let reason = format!("promotion to {} rejected by {by}{comment}", stage.name);
-            let (_, out) = emit(
-                &state,
-                &rr,
-                "run-finished",
-                NAME,
-                EventData::RunFinished(RunFinished {
-                    app: app.name.clone(),
-                    commit: run.commit.clone(),
-                    outcome: RunOutcome::Rejected,
-                    reason: reason.clone(),
-                    stage: Some(stage.name.clone()),
-                }),
-            );
-            return Ok(Some(StepCommit {
-                run_id: run.id.clone(),
-                key: key.clone(),
-                new_run: None,
-                entries: vec![
-                    entry(&key, format!("{} rejected", stage.name), Some(reason.clone())),
-                    entry(&key, "run rejected", Some(reason)),
-                ],
-                status: RunStatus::Rejected,
-                waiting_for: None,
-                image: None,
-                stage: Some(stage.name.clone()),
-                outbox: vec![out],
-            }));
+            let what = entry(&key, format!("{} rejected", stage.name), Some(reason.clone()));
+            return Ok(Some(finish_run(&state, &run, &key, NAME, what, RunOutcome::Rejected, reason, Some(stage.name.clone()))));
         }
         let mut d = deploy_stage(&state, &run, app, idx, &decided.image, &key, NAME).await?;
         d.entries.insert(0, entry(&key, format!("{} approved", stage.name), Some(format!("by {by}"))));

@@ -33,30 +33,8 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
             let word = if build.outcome == BuildOutcome::Canceled { "was canceled" } else { "failed" };
             let detail = build.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
             let reason = format!("build {} {word}{detail}{link}", build.build_id);
-            let (_, out) = emit(
-                &state,
-                &rr,
-                "run-finished",
-                NAME,
-                EventData::RunFinished(RunFinished {
-                    app: app.name.clone(),
-                    commit: run.commit.clone(),
-                    outcome: RunOutcome::Failed,
-                    reason: reason.clone(),
-                    stage: None,
-                }),
-            );
-            return Ok(Some(StepCommit {
-                run_id: run.id.clone(),
-                key: KEY.into(),
-                new_run: None,
-                entries: vec![entry(KEY, format!("build {word}"), Some(reason.clone())), entry(KEY, "run failed", Some(reason))],
-                status: RunStatus::Failed,
-                waiting_for: None,
-                image: None,
-                stage: None,
-                outbox: vec![out],
-            }));
+            let what = entry(KEY, format!("build {word}"), Some(reason.clone()));
+            return Ok(Some(finish_run(&state, &run, KEY, NAME, what, RunOutcome::Failed, reason, None)));
         }
         state
             .baker
