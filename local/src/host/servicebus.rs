@@ -94,6 +94,23 @@ impl TriggerLoop {
                     continue;
                 }
             };
+            // Hold the session for as long as this worker works through it: renew the session lock
+            // (which covers its messages) at half its duration, up to maxAutoLockRenewalDuration.
+            let renew = {
+                let (broker, session) = (self.broker.clone(), session.clone());
+                let lock_for = (session.locked_until - chrono::Utc::now()).to_std().unwrap_or(Duration::from_secs(1));
+                let max = self.host.max_auto_lock_renewal;
+                tokio::spawn(async move {
+                    let every = (lock_for / 2).max(Duration::from_millis(100));
+                    let started = tokio::time::Instant::now();
+                    while started.elapsed() < max {
+                        tokio::time::sleep(every).await;
+                        if broker.renew_session(&session).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            };
             loop {
                 if *stop.borrow() {
                     break;
@@ -107,6 +124,7 @@ impl TriggerLoop {
                     }
                 }
             }
+            renew.abort();
             let _ = self.broker.release_session(&session).await;
         }
     }

@@ -26,6 +26,8 @@ pub struct Live {
 #[derive(Clone)]
 pub struct Worker {
     live: watch::Receiver<Option<Live>>,
+    /// Shared with the supervisor so a timed-out handler stops being "live" at once.
+    live_tx: Arc<watch::Sender<Option<Live>>>,
     kill: mpsc::UnboundedSender<(u64, String)>,
     http: reqwest::Client,
     restarts: Arc<AtomicU32>,
@@ -63,15 +65,16 @@ impl Worker {
     /// stack passes its endpoints there).
     pub async fn start(app: &FunctionApp, env: Vec<(String, String)>) -> Result<Worker> {
         let (live_tx, live_rx) = watch::channel(None);
+        let live_tx = Arc::new(live_tx);
         let (kill_tx, kill_rx) = mpsc::unbounded_channel();
         let restarts = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(tokio::sync::Notify::new());
         let spec = Spec { app: app.clone(), env };
         let first = spawn_ready(&spec, 1).await?;
         live_tx.send_replace(Some(first.0));
-        tokio::spawn(supervise(spec, first, live_tx, kill_rx, restarts.clone(), stop.clone()));
+        tokio::spawn(supervise(spec, first, live_tx.clone(), kill_rx, restarts.clone(), stop.clone()));
         let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).build()?;
-        Ok(Worker { live: live_rx, kill: kill_tx, http, restarts, stop })
+        Ok(Worker { live: live_rx, live_tx, kill: kill_tx, http, restarts, stop })
     }
 
     /// The live handler, waiting up to `wait` for one (e.g. during a restart).
@@ -115,6 +118,14 @@ impl Worker {
         {
             Ok(r) => r,
             Err(_) => {
+                // Nothing more goes to this handler: later invocations wait for the restarted one.
+                self.live_tx.send_if_modified(|cur| {
+                    let doomed = cur.is_some_and(|l| l.generation == live.generation);
+                    if doomed {
+                        *cur = None;
+                    }
+                    doomed
+                });
                 let _ = self.kill.send((live.generation, format!("a function timeout has occurred in {function}")));
                 Err(InvokeError::Timeout)
             }
@@ -189,7 +200,7 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
 async fn supervise(
     spec: Spec,
     first: (Live, Child),
-    live_tx: watch::Sender<Option<Live>>,
+    live_tx: Arc<watch::Sender<Option<Live>>>,
     mut kill_rx: mpsc::UnboundedReceiver<(u64, String)>,
     restarts: Arc<AtomicU32>,
     stop: Arc<tokio::sync::Notify>,
