@@ -15,12 +15,13 @@ pub enum Provider {
 }
 
 /// The immutable artifact a run deploys. Approvals and deployments are bound to `id` (a gallery
-/// image version resource id or `registry/repository@sha256:…`), never to a mutable tag.
+/// image or application version resource id, or `registry/repository@sha256:…`), never to a
+/// mutable tag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageRef {
     pub kind: ImageKind,
-    /// Immutable identity: gallery image version id, or `repository@digest`.
+    /// Immutable identity: gallery image or application version id, or `repository@digest`.
     pub id: String,
     /// Human version (gallery version `1.2.3`, or a tag), informational only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,6 +36,8 @@ pub struct ImageRef {
 pub enum ImageKind {
     /// An Azure Compute Gallery image version (VM scale sets).
     GalleryImageVersion,
+    /// An Azure Compute Gallery application version (VM Applications on scale sets).
+    GalleryApplicationVersion,
     /// A container image in an OCI registry.
     Container,
 }

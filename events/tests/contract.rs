@@ -503,6 +503,33 @@ fn schemas_reject_bad_events() {
         }
     }
 
+    // A gallery application version is bound to an application version id, and an image version
+    // to an image version id: the kinds do not take each other's ids.
+    let (ty, app_ready) = sample("image.ready.vm-application.json");
+    let v = validator(ty);
+    let specific: Vec<Mutation> = vec![
+        (
+            "application kind with an image version id",
+            Box::new(|e| {
+                e["data"]["image"]["id"] =
+                    "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/agent/versions/2.4.1".into();
+            }),
+        ),
+        (
+            "application kind with an application id (no version)",
+            Box::new(|e| {
+                e["data"]["image"]["id"] =
+                    "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/applications/agent".into();
+            }),
+        ),
+        ("image kind with an application version id", Box::new(|e| e["data"]["image"]["kind"] = "gallery-image-version".into())),
+    ];
+    for (what, mutate) in specific {
+        if let Err(e) = assert_refused(&v, &format!("image.ready (vm application): {what}"), &app_ready, mutate) {
+            failures.push(e);
+        }
+    }
+
     let (ty, decided) = sample("approval.decided.approved.json");
     let v = validator(ty);
     let specific: Vec<Mutation> = vec![

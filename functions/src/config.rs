@@ -4,7 +4,9 @@
 //! resolves into these same app settings.
 
 use crate::adapters::servicebus::ConnectionString;
+use crate::policy::parse_duration;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// A secret app setting. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -32,9 +34,50 @@ pub enum StoreConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ComputeConfig {
-    /// Simulated scale sets kept in a SQLite file (the local stack and demos) until the ARM adapter
-    /// is configured; targets whose name contains one of `fail` fail their health check.
+    /// Simulated scale sets kept in a SQLite file (demos without an ARM endpoint); targets whose
+    /// name contains one of `fail` fail their health check.
     Simulated { path: PathBuf, fail: Vec<String> },
+    /// VM scale sets through Azure Resource Manager (or the local stack's ARM endpoint).
+    Arm(ArmConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArmConfig {
+    /// `DEPLOYCHAIN_ARM_ENDPOINT` (default `https://management.azure.com`).
+    pub endpoint: url::Url,
+    /// `DEPLOYCHAIN_ARM_CREDENTIAL`.
+    pub credential: ArmCredential,
+    /// `DEPLOYCHAIN_ARM_POLL_INTERVAL` (default 5s).
+    pub poll_interval: Duration,
+    /// `DEPLOYCHAIN_HEALTH_TIMEOUT` (default 10m): how long a batch may take to become healthy.
+    pub health_timeout: Duration,
+}
+
+/// Where ARM tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArmCredential {
+    /// The function app's managed identity (`IDENTITY_ENDPOINT`), or a VM's; `client_id`
+    /// (`AZURE_CLIENT_ID`) selects a user-assigned identity.
+    ManagedIdentity { client_id: Option<String> },
+    /// Workload identity federation (`AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`).
+    WorkloadIdentity,
+    /// The developer's `az login`.
+    AzureCli,
+    /// A fixed bearer token (`DEPLOYCHAIN_ARM_TOKEN`), for the local stack's ARM endpoint.
+    Static(Secret),
+}
+
+impl ArmCredential {
+    pub const NAMES: [&'static str; 4] = ["managed-identity", "workload-identity", "azure-cli", "static"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ArmCredential::ManagedIdentity { .. } => "managed-identity",
+            ArmCredential::WorkloadIdentity => "workload-identity",
+            ArmCredential::AzureCli => "azure-cli",
+            ArmCredential::Static(_) => "static",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -125,9 +168,10 @@ impl Config {
             .unwrap_or_default();
         let compute = match get("DEPLOYCHAIN_COMPUTE").as_deref() {
             Some("simulated") => ComputeConfig::Simulated { path: sim_path, fail },
+            Some("arm") => ComputeConfig::Arm(arm_config(get, &mut errs)),
             other => {
                 errs.push(format!(
-                    "DEPLOYCHAIN_COMPUTE: {} (the only backend in this build is `simulated`; the ARM scale-set adapter is configured separately)",
+                    "DEPLOYCHAIN_COMPUTE: {} (`arm`: VM scale sets through Azure Resource Manager; `simulated`: scale sets simulated in a file)",
                     other.map(|o| format!("`{o}` is not known")).unwrap_or_else(|| "not set".into())
                 ));
                 ComputeConfig::Simulated { path: sim_path, fail }
@@ -192,6 +236,60 @@ impl Config {
     }
 }
 
+/// The `DEPLOYCHAIN_ARM_*` settings (read only with `DEPLOYCHAIN_COMPUTE=arm`).
+fn arm_config(get: &dyn Fn(&str) -> Option<String>, errs: &mut Vec<String>) -> ArmConfig {
+    let endpoint = match get("DEPLOYCHAIN_ARM_ENDPOINT").map(|u| url::Url::parse(&u)) {
+        None => url::Url::parse(crate::adapters::arm::DEFAULT_ENDPOINT).unwrap_or_else(|_| placeholder_url()),
+        Some(Ok(u)) if matches!(u.scheme(), "http" | "https") && u.has_host() && u.username().is_empty() && u.password().is_none() => u,
+        Some(_) => {
+            // Not echoed: a mistaken value could hold a credential.
+            errs.push("DEPLOYCHAIN_ARM_ENDPOINT: not an http(s) URL without user info (default https://management.azure.com)".into());
+            placeholder_url()
+        }
+    };
+    let client_id = get("AZURE_CLIENT_ID");
+    let credential = match get("DEPLOYCHAIN_ARM_CREDENTIAL").as_deref() {
+        Some("managed-identity") => ArmCredential::ManagedIdentity { client_id },
+        Some("workload-identity") => ArmCredential::WorkloadIdentity,
+        Some("azure-cli") => ArmCredential::AzureCli,
+        Some("static") => {
+            match get("DEPLOYCHAIN_ARM_TOKEN") {
+                Some(t) => ArmCredential::Static(Secret::new(t)),
+                None => {
+                    errs.push("DEPLOYCHAIN_ARM_TOKEN: not set, but DEPLOYCHAIN_ARM_CREDENTIAL is `static` (the bearer token for the ARM endpoint)".into());
+                    ArmCredential::Static(Secret::new(""))
+                }
+            }
+        }
+        Some(_) => {
+            errs.push(format!("DEPLOYCHAIN_ARM_CREDENTIAL: not one of {}", ArmCredential::NAMES.join(", ")));
+            ArmCredential::AzureCli
+        }
+        // Explicit selection, in the order a deployment usually has them (azure_identity 1.x has no
+        // DefaultAzureCredential): the app's managed identity, a federated token, else the developer's CLI.
+        None if get("IDENTITY_ENDPOINT").is_some() => ArmCredential::ManagedIdentity { client_id },
+        None if get("AZURE_FEDERATED_TOKEN_FILE").is_some() => ArmCredential::WorkloadIdentity,
+        None => ArmCredential::AzureCli,
+    };
+    if credential == ArmCredential::WorkloadIdentity {
+        for setting in ["AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE"] {
+            if get(setting).is_none() {
+                errs.push(format!("{setting}: not set, but the ARM credential is workload-identity"));
+            }
+        }
+    }
+    let mut duration = |setting: &str, default: Duration| match get(setting) {
+        None => default,
+        Some(v) => parse_duration(&v).unwrap_or_else(|| {
+            errs.push(format!("{setting}: `{v}` is not a duration like 50ms, 5s or 10m"));
+            default
+        }),
+    };
+    let poll_interval = duration("DEPLOYCHAIN_ARM_POLL_INTERVAL", Duration::from_secs(5));
+    let health_timeout = duration("DEPLOYCHAIN_HEALTH_TIMEOUT", Duration::from_secs(600));
+    ArmConfig { endpoint, credential, poll_interval, health_timeout }
+}
+
 fn placeholder_url() -> url::Url {
     url::Url::parse("http://invalid.invalid/").unwrap_or_else(|_| unreachable!("static URL parses"))
 }
@@ -207,7 +305,7 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_together_and_secrets_are_not_echoed() {
-        let m = HashMap::from([("APPROVAL_SIGNING_KEY", "short-secret-value"), ("DEPLOYCHAIN_COMPUTE", "arm")]);
+        let m = HashMap::from([("APPROVAL_SIGNING_KEY", "short-secret-value"), ("DEPLOYCHAIN_COMPUTE", "azure")]);
         let errs = Config::from_lookup(&lookup(m)).err().unwrap_or_default();
         let all = errs.join("\n");
         for setting in ["APPROVAL_SIGNING_KEY", "DEPLOYCHAIN_PUBLIC_URL", "ServiceBusConnection", "DEPLOYCHAIN_COMPUTE"] {
@@ -229,5 +327,79 @@ mod tests {
         assert_eq!(c.port, 40123);
         assert_eq!(c.topic, "deploychain-events");
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
+    }
+
+    const VALID: [(&str, &str); 3] = [
+        ("APPROVAL_SIGNING_KEY", "0123456789abcdef0123456789abcdef"),
+        ("DEPLOYCHAIN_PUBLIC_URL", "http://127.0.0.1:7071"),
+        ("ServiceBusConnection", "Endpoint=sb://127.0.0.1:7072;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true"),
+    ];
+
+    fn arm_with(extra: &[(&'static str, &'static str)]) -> Result<Config, Vec<String>> {
+        let mut m: HashMap<&'static str, &'static str> = HashMap::from(VALID);
+        m.insert("DEPLOYCHAIN_COMPUTE", "arm");
+        m.extend(extra.iter().copied());
+        Config::from_lookup(&lookup(m))
+    }
+
+    #[test]
+    fn arm_compute_defaults_to_azure_and_the_app_identity() {
+        let c = arm_with(&[
+            ("IDENTITY_ENDPOINT", "http://127.0.0.1:41741/msi/token"),
+            ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+        ])
+        .expect("valid");
+        let ComputeConfig::Arm(arm) = &c.compute else { panic!("not arm: {:?}", c.compute) };
+        assert_eq!(arm.endpoint.as_str(), "https://management.azure.com/");
+        assert_eq!(arm.credential, ArmCredential::ManagedIdentity { client_id: Some("11111111-2222-3333-4444-555555555555".into()) });
+        assert_eq!(arm.poll_interval, Duration::from_secs(5));
+        assert_eq!(arm.health_timeout, Duration::from_secs(600));
+
+        let c = arm_with(&[]).expect("valid");
+        assert!(matches!(c.compute, ComputeConfig::Arm(ArmConfig { credential: ArmCredential::AzureCli, .. })));
+    }
+
+    #[test]
+    fn arm_compute_for_the_local_stack() {
+        let c = arm_with(&[
+            ("DEPLOYCHAIN_ARM_ENDPOINT", "http://127.0.0.1:7073"),
+            ("DEPLOYCHAIN_ARM_CREDENTIAL", "static"),
+            ("DEPLOYCHAIN_ARM_TOKEN", "local-bearer-value"),
+            ("DEPLOYCHAIN_ARM_POLL_INTERVAL", "50ms"),
+            ("DEPLOYCHAIN_HEALTH_TIMEOUT", "30s"),
+        ])
+        .expect("valid");
+        let ComputeConfig::Arm(arm) = &c.compute else { panic!("not arm: {:?}", c.compute) };
+        assert_eq!(arm.endpoint.as_str(), "http://127.0.0.1:7073/");
+        assert_eq!(arm.credential, ArmCredential::Static(Secret::new("local-bearer-value")));
+        assert_eq!(arm.poll_interval, Duration::from_millis(50));
+        assert_eq!(arm.health_timeout, Duration::from_secs(30));
+        assert!(!format!("{c:?}").contains("local-bearer-value"));
+    }
+
+    #[test]
+    fn bad_arm_settings_are_reported_together_without_secrets() {
+        let errs = arm_with(&[
+            ("DEPLOYCHAIN_ARM_ENDPOINT", "ftp://user:hunter2@example.com"),
+            ("DEPLOYCHAIN_ARM_CREDENTIAL", "static"),
+            ("DEPLOYCHAIN_ARM_POLL_INTERVAL", "fast"),
+            ("DEPLOYCHAIN_HEALTH_TIMEOUT", "0s"),
+        ])
+        .err()
+        .unwrap_or_default();
+        let all = errs.join("\n");
+        for setting in ["DEPLOYCHAIN_ARM_ENDPOINT", "DEPLOYCHAIN_ARM_TOKEN", "DEPLOYCHAIN_ARM_POLL_INTERVAL", "DEPLOYCHAIN_HEALTH_TIMEOUT"]
+        {
+            assert!(all.contains(setting), "{setting} missing from:\n{all}");
+        }
+        assert!(!all.contains("hunter2"), "{all}");
+
+        let errs = arm_with(&[("DEPLOYCHAIN_ARM_CREDENTIAL", "workload-identity"), ("AZURE_CLIENT_ID", "c")]).err().unwrap_or_default();
+        let all = errs.join("\n");
+        assert!(all.contains("AZURE_TENANT_ID") && all.contains("AZURE_FEDERATED_TOKEN_FILE") && !all.contains("AZURE_CLIENT_ID"), "{all}");
+
+        let errs = arm_with(&[("DEPLOYCHAIN_ARM_CREDENTIAL", "eyJhbGciOi.secret")]).err().unwrap_or_default();
+        let all = errs.join("\n");
+        assert!(all.contains("DEPLOYCHAIN_ARM_CREDENTIAL") && !all.contains("eyJhbGciOi"), "{all}");
     }
 }

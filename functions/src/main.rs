@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use deploychain_functions::adapters::{
-    Notify, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, simulated::SimulatedScaleSets, sqlite::SqliteStore,
+    Compute, Notify, arm::ArmCompute, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, simulated::SimulatedScaleSets,
+    sqlite::SqliteStore,
 };
 use deploychain_functions::config::{ComputeConfig, Config, StoreConfig};
 use deploychain_functions::{AppState, app, links::ApprovalLinks, policy::Policy};
@@ -27,10 +28,14 @@ async fn main() -> anyhow::Result<()> {
     let store = match &config.store {
         StoreConfig::Sqlite(path) => SqliteStore::open(path).map_err(anyhow::Error::msg)?,
     };
-    let compute = match &config.compute {
+    let compute: Arc<dyn Compute> = match &config.compute {
         ComputeConfig::Simulated { path, fail } => {
             tracing::warn!(path = %path.display(), "DEPLOYCHAIN_COMPUTE=simulated: rollouts go to simulated scale sets, not Azure");
             Arc::new(SimulatedScaleSets::open(path, fail.clone()).map_err(anyhow::Error::msg)?)
+        }
+        ComputeConfig::Arm(arm) => {
+            tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "DEPLOYCHAIN_COMPUTE=arm: rollouts go to VM scale sets through ARM");
+            Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("DEPLOYCHAIN_COMPUTE=arm: {e}"))?)
         }
     };
     let notify: Arc<dyn Notify> = match &config.notify_url {

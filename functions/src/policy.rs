@@ -5,7 +5,7 @@
 //! the repository being deployed, so a change cannot weaken its own gate (DESIGN invariant 7).
 //! Loading validates everything and names the offending key, so a bad policy fails start-up.
 
-use deploychain_events::BuildProvider;
+use deploychain_events::{BuildProvider, ImageKind};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -79,18 +79,106 @@ pub struct Stage {
     pub name: String,
     /// The VM scale set resource id this stage deploys to.
     pub target: String,
+    /// What the artifact replaces on the scale set's model: its OS image (default) or a VM Application.
+    #[serde(default)]
+    pub deploy: DeployMode,
+    /// Instances upgraded (and health-gated) at a time under a `Manual` upgrade policy.
+    #[serde(default = "one")]
+    pub batch_size: u32,
     #[serde(default)]
     pub checks: Vec<Check>,
     pub approval: Option<Approval>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// How a stage rolls an artifact out to its scale set.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeployMode {
+    /// The artifact is a gallery image version: it replaces `storageProfile.imageReference`.
+    #[default]
+    Image,
+    /// The artifact is a gallery application version: it replaces this application's entry in
+    /// `applicationProfile.galleryApplications` (VM Applications), the OS image stays.
+    VmApplication,
+}
+
+impl DeployMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployMode::Image => "image",
+            DeployMode::VmApplication => "vm-application",
+        }
+    }
+
+    /// The kind of artifact a stage in this mode deploys.
+    pub fn artifact_kind(self) -> ImageKind {
+        match self {
+            DeployMode::Image => ImageKind::GalleryImageVersion,
+            DeployMode::VmApplication => ImageKind::GalleryApplicationVersion,
+        }
+    }
+}
+
+/// An acceptance check, run after each upgraded batch passed its health gate.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Check {
-    /// `http`: GET `url` must answer 2xx on every instance before the stage counts as deployed.
+    /// `http`: GET `url` must answer `expect_status` (and contain `expect_body`) before the stage
+    /// counts as deployed.
     pub kind: String,
     pub url: Option<String>,
+    /// The status the check expects (default 200).
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    /// A substring the answer's body must contain.
+    pub expect_body: Option<String>,
+    /// Further attempts after a failed one (default 3).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Pause between attempts (default `5s`).
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    /// Longest wait for one answer (default `10s`).
+    #[serde(default = "default_check_timeout")]
+    pub timeout: String,
 }
+
+impl Check {
+    /// An `http` check of `url` with the defaults.
+    pub fn http(url: impl Into<String>) -> Check {
+        Check {
+            kind: "http".into(),
+            url: Some(url.into()),
+            expect_status: default_status(),
+            expect_body: None,
+            retries: default_retries(),
+            interval: default_interval(),
+            timeout: default_check_timeout(),
+        }
+    }
+    pub fn interval(&self) -> Duration {
+        parse_duration(&self.interval).unwrap_or(Duration::from_secs(5))
+    }
+    pub fn timeout(&self) -> Duration {
+        parse_duration(&self.timeout).unwrap_or(Duration::from_secs(10))
+    }
+}
+
+fn default_status() -> u16 {
+    200
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_interval() -> String {
+    "5s".into()
+}
+fn default_check_timeout() -> String {
+    "10s".into()
+}
+
+/// Upper bound on `retries`, so a typo cannot hold a stage for hours.
+pub const MAX_CHECK_RETRIES: u32 = 100;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -116,19 +204,20 @@ impl Approval {
     }
 }
 
-/// `90s`, `30m`, `24h`, `7d`.
+/// `250ms`, `90s`, `30m`, `24h`, `7d` (positive).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400)?),
         _ => return None,
     };
-    (secs > 0).then(|| Duration::from_secs(secs))
+    (!d.is_zero()).then_some(d)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -222,12 +311,27 @@ impl Policy {
                         "must be a VM scale set resource id (…/providers/Microsoft.Compute/virtualMachineScaleSets/NAME)",
                     ));
                 }
+                if st.batch_size == 0 {
+                    return Err(invalid(sk("batch_size"), "must be at least 1 (instances upgraded at a time)"));
+                }
                 for (c, check) in st.checks.iter().enumerate() {
+                    let ck = |f: &str| sk(&format!("checks[{c}].{f}"));
                     if check.kind != "http" {
-                        return Err(invalid(sk(&format!("checks[{c}].kind")), format!("`{}` is not a known check (http)", check.kind)));
+                        return Err(invalid(ck("kind"), format!("`{}` is not a known check (http)", check.kind)));
                     }
                     if check.url.as_deref().map(url::Url::parse).map(|r| r.is_err()).unwrap_or(true) {
-                        return Err(invalid(sk(&format!("checks[{c}].url")), "an http check needs a valid `url`"));
+                        return Err(invalid(ck("url"), "an http check needs a valid `url`"));
+                    }
+                    if !(100..=599).contains(&check.expect_status) {
+                        return Err(invalid(ck("expect_status"), format!("{} is not an HTTP status (100-599)", check.expect_status)));
+                    }
+                    if check.retries > MAX_CHECK_RETRIES {
+                        return Err(invalid(ck("retries"), format!("{} is more than {MAX_CHECK_RETRIES}", check.retries)));
+                    }
+                    for (key, value) in [("interval", &check.interval), ("timeout", &check.timeout)] {
+                        if parse_duration(value).is_none() {
+                            return Err(invalid(ck(key), format!("`{value}` is not a duration like 500ms, 5s or 1m")));
+                        }
                     }
                 }
                 if let Some(a) = &st.approval {
@@ -309,6 +413,17 @@ impl App {
         }
     }
 
+    /// The kind of artifact this app's `image.ready` events carry: a gallery application version
+    /// when its first stage (the one an image is first rolled out to) deploys a VM Application, else
+    /// what the image source makes. Stages check their own mode when they deploy.
+    pub fn artifact_kind(&self) -> ImageKind {
+        match (self.stages.first().map(|s| s.deploy), self.image.source) {
+            (Some(DeployMode::VmApplication), _) => ImageKind::GalleryApplicationVersion,
+            (_, ImageSource::ImageBuilder) => ImageKind::GalleryImageVersion,
+            (_, ImageSource::Registry) => ImageKind::Container,
+        }
+    }
+
     pub fn repository(&self) -> &str {
         self.source.github.as_deref().or(self.source.azure_devops.as_deref()).unwrap_or_default()
     }
@@ -378,7 +493,54 @@ approval = { approvers = ["alice@example.com", "bob@example.com"], quorum = 1, e
     }
 
     #[test]
+    fn stages_choose_deploy_mode_batches_and_full_checks() {
+        let p = Policy::from_toml(SAMPLE).expect("valid");
+        let staging = &p.apps[0].stages[0];
+        assert_eq!(p.apps[0].artifact_kind(), ImageKind::GalleryImageVersion);
+        assert_eq!((staging.deploy, staging.batch_size), (DeployMode::Image, 1));
+        assert_eq!(staging.checks, vec![Check::http("https://web-staging.example.com/healthz")]);
+        assert_eq!((staging.checks[0].interval(), staging.checks[0].timeout()), (Duration::from_secs(5), Duration::from_secs(10)));
+
+        let agent = SAMPLE.replace(
+            "checks = [{ kind = \"http\", url = \"https://web-staging.example.com/healthz\" }]",
+            "deploy = \"vm-application\"\nbatch_size = 2\nchecks = [{ kind = \"http\", url = \"https://web-staging.example.com/healthz\", \
+             expect_status = 204, expect_body = \"ok\", retries = 0, interval = \"250ms\", timeout = \"2s\" }]",
+        );
+        let p = Policy::from_toml(&agent).expect("valid");
+        assert_eq!(p.apps[0].artifact_kind(), ImageKind::GalleryApplicationVersion);
+        let (staging, production) = (&p.apps[0].stages[0], &p.apps[0].stages[1]);
+        assert_eq!((staging.deploy, staging.batch_size), (DeployMode::VmApplication, 2));
+        assert_eq!(staging.deploy.artifact_kind(), ImageKind::GalleryApplicationVersion);
+        assert_eq!(production.deploy, DeployMode::Image, "modes are per stage");
+        let c = &staging.checks[0];
+        assert_eq!((c.expect_status, c.expect_body.as_deref(), c.retries), (204, Some("ok"), 0));
+        assert_eq!((c.interval(), c.timeout()), (Duration::from_millis(250), Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn bad_stage_rollout_settings_name_the_key() {
+        let with = |extra: &str| {
+            let text = SAMPLE.replace("checks = [{ kind = \"http\", url = \"https://web-staging.example.com/healthz\" }]", extra);
+            Policy::from_toml(&text).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let err = with("batch_size = 0");
+        assert!(err.contains("app[0].stage[0].batch_size"), "{err}");
+        let err = with("deploy = \"container\"");
+        assert!(err.contains("deploy") && err.contains("container"), "{err}");
+        let err = with("checks = [{ kind = \"http\", url = \"https://x.example.com/\", expect_status = 42 }]");
+        assert!(err.contains("app[0].stage[0].checks[0].expect_status"), "{err}");
+        let err = with("checks = [{ kind = \"http\", url = \"https://x.example.com/\", interval = \"often\" }]");
+        assert!(err.contains("app[0].stage[0].checks[0].interval"), "{err}");
+        let err = with("checks = [{ kind = \"http\", url = \"https://x.example.com/\", timeout = \"0s\" }]");
+        assert!(err.contains("app[0].stage[0].checks[0].timeout"), "{err}");
+        let err = with("checks = [{ kind = \"http\", url = \"https://x.example.com/\", retries = 1000 }]");
+        assert!(err.contains("app[0].stage[0].checks[0].retries"), "{err}");
+    }
+
+    #[test]
     fn durations_parse() {
+        assert_eq!(parse_duration("50ms"), Some(Duration::from_millis(50)));
+        assert_eq!(parse_duration("0ms"), None);
         assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
         assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));
         assert_eq!(parse_duration("0h"), None);

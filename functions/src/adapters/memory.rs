@@ -218,10 +218,11 @@ impl MemoryCompute {
 }
 
 /// The fencing rule every scale-set backend applies: redeploying what a target already runs for the
-/// same run is a no-op success; an older run never replaces a newer one.
+/// same run is a no-op success; an older run never replaces a newer one. Artifacts compare by their
+/// immutable `id` (a target records only that).
 pub fn fence(current: Option<&TargetState>, req: &DeployRequest) -> Option<DeployOutcome> {
     let cur = current?;
-    if cur.image == req.image && cur.run_id == req.run_id {
+    if cur.image.id == req.image.id && cur.run_id == req.run_id {
         return Some(DeployOutcome::Succeeded);
     }
     (cur.sequence > req.sequence).then(|| DeployOutcome::Stale {

@@ -3,6 +3,7 @@
 //! Steps see only these traits; `AppState` holds one `Arc<dyn …>` of each, chosen once in `main`.
 //! `memory` backs step and router tests; `servicebus` and `sqlite` are the real publisher and store.
 
+pub mod arm;
 pub mod memory;
 pub mod notify;
 pub mod servicebus;
@@ -10,6 +11,7 @@ pub mod simulated;
 pub mod sqlite;
 
 use crate::error::Result;
+use crate::policy::{Check, DeployMode};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deploychain_events::{BuildProvider, CLOUDEVENTS_JSON, DeployEvent, ImageRef};
@@ -265,7 +267,12 @@ pub struct DeployRequest {
     pub stage: String,
     pub target: String,
     pub image: ImageRef,
-    pub checks: Vec<String>,
+    /// What the artifact replaces on the target: its OS image or a VM Application.
+    pub mode: DeployMode,
+    /// Instances upgraded and health-gated at a time (scale sets with a `Manual` upgrade policy); ≥ 1.
+    pub batch_size: u32,
+    /// The stage's acceptance checks, run after each batch passed its health gate.
+    pub checks: Vec<Check>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -218,7 +218,9 @@ pub async fn deploy_stage(
             stage: stage.name.clone(),
             target: stage.target.clone(),
             image: image.clone(),
-            checks: stage.checks.iter().filter_map(|c| c.url.clone()).collect(),
+            mode: stage.deploy,
+            batch_size: stage.batch_size,
+            checks: stage.checks.clone(),
         })
         .await?;
 
