@@ -32,15 +32,7 @@ pub enum StoreConfig {
     Sqlite(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ComputeConfig {
-    /// Simulated scale sets kept in a SQLite file (demos without an ARM endpoint); targets whose
-    /// name contains one of `fail` fail their health check.
-    Simulated { path: PathBuf, fail: Vec<String> },
-    /// VM scale sets through Azure Resource Manager (or the local stack's ARM endpoint).
-    Arm(ArmConfig),
-}
-
+/// VM scale sets through Azure Resource Manager (or the local stack's ARM endpoint).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArmConfig {
     /// `DEPLOYCHAIN_ARM_ENDPOINT` (default `https://management.azure.com`).
@@ -93,7 +85,8 @@ pub struct Config {
     pub topic: String,
     pub parked_queue: String,
     pub store: StoreConfig,
-    pub compute: ComputeConfig,
+    /// Where and how rollouts reach VM scale sets.
+    pub arm: ArmConfig,
     pub notify_url: Option<url::Url>,
     pub max_body_bytes: usize,
 }
@@ -160,23 +153,7 @@ impl Config {
                 }
             },
         };
-        let sim_path = match &store {
-            StoreConfig::Sqlite(p) => p.with_file_name("scalesets.sqlite"),
-        };
-        let fail: Vec<String> = get("DEPLOYCHAIN_SIMULATED_FAILING_TARGETS")
-            .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
-            .unwrap_or_default();
-        let compute = match get("DEPLOYCHAIN_COMPUTE").as_deref() {
-            Some("simulated") => ComputeConfig::Simulated { path: sim_path, fail },
-            Some("arm") => ComputeConfig::Arm(arm_config(get, &mut errs)),
-            other => {
-                errs.push(format!(
-                    "DEPLOYCHAIN_COMPUTE: {} (`arm`: VM scale sets through Azure Resource Manager; `simulated`: scale sets simulated in a file)",
-                    other.map(|o| format!("`{o}` is not known")).unwrap_or_else(|| "not set".into())
-                ));
-                ComputeConfig::Simulated { path: sim_path, fail }
-            }
-        };
+        let arm = arm_config(get, &mut errs);
         let notify_url = match get("DEPLOYCHAIN_NOTIFY_URL").map(|u| url::Url::parse(&u)) {
             Some(Ok(u)) => Some(u),
             Some(Err(_)) => {
@@ -204,7 +181,7 @@ impl Config {
             topic: get("DEPLOYCHAIN_TOPIC").unwrap_or_else(|| "deploychain-events".into()),
             parked_queue: get("DEPLOYCHAIN_PARKED_QUEUE").unwrap_or_else(|| "deploychain-parked".into()),
             store,
-            compute,
+            arm,
             notify_url,
             max_body_bytes,
         };
@@ -236,7 +213,7 @@ impl Config {
     }
 }
 
-/// The `DEPLOYCHAIN_ARM_*` settings (read only with `DEPLOYCHAIN_COMPUTE=arm`).
+/// The `DEPLOYCHAIN_ARM_*` settings.
 fn arm_config(get: &dyn Fn(&str) -> Option<String>, errs: &mut Vec<String>) -> ArmConfig {
     let endpoint = match get("DEPLOYCHAIN_ARM_ENDPOINT").map(|u| url::Url::parse(&u)) {
         None => url::Url::parse(crate::adapters::arm::DEFAULT_ENDPOINT).unwrap_or_else(|_| placeholder_url()),
@@ -305,10 +282,10 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_together_and_secrets_are_not_echoed() {
-        let m = HashMap::from([("APPROVAL_SIGNING_KEY", "short-secret-value"), ("DEPLOYCHAIN_COMPUTE", "azure")]);
+        let m = HashMap::from([("APPROVAL_SIGNING_KEY", "short-secret-value"), ("DEPLOYCHAIN_ARM_CREDENTIAL", "password")]);
         let errs = Config::from_lookup(&lookup(m)).err().unwrap_or_default();
         let all = errs.join("\n");
-        for setting in ["APPROVAL_SIGNING_KEY", "DEPLOYCHAIN_PUBLIC_URL", "ServiceBusConnection", "DEPLOYCHAIN_COMPUTE"] {
+        for setting in ["APPROVAL_SIGNING_KEY", "DEPLOYCHAIN_PUBLIC_URL", "ServiceBusConnection", "DEPLOYCHAIN_ARM_CREDENTIAL"] {
             assert!(all.contains(setting), "{setting} missing from:\n{all}");
         }
         assert!(!all.contains("short-secret-value"));
@@ -320,7 +297,6 @@ mod tests {
             ("APPROVAL_SIGNING_KEY", "0123456789abcdef0123456789abcdef"),
             ("DEPLOYCHAIN_PUBLIC_URL", "http://127.0.0.1:7071"),
             ("ServiceBusConnection", "Endpoint=sb://127.0.0.1:7072;SharedAccessKeyName=Root;SharedAccessKey=k;UseDevelopmentEmulator=true"),
-            ("DEPLOYCHAIN_COMPUTE", "simulated"),
             ("FUNCTIONS_CUSTOMHANDLER_PORT", "40123"),
         ]);
         let c = Config::from_lookup(&lookup(m)).expect("valid");
@@ -337,7 +313,6 @@ mod tests {
 
     fn arm_with(extra: &[(&'static str, &'static str)]) -> Result<Config, Vec<String>> {
         let mut m: HashMap<&'static str, &'static str> = HashMap::from(VALID);
-        m.insert("DEPLOYCHAIN_COMPUTE", "arm");
         m.extend(extra.iter().copied());
         Config::from_lookup(&lookup(m))
     }
@@ -349,14 +324,14 @@ mod tests {
             ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
         ])
         .expect("valid");
-        let ComputeConfig::Arm(arm) = &c.compute else { panic!("not arm: {:?}", c.compute) };
+        let arm = &c.arm;
         assert_eq!(arm.endpoint.as_str(), "https://management.azure.com/");
         assert_eq!(arm.credential, ArmCredential::ManagedIdentity { client_id: Some("11111111-2222-3333-4444-555555555555".into()) });
         assert_eq!(arm.poll_interval, Duration::from_secs(5));
         assert_eq!(arm.health_timeout, Duration::from_secs(600));
 
         let c = arm_with(&[]).expect("valid");
-        assert!(matches!(c.compute, ComputeConfig::Arm(ArmConfig { credential: ArmCredential::AzureCli, .. })));
+        assert_eq!(c.arm.credential, ArmCredential::AzureCli);
     }
 
     #[test]
@@ -369,7 +344,7 @@ mod tests {
             ("DEPLOYCHAIN_HEALTH_TIMEOUT", "30s"),
         ])
         .expect("valid");
-        let ComputeConfig::Arm(arm) = &c.compute else { panic!("not arm: {:?}", c.compute) };
+        let arm = &c.arm;
         assert_eq!(arm.endpoint.as_str(), "http://127.0.0.1:7073/");
         assert_eq!(arm.credential, ArmCredential::Static(Secret::new("local-bearer-value")));
         assert_eq!(arm.poll_interval, Duration::from_millis(50));

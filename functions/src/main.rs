@@ -2,10 +2,9 @@
 
 use anyhow::Context;
 use deploychain_functions::adapters::{
-    Compute, Notify, arm::ArmCompute, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, simulated::SimulatedScaleSets,
-    sqlite::SqliteStore,
+    Compute, Notify, arm::ArmCompute, memory, notify::WebhookNotify, servicebus::ServiceBusPublisher, sqlite::SqliteStore,
 };
-use deploychain_functions::config::{ComputeConfig, Config, StoreConfig};
+use deploychain_functions::config::{Config, StoreConfig};
 use deploychain_functions::{AppState, app, links::ApprovalLinks, policy::Policy};
 use std::sync::Arc;
 
@@ -28,16 +27,9 @@ async fn main() -> anyhow::Result<()> {
     let store = match &config.store {
         StoreConfig::Sqlite(path) => SqliteStore::open(path).map_err(anyhow::Error::msg)?,
     };
-    let compute: Arc<dyn Compute> = match &config.compute {
-        ComputeConfig::Simulated { path, fail } => {
-            tracing::warn!(path = %path.display(), "DEPLOYCHAIN_COMPUTE=simulated: rollouts go to simulated scale sets, not Azure");
-            Arc::new(SimulatedScaleSets::open(path, fail.clone()).map_err(anyhow::Error::msg)?)
-        }
-        ComputeConfig::Arm(arm) => {
-            tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "DEPLOYCHAIN_COMPUTE=arm: rollouts go to VM scale sets through ARM");
-            Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("DEPLOYCHAIN_COMPUTE=arm: {e}"))?)
-        }
-    };
+    let arm = &config.arm;
+    tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "rollouts go to VM scale sets through ARM");
+    let compute: Arc<dyn Compute> = Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
     let notify: Arc<dyn Notify> = match &config.notify_url {
         Some(u) => Arc::new(WebhookNotify::new(u.clone(), http.clone())),
         None => Arc::new(memory::MemoryNotify::default()),

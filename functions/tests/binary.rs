@@ -23,7 +23,8 @@ fn base_env(dir: &std::path::Path, port: u16) -> Vec<(&'static str, String)> {
         ),
         ("APPROVAL_SIGNING_KEY", "an-approval-signing-key-of-32-chars-or-more".into()),
         ("DEPLOYCHAIN_PUBLIC_URL", "http://127.0.0.1:7071".into()),
-        ("DEPLOYCHAIN_COMPUTE", "simulated".into()),
+        ("DEPLOYCHAIN_ARM_CREDENTIAL", "static".into()),
+        ("DEPLOYCHAIN_ARM_TOKEN", "arm-token-value".into()),
         ("DEPLOYCHAIN_NOTIFY_URL", "http://127.0.0.1:9/notify".into()),
         ("GITHUB_WEBHOOK_SECRET", "github-secret-value".into()),
     ]

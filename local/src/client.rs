@@ -1,7 +1,7 @@
 //! The client side of the `deploychain` command: signed webhooks, runs, approvals.
 
 use crate::secrets::Secrets;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use hmac::{Hmac, Mac};
 use serde_json::json;
 use std::path::Path;
@@ -13,7 +13,7 @@ pub fn github_signature(secret: &str, body: &[u8]) -> String {
 }
 
 /// A GitHub `push` payload for a new commit on the first GitHub app (and branch) of the policy.
-pub fn sample_push(policy: &Path, branch: Option<&str>) -> Result<Vec<u8>> {
+pub fn sample_push(policy: &Path, branch: Option<&str>, commit_prefix: Option<&str>) -> Result<Vec<u8>> {
     let text = std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
     let p = deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?;
     let app = p.apps.iter().find(|a| a.source.github.is_some()).ok_or_else(|| anyhow!("the policy has no GitHub app"))?;
@@ -21,7 +21,12 @@ pub fn sample_push(policy: &Path, branch: Option<&str>) -> Result<Vec<u8>> {
     let branch = branch
         .map(str::to_string)
         .unwrap_or_else(|| app.branches.iter().find(|b| !b.ends_with('*')).cloned().unwrap_or_else(|| "main".into()));
-    let commit = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let prefix = commit_prefix.unwrap_or_default().to_ascii_lowercase();
+    if prefix.len() > 40 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("--commit `{prefix}` is not a hex commit prefix (at most 40 of 0-9a-f)");
+    }
+    let random = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let commit = format!("{prefix}{}", &random[prefix.len()..]);
     let before = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let who = std::env::var("USER").unwrap_or_else(|_| "developer".into());
     let now = chrono::Utc::now().to_rfc3339();
@@ -106,4 +111,78 @@ pub async fn decide(link: &str, decision: &str, comment: Option<&str>) -> Result
         .await
         .context("is `deploychain up` running?")?;
     Ok((rsp.status().as_u16(), rsp.text().await.unwrap_or_default()))
+}
+
+/// What each VM scale set of the policy runs, read from the local ARM endpoint through the same
+/// REST operations the handler uses: one line per scale set, one per instance.
+pub async fn scale_sets(arm: &str, s: &Secrets, policy: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
+    let p = deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?;
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        let token = s.arm_token.clone();
+        async move {
+            let rsp = http
+                .get(format!("{arm}{path}"))
+                .query(&[("api-version", deploychain_functions::adapters::arm::client::API_VERSION)])
+                .bearer_auth(token)
+                .send()
+                .await
+                .with_context(|| format!("GET {arm}{path} (is `deploychain up` running?)"))?;
+            let status = rsp.status().as_u16();
+            let v: serde_json::Value = rsp.json().await.unwrap_or_default();
+            if status != 200 {
+                bail!("GET {path}: {status} {}", v["error"]["message"].as_str().unwrap_or_default());
+            }
+            Ok::<_, anyhow::Error>(v)
+        }
+    };
+    let mut out = String::new();
+    for app in &p.apps {
+        for stage in &app.stages {
+            let name = stage.target.rsplit('/').next().unwrap_or_default();
+            let ss = match get(stage.target.clone()).await {
+                Ok(v) => v,
+                Err(e) => {
+                    out.push_str(&format!("{name:<16} ({}/{}) {e:#}\n", app.name, stage.name));
+                    continue;
+                }
+            };
+            let tag = |t: &str| ss["tags"][t].as_str().unwrap_or("-").to_string();
+            let profile = &ss["properties"]["virtualMachineProfile"];
+            let apps: Vec<&str> = profile["applicationProfile"]["galleryApplications"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["packageReferenceId"].as_str())
+                .collect();
+            out.push_str(&format!(
+                "{name:<16} ({}/{})  upgrade policy {}  run {} (sequence {})\n  image        {}\n",
+                app.name,
+                stage.name,
+                ss["properties"]["upgradePolicy"]["mode"].as_str().unwrap_or("Manual"),
+                tag("deploychain.run"),
+                tag("deploychain.sequence"),
+                profile["storageProfile"]["imageReference"]["id"].as_str().unwrap_or("-"),
+            ));
+            for a in apps {
+                out.push_str(&format!("  application  {a}\n"));
+            }
+            if let Some(r) = ss["tags"]["deploychain.rolledback"].as_str() {
+                out.push_str(&format!("  rolled back  run {r}\n"));
+            }
+            let vms = get(format!("{}/virtualMachines", stage.target)).await?;
+            for vm in vms["value"].as_array().into_iter().flatten() {
+                let id = vm["instanceId"].as_str().unwrap_or_default();
+                let view = get(format!("{}/virtualMachines/{id}/instanceView", stage.target)).await?;
+                out.push_str(&format!(
+                    "  instance {id:<3} {}  {}\n",
+                    if vm["properties"]["latestModelApplied"] == true { "on the latest model " } else { "behind the model    " },
+                    view["vmHealth"]["status"]["code"].as_str().unwrap_or("no health state"),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }

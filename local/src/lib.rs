@@ -1,9 +1,11 @@
 //! deploychain's one-machine stack: a local Azure Functions host that runs the real `handler`
 //! through the real custom-handler protocol, the embedded durable Service Bus served over the
-//! Service Bus REST subset, simulators for CI and image builds, and the `deploychain` command.
+//! Service Bus REST subset, a local ARM endpoint with simulated VM scale sets, simulators for CI
+//! and image builds, and the `deploychain` command.
 //!
 //! Nothing here is linked into the deployed handler; the handler cannot tell this stack from Azure.
 
+pub mod arm;
 pub mod client;
 pub mod config;
 pub mod host;
@@ -15,13 +17,17 @@ pub mod watch;
 pub const USAGE: &str = "\
 deploychain — the deployment chain on one machine
 
-  deploychain up [--port 7071] [--bus-port 7072] [--data-dir DIR] [--policy FILE] [--reset] [--release]
-      start the local Functions host, the embedded Service Bus and the simulators; show runs as they go
+  deploychain up [--port 7071] [--bus-port 7072] [--arm-port 7073] [--data-dir DIR] [--policy FILE] [--reset] [--release]
+      start the local Functions host, the embedded Service Bus, the local ARM endpoint with the policy's
+      scale sets and the simulators; show runs as they go
   deploychain send github EVENT [FILE]     sign FILE with the local secret and POST it as a GitHub webhook
                                            (`send github push` without FILE pushes a new commit to the
-                                           first GitHub app of the policy; --branch NAME to choose)
+                                           first GitHub app of the policy; --branch NAME to choose,
+                                           --commit PREFIX to start the commit id with PREFIX)
   deploychain send azure-devops FILE       POST FILE as an Azure DevOps service hook
   deploychain runs [ID] [--commit SHA]     what each run did and what it waits for
+  deploychain scalesets [--arm-url URL]    what each scale set of the policy runs (image, run, instances and
+                                           their health), from the local ARM endpoint
   deploychain approve LINK [--reject] [--comment TEXT]
                                            decide an approval from its signed link (what the page's button does)
   deploychain reset [--data-dir DIR]       delete the local data (bus, state, secrets)

@@ -1,7 +1,7 @@
 //! `deploychain`: run the whole chain on this machine, and talk to it.
 
 use anyhow::{Context, Result, anyhow, bail};
-use deploychain::config::SimConfig;
+use deploychain::config::LocalConfig;
 use deploychain::secrets::Secrets;
 use deploychain::stack::{Stack, StackOptions, find_repo};
 use deploychain::watch::Progress;
@@ -88,7 +88,7 @@ async fn up(args: &Args) -> Result<()> {
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
     }
     let handler = handler_binary(args, &repo)?;
-    let sim = SimConfig::load(&repo.join("deploychain.local.toml"))?;
+    let local = LocalConfig::load(&repo.join("deploychain.local.toml"))?;
     let opts = StackOptions {
         policy: args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml")),
         repo: repo.clone(),
@@ -96,7 +96,9 @@ async fn up(args: &Args) -> Result<()> {
         handler,
         http_port: port(args, "port", 7071)?,
         bus_port: port(args, "bus-port", 7072)?,
-        sim,
+        arm_port: port(args, "arm-port", 7073)?,
+        sim: local.sim,
+        arm: local.arm,
     };
     let stack = Stack::start(opts).await?;
     let mut rx = stack.progress.subscribe();
@@ -104,6 +106,7 @@ async fn up(args: &Args) -> Result<()> {
     println!("  Functions host   http://{}/api   (function key for /api/runs: {})", stack.http_addr, stack.secrets.function_key);
     println!("  GitHub webhook   http://{}/api/hooks/github   (secret in {}/secrets.json)", stack.http_addr, data.display());
     println!("  Service Bus      sb://{} (REST data plane; entities from infra/servicebus.json)", stack.bus_addr);
+    println!("  ARM endpoint     http://{}   (Microsoft.Compute scale sets: {})", stack.arm_addr, scale_sets(&stack));
     println!("  data             {}   (start over: deploychain up --reset)", data.display());
     println!();
     println!("Push a change from another terminal:   cargo run -p deploychain -- send github push");
@@ -146,6 +149,7 @@ async fn up(args: &Args) -> Result<()> {
                     }
                 }
                 Ok(Progress::Approval { run, approver, link }) => held.push((tokio::time::Instant::now(), run, approver, link)),
+                Ok(Progress::Target { scale_set, line }) => println!("{} {:<24} {line}", chrono::Local::now().format("%H:%M:%S"), format!("  {scale_set}")),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
             }
@@ -154,6 +158,11 @@ async fn up(args: &Args) -> Result<()> {
     println!("stopping …");
     stack.stop().await;
     Ok(())
+}
+
+/// The simulated scale sets, by name.
+fn scale_sets(stack: &Stack) -> String {
+    stack.arm.names().join(", ")
 }
 
 fn base_url(args: &Args) -> String {
@@ -184,7 +193,11 @@ async fn run() -> Result<()> {
                 None if *event == "push" => {
                     let repo = repo()?;
                     let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
-                    client::sample_push(&policy, args.flags.get("branch").map(String::as_str))?
+                    client::sample_push(
+                        &policy,
+                        args.flags.get("branch").map(String::as_str),
+                        args.flags.get("commit").map(String::as_str),
+                    )?
                 }
                 None => bail!("give the payload file: deploychain send github {event} FILE"),
             };
@@ -206,6 +219,14 @@ async fn run() -> Result<()> {
             let s = secrets(&args)?;
             let text = client::runs(&base_url(&args), &s, rest.first().copied(), args.flags.get("commit").map(String::as_str)).await?;
             println!("{text}");
+            Ok(())
+        }
+        ["scalesets"] => {
+            let s = secrets(&args)?;
+            let repo = repo()?;
+            let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
+            let arm = args.flags.get("arm-url").cloned().unwrap_or_else(|| "http://127.0.0.1:7073".into());
+            print!("{}", client::scale_sets(&arm, &s, &policy).await?);
             Ok(())
         }
         ["approve", link] => {

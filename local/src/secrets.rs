@@ -17,6 +17,9 @@ pub struct Secrets {
     /// The host's master key (admin functions) and default function key.
     pub master_key: String,
     pub function_key: String,
+    /// The bearer token the local ARM endpoint accepts (the handler's `DEPLOYCHAIN_ARM_TOKEN`).
+    #[serde(default = "random")]
+    pub arm_token: String,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -43,6 +46,7 @@ impl Secrets {
             bus_key: random(),
             master_key: random(),
             function_key: random(),
+            arm_token: random(),
         };
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;

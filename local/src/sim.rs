@@ -7,7 +7,9 @@
 //!   `registry_package` webhook carrying the commit in the OCI revision label; an `image-builder`
 //!   source publishes `image.ready` on the bus (as the image bake adapter will in Azure).
 //!
-//! Failures are configurable: builds of listed commit prefixes fail.
+//! Failures are configurable: builds of listed commit prefixes fail; images baked from listed
+//! commit prefixes fail their health probe once on a scale set (the local ARM endpoint is told,
+//! as the image's content would tell Azure's Application Health extension).
 
 use crate::config::SimConfig;
 use crate::secrets::Secrets;
@@ -32,6 +34,7 @@ pub struct Simulators {
     pub policy: Arc<Policy>,
     pub config: SimConfig,
     pub http: reqwest::Client,
+    pub arm: crate::arm::LocalArm,
 }
 
 fn digest_of(parts: &[&str]) -> String {
@@ -233,6 +236,10 @@ impl Simulators {
                     version: Some(format!("1.0.{n}")),
                     digest: None,
                 };
+                if self.config.unhealthy_images.iter().any(|p| !p.is_empty() && i.commit.starts_with(p.as_str())) {
+                    self.arm.mark_unhealthy(&image.id)?;
+                    tracing::info!(target: "simulators", run = ev.run_id, image = image.id, "baked an image that fails its health probe");
+                }
                 let out = DeployEvent {
                     id: event_id(&ev.run_id, "image-ready"),
                     source: format!("/deploychain/{}/image-builder", i.app),

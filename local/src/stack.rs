@@ -1,7 +1,9 @@
 //! The whole chain on one machine: the embedded durable bus (served over the Service Bus REST
-//! subset), the local Functions host running the real `handler`, the simulators, and the progress
-//! view. Everything lives under one data directory; stopping and starting again loses nothing.
+//! subset), the local Functions host running the real `handler`, the local ARM endpoint with the
+//! policy's scale sets, the simulators, and the progress view. Everything lives under one data
+//! directory; stopping and starting again loses nothing.
 
+use crate::arm::{ArmSimConfig, LocalArm};
 use crate::config::SimConfig;
 use crate::host::{LocalHost, http::Keys};
 use crate::secrets::Secrets;
@@ -28,13 +30,20 @@ pub struct StackOptions {
     pub http_port: u16,
     /// 7072 by default; 0 picks a free port.
     pub bus_port: u16,
+    /// The local ARM endpoint: 7073 by default; 0 picks a free port.
+    pub arm_port: u16,
     pub sim: SimConfig,
+    pub arm: ArmSimConfig,
 }
 
 pub struct Stack {
     pub http_addr: SocketAddr,
     pub bus_addr: SocketAddr,
     pub notify_addr: SocketAddr,
+    pub arm_addr: SocketAddr,
+    /// The applications' network (the handler's HTTP proxy for acceptance checks).
+    pub apps_addr: SocketAddr,
+    pub arm: LocalArm,
     pub broker: Broker,
     pub secrets: Secrets,
     pub host: LocalHost,
@@ -51,7 +60,8 @@ pub fn find_repo(start: &Path) -> Option<PathBuf> {
 
 /// Lay out the app root as Azure would see it: host.json, one folder per function, the handler,
 /// and local.settings.json with the local endpoints and secrets as app settings.
-fn stage_app(opts: &StackOptions, secrets: &Secrets, http: SocketAddr, bus: SocketAddr, notify: SocketAddr) -> Result<PathBuf> {
+fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<PathBuf> {
+    let Addrs { http, bus, notify, arm, apps } = addrs;
     let app = opts.data_dir.join("app");
     if app.exists() {
         std::fs::remove_dir_all(&app).with_context(|| format!("clearing {}", app.display()))?;
@@ -83,8 +93,16 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, http: SocketAddr, bus: Sock
         "DEPLOYCHAIN_PARKED_QUEUE": "deploychain-parked",
         "DEPLOYCHAIN_POLICY": std::fs::canonicalize(&opts.policy).with_context(|| format!("policy {}", opts.policy.display()))?,
         "DEPLOYCHAIN_STORE": format!("sqlite:{}", store.display()),
-        "DEPLOYCHAIN_COMPUTE": "simulated",
-        "DEPLOYCHAIN_SIMULATED_FAILING_TARGETS": opts.sim.failing_targets.join(","),
+        "DEPLOYCHAIN_ARM_ENDPOINT": format!("http://{arm}"),
+        "DEPLOYCHAIN_ARM_CREDENTIAL": "static",
+        "DEPLOYCHAIN_ARM_TOKEN": secrets.arm_token,
+        "DEPLOYCHAIN_ARM_POLL_INTERVAL": format!("{}ms", opts.arm.poll_interval.as_millis().max(1)),
+        "DEPLOYCHAIN_HEALTH_TIMEOUT": format!("{}ms", opts.arm.health_timeout.as_millis().max(1)),
+        // The scale sets' applications live on the stack's own network: acceptance checks of
+        // `http://web-staging.internal/…` reach it as an HTTP proxy; everything on 127.0.0.1 (bus,
+        // ARM, notify) goes direct.
+        "HTTP_PROXY": format!("http://{apps}"),
+        "NO_PROXY": "127.0.0.1,localhost",
         "DEPLOYCHAIN_PUBLIC_URL": format!("http://{http}"),
         "DEPLOYCHAIN_NOTIFY_URL": format!("http://{notify}/notify"),
         "GITHUB_WEBHOOK_SECRET": secrets.github_webhook,
@@ -98,6 +116,26 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, http: SocketAddr, bus: Sock
         serde_json::to_vec_pretty(&serde_json::json!({ "IsEncrypted": false, "Values": values }))?,
     )?;
     Ok(app)
+}
+
+#[derive(Clone, Copy)]
+struct Addrs {
+    http: SocketAddr,
+    bus: SocketAddr,
+    notify: SocketAddr,
+    arm: SocketAddr,
+    apps: SocketAddr,
+}
+
+/// Serve `router` on `listener` until `stop` turns true.
+fn serve(listener: tokio::net::TcpListener, router: axum::Router, mut stop: tokio_watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|v| *v).await;
+            })
+            .await;
+    })
 }
 
 async fn bind(port: u16) -> Result<tokio::net::TcpListener> {
@@ -130,36 +168,34 @@ impl Stack {
         let bus_addr = bus_listener.local_addr()?;
         let keys = SasKeys::single(&secrets.bus_key_name, &secrets.bus_key);
         let rest = deploychain_bus::rest_router(broker.clone(), keys);
-        let mut s = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(bus_listener, rest)
-                .with_graceful_shutdown(async move {
-                    let _ = s.wait_for(|v| *v).await;
-                })
-                .await;
-        }));
+        tasks.push(serve(bus_listener, rest, stop_rx.clone()));
 
         let notify_listener = bind(0).await?;
         let notify_addr = notify_listener.local_addr()?;
-        let notify = watch::notify_router(progress.clone());
-        let mut s = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(notify_listener, notify)
-                .with_graceful_shutdown(async move {
-                    let _ = s.wait_for(|v| *v).await;
-                })
-                .await;
-        }));
+        tasks.push(serve(notify_listener, watch::notify_router(progress.clone()), stop_rx.clone()));
+
+        let text = std::fs::read_to_string(&opts.policy).with_context(|| format!("policy {}", opts.policy.display()))?;
+        let policy = Arc::new(deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?);
+        let arm = LocalArm::open(&opts.data_dir.join("arm.sqlite"), opts.arm.clone(), &secrets.arm_token)
+            .context("opening the local ARM endpoint")?;
+        for id in arm.seed_from_policy(&policy)? {
+            tracing::info!(target: "arm", scale_set = id, "created a simulated scale set");
+        }
+        let arm_listener = bind(opts.arm_port).await?;
+        let arm_addr = arm_listener.local_addr()?;
+        tasks.push(serve(arm_listener, arm.router(), stop_rx.clone()));
+        let apps_listener = bind(0).await?;
+        let apps_addr = apps_listener.local_addr()?;
+        tasks.push(serve(apps_listener, arm.apps_router(), stop_rx.clone()));
 
         let http_listener = bind(opts.http_port).await?;
         let http_addr = http_listener.local_addr()?;
-        let app_root = stage_app(&opts, &secrets, http_addr, bus_addr, notify_addr)?;
+        let addrs = Addrs { http: http_addr, bus: bus_addr, notify: notify_addr, arm: arm_addr, apps: apps_addr };
+        let app_root = stage_app(&opts, &secrets, addrs)?;
         let app = crate::host::app::FunctionApp::load(&app_root)?;
         let host_keys = Keys { master: secrets.master_key.clone(), function: secrets.function_key.clone() };
         let host = LocalHost::start(app, Vec::new(), broker.clone(), NAMESPACE, http_listener, host_keys).await?;
 
-        let text = std::fs::read_to_string(&opts.policy)?;
-        let policy = Arc::new(deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?);
         let sims = Arc::new(Simulators {
             broker: broker.clone(),
             topic: TOPIC.into(),
@@ -168,11 +204,27 @@ impl Stack {
             policy,
             config: opts.sim.clone(),
             http: reqwest::Client::new(),
+            arm: arm.clone(),
         });
         tasks.push(tokio::spawn(sims.run(stop_rx.clone())));
         tasks.push(tokio::spawn(watch::watch_events(broker.clone(), TOPIC.into(), progress.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(watch::watch_targets(arm.subscribe(), progress.clone(), stop_rx.clone())));
 
-        Ok(Stack { http_addr, bus_addr, notify_addr, broker, secrets, host, progress, data_dir: opts.data_dir, stop, tasks })
+        Ok(Stack {
+            http_addr,
+            bus_addr,
+            notify_addr,
+            arm_addr,
+            apps_addr,
+            arm,
+            broker,
+            secrets,
+            host,
+            progress,
+            data_dir: opts.data_dir,
+            stop,
+            tasks,
+        })
     }
 
     pub async fn stop(self) {

@@ -15,6 +15,8 @@ pub enum Progress {
     Event { run: String, ty: EventType, line: String },
     /// An approver's signed link arrived.
     Approval { run: String, approver: String, link: String },
+    /// Something happened to a scale set (the local ARM endpoint saw it).
+    Target { scale_set: String, line: String },
 }
 
 pub fn describe(ev: &DeployEvent) -> String {
@@ -81,6 +83,27 @@ pub async fn watch_events(broker: Broker, topic: String, tx: broadcast::Sender<P
                 tracing::warn!(target: "watch", "{e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// The scale sets' activity, from the local ARM endpoint.
+pub async fn watch_targets(
+    mut arm: broadcast::Receiver<crate::arm::Activity>,
+    tx: broadcast::Sender<Progress>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let got = tokio::select! {
+            r = arm.recv() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match got {
+            Ok(a) => {
+                let _ = tx.send(Progress::Target { scale_set: a.scale_set, line: a.line });
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Whole-chain scenarios: the real `handler` binary under the local Functions host, the embedded
-//! durable bus, the simulators — everything `deploychain up` starts, on free ports, in a temporary
-//! data directory. Each scenario is bounded in time.
+//! durable bus, the local ARM endpoint, the simulators — everything `deploychain up` starts, on
+//! free ports, in a temporary data directory. Each scenario is bounded in time.
 #![allow(clippy::unwrap_used)]
 
+use deploychain::arm::ArmSimConfig;
 use deploychain::client;
 use deploychain::config::SimConfig;
 use deploychain::stack::{Stack, StackOptions};
@@ -43,11 +44,20 @@ fn options_keep(name: &str) -> StackOptions {
         handler: handler(),
         http_port: 0,
         bus_port: 0,
+        arm_port: 0,
         sim: SimConfig {
             build_delay: Duration::from_millis(50),
             image_delay: Duration::from_millis(50),
             failing_builds: vec![],
-            failing_targets: vec![],
+            unhealthy_images: vec![],
+        },
+        arm: ArmSimConfig {
+            operation_time: Duration::from_millis(20),
+            upgrade_time: Duration::from_millis(30),
+            health_delay: Duration::from_millis(20),
+            poll_interval: Duration::from_millis(20),
+            health_timeout: Duration::from_secs(2),
+            ..ArmSimConfig::default()
         },
     }
 }
@@ -95,15 +105,25 @@ async fn wait_status(stack: &Stack, id: &str, status: &str) -> Value {
 }
 
 async fn push(stack: &Stack) -> String {
-    let body = client::sample_push(&repo().join("policy.toml"), None).unwrap();
+    push_commit(stack, None).await
+}
+
+async fn push_commit(stack: &Stack, prefix: Option<&str>) -> String {
+    let body = client::sample_push(&repo().join("policy.toml"), None, prefix).unwrap();
     let (status, text) = client::send_github(&base(stack), &stack.secrets, "push", &body).await.unwrap();
     assert_eq!(status, 202, "{text}");
     serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
 }
 
-fn rollouts(stack: &Stack) -> Vec<deploychain_functions::adapters::simulated::Rollout> {
-    deploychain_functions::adapters::simulated::SimulatedScaleSets::rollouts(&stack.data_dir.join("state").join("scalesets.sqlite"))
-        .unwrap_or_default()
+/// The stages whose scale set ARM accepted a model update for `run` (the deploy PATCHes), in order.
+fn deployed_stages(stack: &Stack, run: &str) -> Vec<String> {
+    stack
+        .arm
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.status == 200 && r.body["tags"]["deploychain.run"] == run)
+        .map(|r| r.body["tags"]["deploychain.stage"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,15 +162,14 @@ async fn push_to_production_through_the_local_stack() {
         assert!(steps.contains(&expected), "{expected} missing from {steps:?}");
     }
     assert!(done["steps"].as_array().unwrap().iter().all(|s| s["at"].is_string()));
-    let r: Vec<_> = rollouts(&stack).into_iter().filter(|r| r.run_id == run).map(|r| r.stage).collect();
-    assert_eq!(r, vec!["staging", "production"]);
+    assert_eq!(deployed_stages(&stack, &run), ["staging", "production"]);
     stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_webhooks_and_unknown_branches_enqueue_nothing() {
     let stack = Stack::start(options("forged")).await.unwrap();
-    let body = client::sample_push(&repo().join("policy.toml"), None).unwrap();
+    let body = client::sample_push(&repo().join("policy.toml"), None, None).unwrap();
     let rsp = reqwest::Client::new()
         .post(format!("{}/api/hooks/github", base(&stack)))
         .header("x-github-event", "push")
@@ -160,7 +179,7 @@ async fn forged_webhooks_and_unknown_branches_enqueue_nothing() {
         .await
         .unwrap();
     assert_eq!(rsp.status(), 401);
-    let body = client::sample_push(&repo().join("policy.toml"), Some("feature/nope")).unwrap();
+    let body = client::sample_push(&repo().join("policy.toml"), Some("feature/nope"), None).unwrap();
     let (status, text) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
     assert_eq!(status, 202);
     assert!(text.contains("no run"), "{text}");
@@ -199,8 +218,7 @@ async fn a_killed_handler_is_restarted_and_the_run_completes_without_repeating_a
     assert!(stack.host.worker.restarts() >= 1);
     client::decide(&link, "approve", None).await.unwrap();
     wait_status(&stack, &run, "succeeded").await;
-    let r: Vec<_> = rollouts(&stack).into_iter().filter(|r| r.run_id == run).map(|r| r.stage).collect();
-    assert_eq!(r, vec!["staging", "production"], "each stage rolled out exactly once");
+    assert_eq!(deployed_stages(&stack, &run), ["staging", "production"], "each stage rolled out exactly once");
     stack.stop().await;
 }
 
@@ -269,13 +287,14 @@ async fn stopping_and_restarting_the_stack_mid_run_loses_nothing() {
     stack.stop().await;
     // And once more while it waits for approval: the signed link still works after the restart.
     let stack = Stack::start(options_keep("restart")).await.unwrap();
-    assert_eq!(run_json(&stack, &run).await["status"], "waiting");
+    // (The stop may have come between the approvers' notification and the step's settlement: then
+    // the redelivered step finishes it.)
+    wait_status(&stack, &run, "waiting").await;
     let link = link.replace(&url::Url::parse(&link).unwrap()[..url::Position::BeforePath], &base(&stack));
     let (status, _) = client::decide(&link, "approve", None).await.unwrap();
     assert_eq!(status, 200);
     wait_status(&stack, &run, "succeeded").await;
-    let r: Vec<_> = rollouts(&stack).into_iter().filter(|r| r.run_id == run).map(|r| r.stage).collect();
-    assert_eq!(r, vec!["staging", "production"]);
+    assert_eq!(deployed_stages(&stack, &run), ["staging", "production"]);
     stack.stop().await;
 }
 
@@ -283,7 +302,7 @@ async fn stopping_and_restarting_the_stack_mid_run_loses_nothing() {
 async fn duplicate_message_ids_are_delivered_once_and_sessions_keep_their_order() {
     let stack = Stack::start(options("dupes")).await.unwrap();
     // The same push delivered twice (GitHub redelivery): one message, one run.
-    let body = client::sample_push(&repo().join("policy.toml"), None).unwrap();
+    let body = client::sample_push(&repo().join("policy.toml"), None, None).unwrap();
     let (s1, t1) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
     let (s2, t2) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
     assert_eq!((s1, s2), (202, 202));
@@ -330,5 +349,253 @@ async fn duplicate_message_ids_are_delivered_once_and_sessions_keep_their_order(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(order, (1..=5).map(|i| format!("ordered-{i}")).collect::<Vec<_>>());
+    stack.stop().await;
+}
+
+// ------------------------------------------------------------------ scale sets through the local ARM endpoint
+
+fn policy() -> deploychain_functions::policy::Policy {
+    deploychain_functions::policy::Policy::from_toml(&std::fs::read_to_string(repo().join("policy.toml")).unwrap()).unwrap()
+}
+
+/// The scale set of `stage` of the first app, as the policy names it.
+fn target(stage: &str) -> String {
+    policy().apps[0].stages.iter().find(|s| s.name == stage).unwrap().target.clone()
+}
+
+/// The image the local stack created every scale set on.
+fn seed_image() -> String {
+    format!("{}/versions/0.0.1", policy().apps[0].image.destination)
+}
+
+/// The accepted deploy PATCH of `run` on `stage`'s scale set.
+fn deploy_patch(stack: &Stack, run: &str, stage: &str) -> Option<deploychain::arm::Request> {
+    stack
+        .arm
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH" && r.status == 200 && r.path == target(stage) && r.body["tags"]["deploychain.run"] == run)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_scale_sets_end_on_the_new_image_with_the_runs_tags_through_conditional_patches() {
+    let stack = Stack::start(options("arm-happy")).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    client::decide(&link, "approve", None).await.unwrap();
+    let done = wait_status(&stack, &run, "succeeded").await;
+
+    let staging = deploy_patch(&stack, &run, "staging").expect("a deploy PATCH on staging");
+    let image = staging.body["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]["id"].as_str().unwrap().to_string();
+    assert!(image.starts_with(&policy().apps[0].image.destination) && image != seed_image(), "{image}");
+    let requests = stack.arm.requests();
+    for stage in ["staging", "production"] {
+        let id = target(stage);
+        let patch = deploy_patch(&stack, &run, stage).unwrap();
+        // Conditional on the ETag of the read just before it, and only the image and the tags.
+        let read = requests.iter().rev().find(|r| r.seq < patch.seq && r.method == "GET" && r.path == id).expect("a read before the PATCH");
+        assert_eq!(read.status, 200);
+        assert!(patch.if_match.as_deref().is_some_and(|m| m.starts_with('"')), "If-Match: {:?}", patch.if_match);
+        assert_eq!(patch.query, "api-version=2024-07-01");
+        assert_eq!(
+            patch.body["properties"],
+            serde_json::json!({ "virtualMachineProfile": { "storageProfile": { "imageReference": { "id": image } } } }),
+            "the same immutable image in both stages"
+        );
+        let tags = &patch.body["tags"];
+        assert_eq!(tags["deploychain.run"], run.as_str());
+        assert_eq!(tags["deploychain.stage"], stage);
+        assert_eq!(tags["deploychain.artifact"], image.as_str());
+        assert_eq!(tags["deploychain.previous.artifact"], seed_image().as_str());
+        assert_eq!(tags["environment"], stage, "the scale set's own tags are kept");
+        assert_eq!(requests.iter().filter(|r| r.method == "PATCH" && r.path == id).count(), 1, "one model update per stage");
+
+        let ss = stack.arm.scale_set(&id).unwrap();
+        assert_eq!(ss.image(), Some(image.as_str()));
+        assert_eq!(ss.tag("deploychain.run"), Some(run.as_str()));
+        assert_eq!(ss.tag("deploychain.sequence"), tags["deploychain.sequence"].as_str());
+        assert!(!ss.instances.is_empty());
+        for vm in &ss.instances {
+            assert!(vm.latest && vm.health == "HealthState/healthy" && vm.artifacts == [image.clone()], "{vm:?}");
+        }
+    }
+    // Manual upgrade policy: instances upgraded one batch at a time, each gated.
+    let upgrades: Vec<&deploychain::arm::Request> =
+        requests.iter().filter(|r| r.method == "POST" && r.path == format!("{}/manualUpgrade", target("staging"))).collect();
+    assert_eq!(
+        upgrades.iter().map(|r| r.body["instanceIds"].clone()).collect::<Vec<_>>(),
+        [serde_json::json!(["0"]), serde_json::json!(["1"])]
+    );
+    assert!(requests.iter().all(|r| r.authorized), "every ARM request carried the local bearer token");
+    // The staging check of the shipped policy (http://web-staging.internal/healthz) reached the
+    // scale set's application through the stack's network, without the ARM token.
+    let checks: Vec<_> = stack.arm.all_requests().into_iter().filter(|r| r.app.as_deref() == Some("web-staging")).collect();
+    assert!(!checks.is_empty(), "no acceptance check reached web-staging");
+    assert!(checks.iter().all(|r| r.path == "/healthz" && r.status == 200 && !r.authorized), "{checks:?}");
+    let steps = done["steps"].to_string();
+    assert!(steps.contains(&image), "the run names the image: {steps}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_image_rolls_staging_back_and_asks_nobody_for_approval() {
+    let mut opts = options("arm-bad-image");
+    opts.sim.unhealthy_images = vec!["bad".into()];
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push_commit(&stack, Some("bad")).await;
+    let done = wait_status(&stack, &run, "failed").await;
+    // The terminal view showed the scale set being rolled back as it happened.
+    let mut lines = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        if let Progress::Target { scale_set, line } = p {
+            lines.push(format!("{scale_set}: {line}"));
+        }
+    }
+    assert!(lines.iter().any(|l| l.starts_with("web-staging: model updated to image web ")), "{lines:?}");
+    assert!(lines.iter().any(|l| l == &format!("web-staging: rolling back to image web 0.0.1 (run {run} failed)")), "{lines:?}");
+    let text = done.to_string();
+    assert!(text.contains("deployment to staging rolled back"), "{text}");
+    assert!(text.contains("HealthState/unhealthy"), "the reason says why: {text}");
+    assert!(done["waitingFor"].is_null(), "{done}");
+
+    let staging = stack.arm.scale_set(&target("staging")).unwrap();
+    assert_eq!(staging.image(), Some(seed_image().as_str()), "back on the previous image");
+    assert_eq!(staging.tag("deploychain.rolledback"), Some(run.as_str()));
+    assert!(staging.instances.iter().all(|v| v.latest && v.artifacts == [seed_image()]), "{:?}", staging.instances);
+    assert!(deploy_patch(&stack, &run, "production").is_none());
+    assert!(stack.arm.requests().iter().all(|r| r.path != target("production") || r.method == "GET"), "production untouched");
+    // No approval was requested: nothing of the kind on the bus.
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let labels: Vec<String> = stack
+        .broker
+        .peek(&audit, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.message_id.starts_with(&run))
+        .filter_map(|m| m.label)
+        .collect();
+    assert!(labels.iter().any(|l| l == "dev.deploychain.deployment.rolledback.v1"), "{labels:?}");
+    assert!(!labels.iter().any(|l| l.starts_with("dev.deploychain.approval")), "{labels:?}");
+    stack.stop().await;
+}
+
+/// Publish `image.ready` for `run` as an image baker would.
+async fn send_image_ready(stack: &Stack, run: &str, version: &str) {
+    use deploychain_events::*;
+    let r = run_json(stack, run).await;
+    let commit = r["commit"].as_str().unwrap().to_string();
+    let image = ImageRef {
+        kind: ImageKind::GalleryImageVersion,
+        id: format!("{}/versions/{version}", policy().apps[0].image.destination),
+        version: Some(version.into()),
+        digest: None,
+    };
+    let ev = DeployEvent {
+        id: event_id(run, "image-ready"),
+        source: "/deploychain/web/image-builder".into(),
+        time: chrono::Utc::now(),
+        run_id: run.to_string(),
+        trace: TraceContext::default(),
+        data: EventData::ImageReady(ImageReady { app: "web".into(), commit, image, branch: None }),
+    };
+    let o = deploychain_functions::adapters::Outbound::from_event(&ev, Some("web/staging".into()));
+    stack
+        .broker
+        .send(
+            "deploychain-events",
+            NewMessage {
+                body: o.body.into_bytes(),
+                message_id: Some(o.message_id),
+                session_id: o.session_id,
+                label: Some(o.subject),
+                content_type: Some(o.content_type),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_image_for_an_older_build_is_refused_and_changes_nothing() {
+    let mut opts = options("arm-stale");
+    // The CI simulator stays busy: the images come from this test, newer first.
+    opts.sim.build_delay = Duration::from_secs(60);
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let older = push(&stack).await;
+    wait_for(
+        &mut rx,
+        "the older build",
+        |p| matches!(p, Progress::Event { run, ty, .. } if *run == older && *ty == deploychain_events::EventType::BuildRequested),
+    )
+    .await;
+    let newer = push(&stack).await;
+    wait_for(
+        &mut rx,
+        "the newer build",
+        |p| matches!(p, Progress::Event { run, ty, .. } if *run == newer && *ty == deploychain_events::EventType::BuildRequested),
+    )
+    .await;
+    assert!(run_json(&stack, &newer).await["sequence"].as_i64() > run_json(&stack, &older).await["sequence"].as_i64());
+
+    send_image_ready(&stack, &newer, "2.0.2").await;
+    wait_status(&stack, &newer, "waiting").await;
+    let writes_before = stack.arm.requests().iter().filter(|r| r.method != "GET").count();
+
+    send_image_ready(&stack, &older, "2.0.1").await;
+    let done = wait_status(&stack, &older, "superseded").await;
+    let text = done.to_string();
+    assert!(text.contains("not deployed to staging") && text.contains(&newer), "the reason names the newer run: {text}");
+    assert_eq!(stack.arm.requests().iter().filter(|r| r.method != "GET").count(), writes_before, "nothing written to ARM");
+    let staging = stack.arm.scale_set(&target("staging")).unwrap();
+    assert_eq!(staging.tag("deploychain.run"), Some(newer.as_str()));
+    assert!(staging.image().unwrap().ends_with("/versions/2.0.2"));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_throttling_and_errors_are_retried_and_a_failed_operation_rolls_production_back() {
+    use deploychain::arm::{Fault, FaultAction};
+    let mut opts = options("arm-faults");
+    opts.arm.faults = vec![
+        Fault::error("PATCH", "/web-staging", 429, "TooManyRequests", "throttled").with_header("retry-after", "1"),
+        Fault::error("GET", "/web-staging/virtualMachines", 500, "InternalServerError", "try again"),
+        Fault::new(
+            "PATCH",
+            "/web-prod",
+            FaultAction::FailOperation(serde_json::json!({
+            "code": "GalleryImageNotFound", "message": "The image version is not replicated to westus." })),
+        ),
+    ];
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    client::decide(&link, "approve", None).await.unwrap();
+    let done = wait_status(&stack, &run, "failed").await;
+    let text = done.to_string();
+    assert!(text.contains("deployment to production rolled back") && text.contains("GalleryImageNotFound"), "{text}");
+
+    let log = stack.arm.requests();
+    let staging_patches: Vec<_> = log.iter().filter(|r| r.method == "PATCH" && r.path == target("staging")).collect();
+    assert_eq!(staging_patches.iter().map(|r| r.status).collect::<Vec<_>>(), [429, 200]);
+    let waited = staging_patches[1].at - staging_patches[0].at;
+    assert!(waited >= chrono::Duration::milliseconds(1000), "Retry-After: 1 honoured, waited {waited}");
+    let lists: Vec<u16> = log.iter().filter(|r| r.path == format!("{}/virtualMachines", target("staging"))).map(|r| r.status).collect();
+    assert_eq!(lists[..2], [500, 200], "the 500 was retried");
+    assert!(stack.arm.scale_set(&target("staging")).unwrap().tag("deploychain.run") == Some(run.as_str()), "staging kept the image");
+    let prod = stack.arm.scale_set(&target("production")).unwrap();
+    assert_eq!(prod.image(), Some(seed_image().as_str()), "production back on its previous image");
+    assert_eq!(prod.tag("deploychain.rolledback"), Some(run.as_str()));
     stack.stop().await;
 }

@@ -1,6 +1,5 @@
 //! In-memory backends for step and router tests: hand-written fakes that record what they were
-//! asked and can be told to fail. `MemoryCompute` is also the simulated scale-set target the
-//! handler can run with (`DEPLOYCHAIN_COMPUTE=simulated`) until the ARM adapter is configured.
+//! asked and can be told to fail. [`fence`] is the one rule every `Compute` backend applies.
 
 use super::*;
 use crate::error::Error;

@@ -7,7 +7,6 @@ pub mod arm;
 pub mod memory;
 pub mod notify;
 pub mod servicebus;
-pub mod simulated;
 pub mod sqlite;
 
 use crate::error::Result;
