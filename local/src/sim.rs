@@ -230,8 +230,9 @@ impl Simulators {
             }
             ImageSource::ImageBuilder => {
                 let n = u32::from_str_radix(&digest[7..13], 16).unwrap_or(0) % 100_000;
+                // A gallery image version, or an application version when the app deploys VM Applications.
                 let image = ImageRef {
-                    kind: ImageKind::GalleryImageVersion,
+                    kind: app.artifact_kind(),
                     id: format!("{}/versions/1.0.{n}", app.image.destination),
                     version: Some(format!("1.0.{n}")),
                     digest: None,

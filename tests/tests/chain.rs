@@ -599,3 +599,62 @@ async fn arm_throttling_and_errors_are_retried_and_a_failed_operation_rolls_prod
     assert_eq!(prod.tag("deploychain.rolledback"), Some(run.as_str()));
     stack.stop().await;
 }
+
+/// A policy with one app that ships as a VM Application (seed 001): both stages replace the
+/// application in the scale sets' `applicationProfile`, the OS image stays.
+const VM_APPLICATION_POLICY: &str = r#"
+[[app]]
+name = "agent"
+source = { github = "octo-org/agent" }
+branches = ["main"]
+build = { provider = "github-actions", pipeline = "build.yml" }
+image = { source = "image-builder", destination = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/applications/agent" }
+
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-agent/providers/Microsoft.Compute/virtualMachineScaleSets/agent-staging"
+deploy = "vm-application"
+checks = [{ kind = "http", url = "http://agent-staging.internal/healthz", expect_body = "ok" }]
+
+[[app.stage]]
+name = "production"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-agent/providers/Microsoft.Compute/virtualMachineScaleSets/agent-prod"
+deploy = "vm-application"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_application_release_replaces_the_application_and_keeps_the_os_image() {
+    let mut opts = options("arm-vm-application");
+    std::fs::create_dir_all(&opts.data_dir).unwrap();
+    opts.policy = opts.data_dir.join("policy.toml");
+    std::fs::write(&opts.policy, VM_APPLICATION_POLICY).unwrap();
+    let stack = Stack::start(opts.clone()).await.unwrap();
+    let body = client::sample_push(&opts.policy, None, None).unwrap();
+    let (status, text) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    let run = serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string();
+    wait_status(&stack, &run, "succeeded").await;
+
+    let app_dest = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/applications/agent";
+    for name in ["agent-staging", "agent-prod"] {
+        let id = format!(
+            "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-agent/providers/Microsoft.Compute/virtualMachineScaleSets/{name}"
+        );
+        let patch = stack
+            .arm
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "PATCH" && r.status == 200 && r.path == id && r.body["tags"]["deploychain.run"] == run.as_str())
+            .expect("a deploy PATCH");
+        let profile = &patch.body["properties"]["virtualMachineProfile"];
+        assert!(profile.get("storageProfile").is_none(), "the OS image is left alone: {profile}");
+        let apps = profile["applicationProfile"]["galleryApplications"].as_array().unwrap();
+        assert_eq!(apps.len(), 1);
+        let version = apps[0]["packageReferenceId"].as_str().unwrap();
+        assert!(version.starts_with(&format!("{app_dest}/versions/1.0.")), "{version}");
+        assert_eq!(patch.body["tags"]["deploychain.previous.artifact"], format!("{app_dest}/versions/0.0.1"));
+        let ss = stack.arm.scale_set(&id).unwrap();
+        assert!(ss.instances.iter().all(|v| v.latest && v.artifacts.iter().any(|a| a == version)), "{:?}", ss.instances);
+    }
+    stack.stop().await;
+}

@@ -350,16 +350,34 @@ impl LocalArm {
     }
 
     /// Create every VM scale set target of `policy` that does not exist yet: the published
-    /// example, on the app's gallery image (version `0.0.1`).
+    /// example, on version `0.0.1` of the app's gallery image — or, for a stage that deploys VM
+    /// Applications, on the example's OS image with version `0.0.1` of the app's gallery application.
     pub fn seed_from_policy(&self, policy: &deploychain_functions::policy::Policy) -> Result<Vec<String>> {
+        use deploychain_functions::policy::DeployMode;
         let mut created = Vec::new();
         for app in &policy.apps {
+            if !app.image.destination.to_ascii_lowercase().contains("/providers/microsoft.compute/galleries/") {
+                continue;
+            }
+            let first = format!("{}/versions/0.0.1", app.image.destination.trim_end_matches('/'));
             for stage in &app.stages {
-                let image = match app.image.destination.to_ascii_lowercase().contains("/providers/microsoft.compute/galleries/") {
-                    true => format!("{}/versions/0.0.1", app.image.destination.trim_end_matches('/')),
-                    false => continue,
+                let tags = json!({ "app": app.name, "environment": stage.name });
+                let body = match stage.deploy {
+                    DeployMode::Image => self.example_scale_set(&stage.target, &first, tags)?,
+                    DeployMode::VmApplication => {
+                        let example: Value = serde_json::from_str(CREATE_EXAMPLE)?;
+                        let os =
+                            example["responses"]["200"]["body"]["properties"]["virtualMachineProfile"]["storageProfile"]["imageReference"]
+                                ["id"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_string();
+                        let mut b = self.example_scale_set(&stage.target, &os, tags)?;
+                        b["properties"]["virtualMachineProfile"]["applicationProfile"] =
+                            json!({ "galleryApplications": [{ "packageReferenceId": first, "order": 1 }] });
+                        b
+                    }
                 };
-                let body = self.example_scale_set(&stage.target, &image, json!({ "app": app.name, "environment": stage.name }))?;
                 if self.ensure_scale_set(&stage.target, body, self.config.instances)? {
                     created.push(stage.target.clone());
                 }
