@@ -63,6 +63,31 @@ pub struct Push {
     /// The webhook delivery that reported the push (GitHub `X-GitHub-Delivery`, Azure DevOps event id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<String>,
+    /// The pusher's e-mail, when the provider tells it (separation of duties compares it).
+    #[serde(default, rename = "pusherEmail", skip_serializing_if = "Option::is_none")]
+    pub pusher_email: Option<String>,
+    /// The commits the push brought (as the provider lists them, at most [`MAX_PUSH_COMMITS`]):
+    /// what approvers see, and whose authors may not approve the release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commits: Vec<CommitInfo>,
+}
+
+/// The most commits a push event carries (GitHub's webhook lists at most 20).
+pub const MAX_PUSH_COMMITS: usize = 50;
+
+/// One commit of a push, and who wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitInfo {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    #[serde(default, rename = "authorEmail", skip_serializing_if = "Option::is_none")]
+    pub author_email: Option<String>,
+    /// The author's account (GitHub login), when known.
+    #[serde(default, rename = "authorLogin", skip_serializing_if = "Option::is_none")]
+    pub author_login: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

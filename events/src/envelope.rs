@@ -368,6 +368,8 @@ mod tests {
                 message: None,
                 url: None,
                 delivery: None,
+                pusher_email: None,
+                commits: Vec::new(),
             }),
         }
     }

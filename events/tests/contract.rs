@@ -272,6 +272,18 @@ fn data_for(ty: EventType, full: bool) -> EventData {
             message: full.then(|| "Merge PR 42: faster checkout\n\nRelated work items: #7".to_string()),
             url: full.then(|| format!("https://dev.azure.com/contoso/shop/_git/api/commit/{COMMIT}")),
             delivery: full.then(|| "5e7c5c3a-3b52-4b1e-9b0e-3b8f4f7f1c2d".to_string()),
+            pusher_email: full.then(|| "jane@contoso.com".to_string()),
+            commits: if full {
+                vec![CommitInfo {
+                    id: COMMIT.into(),
+                    message: Some("Merge PR 42: faster checkout".into()),
+                    author: Some("Jane Doe".into()),
+                    author_email: Some("jane@contoso.com".into()),
+                    author_login: Some("jdoe".into()),
+                }]
+            } else {
+                Vec::new()
+            },
         }),
         EventType::BuildRequested => EventData::BuildRequested(BuildRequested {
             app: APP.into(),

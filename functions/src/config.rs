@@ -80,6 +80,11 @@ pub struct Config {
     pub azure_devops_user: String,
     pub azure_devops_secret: Option<Secret>,
     pub approval_key: Secret,
+    /// `APPROVAL_SIGNING_KEYS_PREVIOUS`: verify only.
+    pub approval_previous_keys: Vec<Secret>,
+    /// App Service Authentication is on (`WEBSITE_AUTH_ENABLED=True`, set by the platform): an
+    /// approval needs the signed-in principal (`X-MS-CLIENT-PRINCIPAL`) to be the link's approver.
+    pub require_signed_in: bool,
     pub public_url: url::Url,
     pub service_bus: Option<ConnectionString>,
     pub topic: String,
@@ -121,6 +126,13 @@ impl Config {
                 Secret::new("")
             }
         };
+        // Keys rotated out of signing that still verify the links they signed (until those expire).
+        let approval_previous_keys: Vec<Secret> = get("APPROVAL_SIGNING_KEYS_PREVIOUS")
+            .map(|v| v.split(',').map(str::trim).filter(|k| !k.is_empty()).map(Secret::new).collect())
+            .unwrap_or_default();
+        if approval_previous_keys.iter().any(|k| k.expose().len() < 32) {
+            errs.push("APPROVAL_SIGNING_KEYS_PREVIOUS: every key (comma-separated) must be at least 32 characters".into());
+        }
         let public_url = match get("DEPLOYCHAIN_PUBLIC_URL").map(|u| url::Url::parse(&u)) {
             Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => u,
             Some(_) => {
@@ -176,6 +188,8 @@ impl Config {
             azure_devops_user: get("AZURE_DEVOPS_WEBHOOK_USER").unwrap_or_else(|| "deploychain".into()),
             azure_devops_secret: get("AZURE_DEVOPS_WEBHOOK_SECRET").map(Secret::new),
             approval_key,
+            approval_previous_keys,
+            require_signed_in: get("WEBSITE_AUTH_ENABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")),
             public_url,
             service_bus,
             topic: get("DEPLOYCHAIN_TOPIC").unwrap_or_else(|| "deploychain-events".into()),

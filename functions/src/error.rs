@@ -16,6 +16,9 @@ pub enum Error {
     Malformed(String),
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// Known, but not allowed (an approver who may not approve this release).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("conflict: {0}")]
@@ -40,6 +43,7 @@ impl Error {
             Error::Transient(_) => 503,
             Error::Malformed(_) => 400,
             Error::Unauthorized(_) => 401,
+            Error::Forbidden(_) => 403,
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
             Error::Gone(_) => 410,
@@ -54,6 +58,7 @@ impl Error {
             Error::Transient(_) => "Transient",
             Error::Malformed(_) => "MalformedEvent",
             Error::Unauthorized(_) => "Unauthorized",
+            Error::Forbidden(_) => "Forbidden",
             Error::NotFound(_) => "UnknownRun",
             Error::Conflict(_) => "Conflict",
             Error::Gone(_) => "Expired",
@@ -68,6 +73,7 @@ impl Error {
             Error::Transient(s)
             | Error::Malformed(s)
             | Error::Unauthorized(s)
+            | Error::Forbidden(s)
             | Error::NotFound(s)
             | Error::Conflict(s)
             | Error::Gone(s)

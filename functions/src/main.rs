@@ -34,7 +34,8 @@ async fn main() -> anyhow::Result<()> {
         Some(u) => Arc::new(WebhookNotify::new(u.clone(), http.clone())),
         None => Arc::new(memory::MemoryNotify::default()),
     };
-    let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), config.public_url.clone());
+    let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
+    let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());
     let port = config.port;
     let state = AppState {
         config: Arc::new(config),

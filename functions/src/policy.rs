@@ -7,12 +7,16 @@
 
 use deploychain_events::{BuildProvider, ImageKind};
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// Named groups of approvers (`[groups]`, `release-managers = ["alice@contoso.com", …]`);
+    /// an approval names one as `group:release-managers`.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
     #[serde(rename = "app", default)]
     pub apps: Vec<App>,
 }
@@ -183,12 +187,43 @@ pub const MAX_CHECK_RETRIES: u32 = 100;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
+    /// People (their identity: the e-mail they sign in with) and `group:NAME`s.
     pub approvers: Vec<String>,
+    /// Distinct approvals needed. The pusher and the commit authors of the release never count:
+    /// they get no link and cannot approve.
     #[serde(default = "one")]
     pub quorum: u32,
-    /// `30m`, `24h`, `7d`.
+    /// How long the approval waits (`30m`, `24h`, `7d`); then `on_timeout` applies.
     #[serde(default = "default_expiry")]
     pub expires_after: String,
+    /// What a timeout does: `reject` (default), `approve`, or `escalate` to `escalate_to` for another
+    /// `expires_after` (after which it rejects).
+    #[serde(default)]
+    pub on_timeout: TimeoutAction,
+    #[serde(default)]
+    pub escalate_to: Vec<String>,
+    /// Reminders to the approvers who have not decided, this long before the timeout (`["4h", "1h"]`).
+    #[serde(default)]
+    pub remind_before: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeoutAction {
+    #[default]
+    Reject,
+    Approve,
+    Escalate,
+}
+
+impl TimeoutAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutAction::Reject => "reject",
+            TimeoutAction::Approve => "approve",
+            TimeoutAction::Escalate => "escalate",
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -201,6 +236,13 @@ fn default_expiry() -> String {
 impl Approval {
     pub fn expiry(&self) -> Duration {
         parse_duration(&self.expires_after).unwrap_or(Duration::from_secs(86_400))
+    }
+
+    /// When the reminders go, as durations before the timeout, longest first.
+    pub fn reminders(&self) -> Vec<Duration> {
+        let mut r: Vec<Duration> = self.remind_before.iter().filter_map(|d| parse_duration(d)).collect();
+        r.sort_by(|a, b| b.cmp(a));
+        r
     }
 }
 
@@ -243,6 +285,15 @@ impl Policy {
     fn validate(&self) -> Result<(), PolicyError> {
         if self.apps.is_empty() {
             return Err(invalid("app", "no apps: add at least one [[app]] table"));
+        }
+        for (name, members) in &self.groups {
+            let k = format!("groups.{name}");
+            if !valid_name(name) {
+                return Err(invalid(k, "a group name is 1-40 of a-z, 0-9 and `-`"));
+            }
+            if members.is_empty() || members.iter().any(|m| m.trim().is_empty() || m.starts_with("group:")) {
+                return Err(invalid(k, "list at least one person (groups do not nest)"));
+            }
         }
         let mut names = HashSet::new();
         let mut repos = HashSet::new();
@@ -344,14 +395,29 @@ impl Policy {
                     if a.approvers.is_empty() || a.approvers.iter().any(|x| x.trim().is_empty()) {
                         return Err(invalid(sk("approval.approvers"), "list at least one approver identity"));
                     }
-                    if a.approvers.iter().collect::<HashSet<_>>().len() != a.approvers.len() {
+                    if a.approvers.iter().map(|x| x.to_ascii_lowercase()).collect::<HashSet<_>>().len() != a.approvers.len() {
                         return Err(invalid(sk("approval.approvers"), "an approver is listed twice"));
                     }
-                    if a.quorum == 0 || a.quorum as usize > a.approvers.len() {
-                        return Err(invalid(
-                            sk("approval.quorum"),
-                            format!("must be between 1 and the number of approvers ({})", a.approvers.len()),
-                        ));
+                    for (field, list) in [("approvers", &a.approvers), ("escalate_to", &a.escalate_to)] {
+                        if let Some(g) = list.iter().filter_map(|x| x.strip_prefix("group:")).find(|g| !self.groups.contains_key(*g)) {
+                            return Err(invalid(sk(&format!("approval.{field}")), format!("group `{g}` is not defined in [groups]")));
+                        }
+                    }
+                    let people = self.expand(&a.approvers).len();
+                    if a.quorum == 0 || a.quorum as usize > people {
+                        return Err(invalid(sk("approval.quorum"), format!("must be between 1 and the number of approvers ({people})")));
+                    }
+                    match (a.on_timeout, self.expand(&a.escalate_to).len()) {
+                        (TimeoutAction::Escalate, n) if n < a.quorum as usize => {
+                            return Err(invalid(
+                                sk("approval.escalate_to"),
+                                format!("on_timeout = \"escalate\" needs at least quorum ({}) people to escalate to", a.quorum),
+                            ));
+                        }
+                        (TimeoutAction::Reject | TimeoutAction::Approve, n) if n > 0 => {
+                            return Err(invalid(sk("approval.escalate_to"), "only used with on_timeout = \"escalate\""));
+                        }
+                        _ => {}
                     }
                     if parse_duration(&a.expires_after).is_none() {
                         return Err(invalid(
@@ -359,10 +425,39 @@ impl Policy {
                             format!("`{}` is not a duration like 30m, 24h or 7d", a.expires_after),
                         ));
                     }
+                    for (r, before) in a.remind_before.iter().enumerate() {
+                        match parse_duration(before) {
+                            Some(d) if d < a.expiry() => {}
+                            _ => {
+                                return Err(invalid(
+                                    sk(&format!("approval.remind_before[{r}]")),
+                                    format!("`{before}` must be a duration shorter than expires_after ({})", a.expires_after),
+                                ));
+                            }
+                        }
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// People of an approver list: `group:NAME`s expanded, each person once (case-insensitive),
+    /// in the order listed.
+    pub fn expand(&self, list: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for x in list {
+            let people: Vec<String> = match x.strip_prefix("group:") {
+                Some(g) => self.groups.get(g).cloned().unwrap_or_default(),
+                None => vec![x.clone()],
+            };
+            for p in people {
+                if !out.iter().any(|o| o.eq_ignore_ascii_case(&p)) {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
 
     pub fn app(&self, name: &str) -> Option<&App> {

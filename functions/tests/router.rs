@@ -8,6 +8,7 @@ use common::*;
 use deploychain_functions::adapters::memory::MemoryStore;
 use deploychain_functions::adapters::sqlite::SqliteStore;
 use deploychain_functions::adapters::{RunStatus, Store};
+use deploychain_functions::links::{ApprovalLinks, Claims, artifact_digest};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -278,7 +279,28 @@ async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
     }
 }
 
+/// Call an approval link as a browser would: a GET shows; a POST first reads the page's CSRF
+/// value (as the page's form carries it) and sends it with the form.
 async fn approval_call(h: &Harness, link: &str, method: &str, form: Option<&str>) -> (u16, serde_json::Map<String, Value>, String) {
+    let form = match (method, form) {
+        ("POST", Some(f)) => {
+            let (_, _, page) = approval_request(h, link, "GET", None, &[("Accept", "application/json")]).await;
+            let csrf = serde_json::from_str::<Value>(&page).ok().and_then(|v| v["csrf"].as_str().map(str::to_string)).unwrap_or_default();
+            Some(format!("{f}&csrf={}", url::form_urlencoded::byte_serialize(csrf.as_bytes()).collect::<String>()))
+        }
+        (_, f) => f.map(str::to_string),
+    };
+    approval_request(h, link, method, form.as_deref(), &[]).await
+}
+
+/// One request to an approval link, exactly as given.
+async fn approval_request(
+    h: &Harness,
+    link: &str,
+    method: &str,
+    form: Option<&str>,
+    extra: &[(&str, &str)],
+) -> (u16, serde_json::Map<String, Value>, String) {
     let u = url::Url::parse(link).unwrap();
     let id = u.path().trim_start_matches("/api/approvals/").to_string();
     let q: Vec<(String, String)> = u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
@@ -287,9 +309,22 @@ async fn approval_call(h: &Harness, link: &str, method: &str, form: Option<&str>
     if form.is_some() {
         headers.push(("Content-Type", "application/x-www-form-urlencoded".to_string()));
     }
+    for (k, v) in extra {
+        headers.retain(|(h, _)| !h.eq_ignore_ascii_case(k));
+        headers.push((k, v.to_string()));
+    }
     let env =
         http_envelope("approval", method, &format!("approvals/{id}"), &q, &headers, &[("id", id.as_str())], form.unwrap_or("").as_bytes());
     h.http("approval", &env).await
+}
+
+/// The claims of a link, read back without trusting them (tests only).
+fn claims_of(link: &str) -> Claims {
+    use base64::Engine;
+    let u = url::Url::parse(link).unwrap();
+    let t = u.query_pairs().find(|(k, _)| k == "t").unwrap().1.into_owned();
+    let body = t.split('.').nth(2).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body).unwrap()).unwrap()
 }
 
 async fn to_waiting_for_approval(h: &mut Harness) -> deploychain_functions::adapters::ApprovalNotice {
@@ -307,28 +342,120 @@ async fn to_waiting_for_approval(h: &mut Harness) -> deploychain_functions::adap
 }
 
 #[tokio::test]
-async fn tampered_expired_and_foreign_links_decide_nothing() {
+async fn tampered_foreign_expired_and_unauthorized_links_decide_nothing() {
     let mut h = Harness::new(Arc::new(MemoryStore::default()));
     let notice = to_waiting_for_approval(&mut h).await;
     let before = h.publisher.sent().len();
     let good = notice.links[0].1.clone();
-    // Someone else's name on Alice's signature.
-    let forged = good.replace("alice%40example.com", "mallory%40example.com");
-    assert_eq!(approval_call(&h, &forged, "POST", Some("decision=approve")).await.0, 401);
-    // A later expiry on the same signature.
-    let u = url::Url::parse(&good).unwrap();
-    let exp: i64 = u.query_pairs().find(|(k, _)| k == "exp").unwrap().1.parse().unwrap();
-    let stretched = good.replace(&format!("exp={exp}"), &format!("exp={}", exp + 86_400));
-    assert_eq!(approval_call(&h, &stretched, "POST", Some("decision=approve")).await.0, 401);
-    // A genuine link that expired.
-    let expired = h.state.links.link(&notice.approval_id, "alice@example.com", chrono::Utc::now() - chrono::Duration::minutes(1));
-    assert_eq!(approval_call(&h, &expired, "POST", Some("decision=approve")).await.0, 410);
-    // An unknown approval, a bad decision.
-    let other = h.state.links.link("hello-000000000000.production", "alice@example.com", chrono::Utc::now() + chrono::Duration::hours(1));
-    assert_eq!(approval_call(&h, &other, "POST", Some("decision=approve")).await.0, 404);
+    let alice = claims_of(&good);
+    assert_eq!(alice.approver, "alice@example.com");
+    let links = &h.state.links;
+    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1)).timestamp();
+    let post = Some("decision=approve");
+
+    // Tampered: one character of the claims changed.
+    let t = url::Url::parse(&good).unwrap().query_pairs().find(|(k, _)| k == "t").unwrap().1.into_owned();
+    let mut parts: Vec<String> = t.split('.').map(str::to_string).collect();
+    let flipped = if parts[2].ends_with('A') { 'B' } else { 'A' };
+    parts[2].pop();
+    parts[2].push(flipped);
+    let tampered = good.replace(&t, &parts.join("."));
+    assert_eq!(approval_call(&h, &tampered, "POST", post).await.0, 401, "tampered token");
+    // Signed with a key this app does not have (a wrong key id).
+    let foreign = ApprovalLinks::new(b"some-other-signing-key-0123456789abcdef", &[], url::Url::parse("https://x.example").unwrap());
+    let (s, _, body) = approval_call(&h, &foreign.link(&alice), "POST", post).await;
+    assert_eq!(s, 401, "wrong key id");
+    assert!(body.contains("no longer has"), "{body}");
+    // Expired.
+    let expired = links.link(&Claims { exp: chrono::Utc::now().timestamp() - 60, ..alice.clone() });
+    assert_eq!(approval_call(&h, &expired, "POST", post).await.0, 410, "expired link");
+    // Genuine links, but for another run, another stage, another artifact, another approval.
+    for (what, c) in [
+        ("another run", Claims { run: "hello-000000000000".into(), exp: in_an_hour, ..alice.clone() }),
+        ("another stage", Claims { stage: "canary".into(), exp: in_an_hour, ..alice.clone() }),
+        ("another artifact", Claims { artifact: artifact_digest("ghcr.io/codertocat/hello-world@sha256:0000"), ..alice.clone() }),
+    ] {
+        assert_eq!(approval_call(&h, &links.link(&c), "POST", post).await.0, 401, "{what}");
+    }
+    let other = links.link(&Claims { approval: "hello-000000000000.production".into(), run: "hello-000000000000".into(), ..alice.clone() });
+    assert_eq!(approval_call(&h, &other, "POST", post).await.0, 404, "unknown approval");
+    // A genuine link of someone the policy does not list.
+    let mallory = links.link(&Claims { approver: "mallory@example.com".into(), ..alice.clone() });
+    assert_eq!(approval_call(&h, &mallory, "POST", post).await.0, 403, "approver not in policy");
+    // Alice's own link: a POST without the page's CSRF value, or from another site.
+    assert_eq!(approval_request(&h, &good, "POST", Some("decision=approve"), &[]).await.0, 403, "no CSRF value");
+    assert_eq!(approval_request(&h, &good, "POST", Some("decision=approve&csrf=AAAA"), &[]).await.0, 403, "wrong CSRF value");
+    let (_, _, page) = approval_request(&h, &good, "GET", None, &[("Accept", "application/json")]).await;
+    let csrf = serde_json::from_str::<Value>(&page).unwrap()["csrf"].as_str().unwrap().to_string();
+    let form = format!("decision=approve&csrf={}", url::form_urlencoded::byte_serialize(csrf.as_bytes()).collect::<String>());
+    assert_eq!(approval_request(&h, &good, "POST", Some(&form), &[("Sec-Fetch-Site", "cross-site")]).await.0, 403, "cross-site");
+    // Signed in (App Service Authentication) as someone else.
+    let principal = base64_json(&json!({ "auth_typ": "aad", "claims": [{ "typ": "preferred_username", "val": "bob@example.com" }] }));
+    assert_eq!(approval_request(&h, &good, "POST", Some(&form), &[("X-MS-CLIENT-PRINCIPAL", &principal)]).await.0, 403, "wrong principal");
     assert_eq!(approval_call(&h, &good, "POST", Some("decision=maybe")).await.0, 400);
+    // GET-only visits, as link scanners make, many times.
+    for _ in 0..3 {
+        let (s, _, page) = approval_call(&h, &good, "GET", None).await;
+        assert_eq!(s, 200);
+        assert!(page.contains("Approve") && page.contains("name=\"csrf\""), "{page}");
+    }
+    assert_eq!(h.publisher.sent().len(), before, "nothing was published");
+    let record = h.state.store.approval(&notice.approval_id).await.unwrap().unwrap();
+    assert!(record.votes.is_empty(), "nothing was recorded");
+
+    // The same form, signed in as Alice, is taken.
+    let principal = base64_json(&json!({ "auth_typ": "aad", "claims": [{ "typ": "preferred_username", "val": "Alice@Example.com" }] }));
+    assert_eq!(approval_request(&h, &good, "POST", Some(&form), &[("X-MS-CLIENT-PRINCIPAL", &principal)]).await.0, 200);
+    // Replays after the decision: the same decision shows it, the other one is refused.
+    let (s, _, page) = approval_request(&h, &good, "POST", Some(&form), &[]).await;
+    assert_eq!(s, 200);
+    assert!(page.contains("You approved this already") || page.contains("Your decision is recorded: approved"), "{page}");
+    assert_eq!(approval_call(&h, &good, "POST", Some("decision=reject")).await.0, 409, "reject after approve");
+    let record = h.state.store.approval(&notice.approval_id).await.unwrap().unwrap();
+    assert_eq!(record.votes.len(), 1);
+    assert_eq!(h.publisher.sent().len(), before, "one approval of a quorum of two publishes nothing");
+}
+
+fn base64_json(v: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(v.to_string())
+}
+
+#[tokio::test]
+async fn the_pusher_and_commit_authors_cannot_approve_their_release() {
+    let mut h = Harness::new(Arc::new(MemoryStore::default()));
+    // Bob wrote the commit this time.
+    let mut p: Value = serde_json::from_slice(&push_payload("Codertocat/Hello-World", "master", HELLO_COMMIT)).unwrap();
+    p["commits"][0]["author"]["email"] = json!("Bob@Example.com");
+    h.github_signed("push", &serde_json::to_vec(&p).unwrap()).await;
+    h.pump().await;
+    h.github_signed(
+        "workflow_run",
+        &workflow_run_payload("Codertocat/Hello-World", "master", HELLO_COMMIT, ".github/workflows/build.yml", "success"),
+    )
+    .await;
+    h.pump().await;
+    h.github_signed("package", &fixture("github/package.published.container.json")).await;
+    h.pump().await;
+    let notice = h.notify.notices().pop().unwrap();
+    assert_eq!(notice.links.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["alice@example.com"], "no link for Bob");
+    let record = h.state.store.approval(&notice.approval_id).await.unwrap().unwrap();
+    assert_eq!(record.excluded.len(), 1);
+    assert_eq!(record.excluded[0].who, "bob@example.com");
+    let run = h.state.store.run(&notice.run_id).await.unwrap().unwrap();
+    assert!(run.waiting_for.as_deref().unwrap().contains("cannot reach its quorum"), "{:?}", run.waiting_for);
+    // A genuine link for Bob (say, from before he wrote the commit) is refused.
+    let bob = h.state.links.link(&Claims { approver: "bob@example.com".into(), ..claims_of(&notice.links[0].1) });
+    let before = h.publisher.sent().len();
+    let (s, _, body) = approval_call(&h, &bob, "POST", Some("decision=approve")).await;
+    assert_eq!(s, 403);
+    assert!(body.contains("no self-approval"), "{body}");
+    assert_eq!(approval_call(&h, &bob, "GET", None).await.0, 403, "not even the page");
     assert_eq!(h.publisher.sent().len(), before);
     assert!(h.state.store.approval(&notice.approval_id).await.unwrap().unwrap().votes.is_empty());
+    // The page shows Alice the commits, their author and why Bob cannot approve.
+    let (_, _, page) = approval_call(&h, &notice.links[0].1, "GET", None).await;
+    assert!(page.contains("Bob@Example.com") && page.contains("bob@example.com cannot approve"), "{page}");
 }
 
 #[tokio::test]

@@ -97,16 +97,26 @@ pub async fn runs(base: &str, s: &Secrets, id: Option<&str>, commit: Option<&str
     Ok(pretty)
 }
 
-/// POST a decision to a signed approval link, as the page's form does.
+/// Decide from a signed approval link as the page does: read the page (its CSRF value), then
+/// POST the decision with it. A page that offers no decision (decided, superseded, expired) is
+/// answered with its status and text.
 pub async fn decide(link: &str, decision: &str, comment: Option<&str>) -> Result<(u16, String)> {
-    let mut form = vec![("decision", decision.to_string())];
-    if let Some(c) = comment {
-        form.push(("comment", c.to_string()));
+    let http = reqwest::Client::new();
+    let page = http.get(link).header("accept", "application/json").send().await.context("is `deploychain up` running?")?;
+    let status = page.status().as_u16();
+    let text = page.text().await.unwrap_or_default();
+    if status != 200 {
+        return Ok((status, text));
     }
-    let rsp = reqwest::Client::new()
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let Some(csrf) = v["csrf"].as_str() else {
+        let why = v["closed"].as_str().map(str::to_string).unwrap_or_else(|| format!("state {}", v["state"]));
+        return Ok((409, format!("this link decides nothing now: {why}")));
+    };
+    let rsp = http
         .post(link)
         .header("accept", "application/json")
-        .form(&form)
+        .json(&json!({ "decision": decision, "comment": comment, "csrf": csrf }))
         .send()
         .await
         .context("is `deploychain up` running?")?;

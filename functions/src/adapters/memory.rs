@@ -127,13 +127,11 @@ impl Store for MemoryStore {
     async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>> {
         Ok(lock(&self.state).approvals.get(id).cloned())
     }
-    async fn vote(&self, id: &str, vote: &Vote) -> Result<ApprovalRecord> {
+    async fn vote(&self, id: &str, vote: &Vote) -> Result<(ApprovalRecord, VoteResult)> {
         let mut st = lock(&self.state);
         let a = st.approvals.get_mut(id).ok_or_else(|| Error::NotFound(format!("approval `{id}`")))?;
-        if !a.votes.iter().any(|v| v.approver == vote.approver) {
-            a.votes.push(vote.clone());
-        }
-        Ok(a.clone())
+        let result = a.apply_vote(vote);
+        Ok((a.clone(), result))
     }
 }
 

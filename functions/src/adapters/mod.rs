@@ -143,6 +143,34 @@ pub struct Run {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub steps: Vec<StepEntry>,
+    /// Who changed what: the push's pusher and commits (approvers see them; none of these people
+    /// may approve the release).
+    #[serde(default)]
+    pub change: Change,
+}
+
+/// The change a run releases, as its push reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub pusher: Option<String>,
+    pub pusher_email: Option<String>,
+    pub commits: Vec<deploychain_events::CommitInfo>,
+}
+
+impl Change {
+    /// Every identity of the people who made the change (pusher, commit authors), lower case.
+    pub fn people(&self) -> Vec<String> {
+        let mut out: Vec<String> = [&self.pusher, &self.pusher_email]
+            .into_iter()
+            .flatten()
+            .chain(self.commits.iter().flat_map(|c| [&c.author_email, &c.author_login].into_iter().flatten()))
+            .map(|p| p.trim().to_ascii_lowercase())
+            .filter(|p| !p.is_empty())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 /// Everything one step changes, committed atomically: its entries, the run's new state, and the
@@ -190,22 +218,134 @@ pub struct ApprovalRecord {
     pub app: String,
     pub stage: String,
     pub commit: String,
+    /// The immutable artifact the approval is for; links are bound to it.
     pub image: ImageRef,
+    /// Who may decide: the policy's approvers (groups expanded) without the `excluded` people;
+    /// after an escalation, the people escalated to.
     pub approvers: Vec<String>,
     pub quorum: u32,
     pub expires_at: DateTime<Utc>,
     pub votes: Vec<Vote>,
+    /// Approvers of the policy who may not approve this release, and why (separation of duties).
+    #[serde(default)]
+    pub excluded: Vec<Excluded>,
+    /// What the approvers are shown.
+    #[serde(default)]
+    pub evidence: Evidence,
+    /// Set when the approval ended without the approvers' votes deciding it.
+    #[serde(default)]
+    pub closed: Option<Closed>,
+    /// Whether the timeout escalated it already (a second timeout rejects).
+    #[serde(default)]
+    pub escalated: bool,
+    /// Everything that happened to it: requested, reminded, voted, escalated, expired, superseded.
+    #[serde(default)]
+    pub audit: Vec<AuditEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Excluded {
+    pub who: String,
+    pub why: String,
+}
+
+/// What an approver sees before deciding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub repository: String,
+    pub branch: String,
+    pub pusher: Option<String>,
+    pub commits: Vec<deploychain_events::CommitInfo>,
+    /// The stage before this one, which the artifact passed.
+    pub previous: Option<StageEvidence>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageEvidence {
+    pub stage: String,
+    pub target: String,
+    pub deployed_at: DateTime<Utc>,
+    /// The health gate it passed, in words.
+    pub health: String,
+    /// The acceptance checks it passed, one line each.
+    pub checks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Closed {
+    /// A newer run reached the stage first: this approval decides nothing.
+    Superseded { by_run: String, at: DateTime<Utc> },
+    /// The timeout ended it with its default action.
+    TimedOut { action: String, at: DateTime<Utc> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// `requested`, `reminded`, `approved`, `rejected`, `escalated`, `timed-out`, `superseded`.
+    pub what: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub who: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What recording a vote did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoteResult {
+    /// The vote is recorded now.
+    Recorded,
+    /// This approver decided so already: nothing changed.
+    Repeated(Vote),
+    /// This approver decided otherwise already: a decision is not changed.
+    Contradicts(Vote),
+    /// The approval is decided, superseded or timed out: nothing changed.
+    Closed(String),
 }
 
 impl ApprovalRecord {
-    /// The outcome the votes make: any rejection rejects; `quorum` distinct approvals approve.
+    /// The outcome: a timeout's default action, else the votes' — any rejection rejects,
+    /// `quorum` distinct approvals approve. A superseded approval has none.
     pub fn outcome(&self) -> Option<deploychain_events::Decision> {
         use deploychain_events::Decision;
+        match &self.closed {
+            Some(Closed::Superseded { .. }) => return None,
+            Some(Closed::TimedOut { action, .. }) if action == "approve" => return Some(Decision::Approved),
+            Some(Closed::TimedOut { .. }) => return Some(Decision::Rejected),
+            None => {}
+        }
         if self.votes.iter().any(|v| v.decision == Decision::Rejected) {
             return Some(Decision::Rejected);
         }
         let approvals = self.votes.iter().filter(|v| v.decision == Decision::Approved).count();
         (approvals >= self.quorum as usize).then_some(Decision::Approved)
+    }
+
+    /// Why nobody can decide any more, if so.
+    pub fn why_closed(&self) -> Option<String> {
+        match (&self.closed, self.outcome()) {
+            (Some(Closed::Superseded { by_run, .. }), _) => Some(format!("superseded by run {by_run}: this approval decides nothing")),
+            (Some(Closed::TimedOut { action, at }), _) => Some(format!("timed out at {} ({action})", at.to_rfc3339())),
+            (None, Some(deploychain_events::Decision::Approved)) => Some("already approved".into()),
+            (None, Some(deploychain_events::Decision::Rejected)) => Some("already rejected".into()),
+            (None, None) => None,
+        }
+    }
+
+    /// Record one approver's vote, if it may be: the one rule every store applies inside its
+    /// conditional write.
+    pub fn apply_vote(&mut self, vote: &Vote) -> VoteResult {
+        if let Some(v) = self.votes.iter().find(|v| v.approver.eq_ignore_ascii_case(&vote.approver)) {
+            return if v.decision == vote.decision { VoteResult::Repeated(v.clone()) } else { VoteResult::Contradicts(v.clone()) };
+        }
+        if let Some(why) = self.why_closed() {
+            return VoteResult::Closed(why);
+        }
+        let word = if vote.decision == deploychain_events::Decision::Approved { "approved" } else { "rejected" };
+        self.audit.push(AuditEntry { at: vote.at, what: word.into(), who: Some(vote.approver.clone()), detail: vote.comment.clone() });
+        self.votes.push(vote.clone());
+        VoteResult::Recorded
     }
 }
 
@@ -221,8 +361,10 @@ pub trait Store: Send + Sync {
     /// Create an approval; `Ok(false)` if it exists already.
     async fn put_approval(&self, a: &ApprovalRecord) -> Result<bool>;
     async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>>;
-    /// Record one approver's vote (the first vote of an approver stands); returns the record after it.
-    async fn vote(&self, id: &str, vote: &Vote) -> Result<ApprovalRecord>;
+    /// Record one approver's vote with a conditional write ([`ApprovalRecord::apply_vote`]): the
+    /// first vote of an approver stands, and a decided or closed approval takes none. Returns the
+    /// record after it and what happened.
+    async fn vote(&self, id: &str, vote: &Vote) -> Result<(ApprovalRecord, VoteResult)>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -207,7 +207,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn vote(&self, id: &str, vote: &Vote) -> Result<ApprovalRecord> {
+    async fn vote(&self, id: &str, vote: &Vote) -> Result<(ApprovalRecord, VoteResult)> {
         let (id, vote) = (id.to_string(), vote.clone());
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
@@ -217,12 +217,12 @@ impl Store for SqliteStore {
                 Some(d) => from_json(&d)?,
                 None => return Err(Error::NotFound(format!("approval `{id}`"))),
             };
-            if !a.votes.iter().any(|v| v.approver == vote.approver) {
-                a.votes.push(vote);
+            let result = a.apply_vote(&vote);
+            if result == VoteResult::Recorded {
                 tx.execute("UPDATE approvals SET doc = ?2 WHERE id = ?1", params![id, to_json(&a)?]).map_err(db_err)?;
             }
             tx.commit().map_err(db_err)?;
-            Ok(a)
+            Ok((a, result))
         })
         .await
     }

@@ -1,17 +1,26 @@
-//! `approval` — HTTP `/api/approvals/{id}`: the page behind an approver's signed link.
+//! `approval` — HTTP `/api/approvals/{id}?t={token}`: the page behind an approver's signed link.
 //!
-//! - GET shows what is being approved (app, stage, commit, the immutable image, votes so far) and a
-//!   form; it never decides, because mail and chat link scanners open links.
-//! - POST (from that form, or `{"decision":"approve"|"reject","comment":…}` as JSON) records the
-//!   link's approver's vote. When the votes make a decision (quorum of approvals, or any
-//!   rejection), `approval.decided` is committed and published exactly once.
-//! - A link that is incomplete or forged → 401; expired → 410; unknown approval → 404; a run that
-//!   already finished → 409. Nothing changes on any of them.
+//! - The token ([`crate::links`]) is checked first — key id, signature (constant time), expiry —
+//!   then what it is bound to: this approval, its run and stage, the artifact being approved, and
+//!   an approver who may decide it (not the pusher or a commit author of the release). With App
+//!   Service Authentication on, the signed-in principal must be that approver.
+//! - GET shows the evidence (app, stage, the commits and their authors, the artifact, what the
+//!   previous stage passed, who decided, time left) and a form; it never decides, because mail and
+//!   chat link scanners open links.
+//! - POST (the form, or JSON `{"decision","comment","csrf"}`) needs the page's CSRF value, bound to
+//!   the token, and records the vote with a conditional write. The first vote of an approver
+//!   stands: the same decision again shows it, the other decision is refused (409), and a decided,
+//!   superseded or timed-out approval takes no vote (409). When the votes decide, `approval.decided`
+//!   is committed and published exactly once.
+//! - Refusals change nothing: incomplete or forged link or unknown key → 401; expired → 410; link
+//!   of another run, stage or artifact → 401; not an approver, self-approval, wrong principal,
+//!   cross-site or CSRF-less POST → 403; unknown approval → 404; run already finished → 409.
 
 use super::*;
-use crate::adapters::{ApprovalRecord, Vote};
+use crate::adapters::{ApprovalRecord, Vote, VoteResult};
 use crate::invoke::{HttpRequest, HttpResponse};
-use crate::links::LinkError;
+use crate::links::{Claims, LinkError, artifact_digest};
+use base64::Engine;
 use serde_json::json;
 
 pub const NAME: &str = "approval";
@@ -21,207 +30,359 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     if id.is_empty() || id.len() > 200 {
         return Err(Error::NotFound("no approval id in the path".into()));
     }
-    let approver = state
-        .links
-        .verify(
-            &id,
-            req.query.get("approver").map(String::as_str),
-            req.query.get("exp").map(String::as_str),
-            req.query.get("sig").map(String::as_str),
-            Utc::now(),
-        )
-        .map_err(|e| match e {
-            LinkError::Expired(_) => Error::Gone(e.to_string()),
-            _ => Error::Unauthorized(e.to_string()),
-        })?;
-    let record = state.store.approval(&id).await?.ok_or_else(|| Error::NotFound(format!("no approval `{id}`")))?;
-    if !record.approvers.contains(&approver) {
-        return Err(Error::Unauthorized(format!("{approver} is not an approver of `{id}`")));
+    let token = req.query.get("t").cloned().unwrap_or_default();
+    let claims = state.links.verify(&token, Utc::now()).map_err(|e| match e {
+        LinkError::Expired(_) => Error::Gone(e.to_string()),
+        _ => Error::Unauthorized(e.to_string()),
+    })?;
+    if claims.approval != id {
+        return Err(Error::Unauthorized(format!("the link is for approval `{}`, not `{id}`", claims.approval)));
     }
+    let record = state.store.approval(&id).await?.ok_or_else(|| Error::NotFound(format!("no approval `{id}`")))?;
+    bound_to(&claims, &record)?;
+    let approver = may_decide(&claims, &record)?;
+    signed_in_as(&state, &req, &approver)?;
     let wants_json = req.header("accept").is_some_and(|a| a.contains("application/json"));
     match req.method.as_str() {
-        "GET" | "HEAD" => Ok(page(&record, &approver, None, wants_json, &req)),
-        "POST" => decide(&state, &req, record, &approver, wants_json).await,
+        "GET" | "HEAD" => Ok(page(&state, &record, &approver, &token, None, wants_json)),
+        "POST" => decide(&state, &req, record, &approver, &token, wants_json).await,
         m => Err(Error::Malformed(format!("{m} is not supported; use GET to view and POST to decide"))),
     }
 }
 
-fn parse_decision(req: &HttpRequest) -> Result<(Decision, Option<String>)> {
+/// The token names this approval's run, stage and artifact (a link of another release, or of an
+/// artifact that was replaced, decides nothing here).
+fn bound_to(c: &Claims, r: &ApprovalRecord) -> Result<()> {
+    if c.run != r.run_id || c.stage != r.stage {
+        return Err(Error::Unauthorized(format!("the link is for run {} stage {}, not this approval", c.run, c.stage)));
+    }
+    if c.artifact != artifact_digest(&r.image.id) {
+        return Err(Error::Unauthorized("the link is for another artifact than the one this approval is for".into()));
+    }
+    Ok(())
+}
+
+/// The link's approver, if they may decide this approval.
+fn may_decide(c: &Claims, r: &ApprovalRecord) -> Result<String> {
+    if let Some(x) = r.excluded.iter().find(|x| x.who.eq_ignore_ascii_case(&c.approver)) {
+        return Err(Error::Forbidden(format!("{} cannot approve this release: {} (no self-approval)", c.approver, x.why)));
+    }
+    r.approvers
+        .iter()
+        .find(|a| a.eq_ignore_ascii_case(&c.approver))
+        .cloned()
+        .ok_or_else(|| Error::Forbidden(format!("{} is not an approver of `{}`", c.approver, r.id)))
+}
+
+/// The identities App Service Authentication says the caller is (`X-MS-CLIENT-PRINCIPAL`, the
+/// base64 JSON the platform sets and strips from client requests, and `-NAME`).
+pub fn principal_identities(req: &HttpRequest) -> Option<Vec<String>> {
+    let raw = req.header("x-ms-client-principal");
+    let name = req.header("x-ms-client-principal-name");
+    if raw.is_none() && name.is_none() {
+        return None;
+    }
+    let mut ids: Vec<String> = name.map(str::to_string).into_iter().collect();
+    let decoded = raw
+        .and_then(|r| base64::engine::general_purpose::STANDARD.decode(r.trim()).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    for c in decoded.iter().flat_map(|v| v["claims"].as_array().cloned().unwrap_or_default()) {
+        let typ = c["typ"].as_str().unwrap_or_default().to_ascii_lowercase();
+        let wanted = ["preferred_username", "email", "emails", "upn", "name"];
+        if wanted.iter().any(|w| typ == *w || typ.ends_with(&format!("/{w}")) || typ.ends_with("/emailaddress")) {
+            ids.extend(c["val"].as_str().map(str::to_string));
+        }
+    }
+    Some(ids)
+}
+
+/// With App Service Authentication on, the signed-in principal must be the link's approver.
+fn signed_in_as(state: &AppState, req: &HttpRequest, approver: &str) -> Result<()> {
+    match principal_identities(req) {
+        Some(ids) if ids.iter().any(|i| i.eq_ignore_ascii_case(approver)) => Ok(()),
+        Some(ids) => Err(Error::Forbidden(format!(
+            "signed in as {}, but this link is for {approver}",
+            ids.first().map(String::as_str).unwrap_or("someone else")
+        ))),
+        None if state.config.require_signed_in => {
+            Err(Error::Forbidden("App Service Authentication is on, but no signed-in principal came with the request".into()))
+        }
+        None => Ok(()),
+    }
+}
+
+struct Form {
+    decision: Decision,
+    comment: Option<String>,
+    csrf: String,
+}
+
+fn parse_form(req: &HttpRequest) -> Result<Form> {
     let ct = req.header("content-type").unwrap_or_default().to_ascii_lowercase();
-    let (decision, comment) = if ct.starts_with("application/json") {
+    let (decision, comment, csrf) = if ct.starts_with("application/json") {
         let v: serde_json::Value = serde_json::from_slice(&req.body).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
-        (v["decision"].as_str().unwrap_or_default().to_string(), v["comment"].as_str().map(str::to_string))
+        let s = |k: &str| v[k].as_str().map(str::to_string);
+        (s("decision").unwrap_or_default(), s("comment"), s("csrf").unwrap_or_default())
     } else {
-        let mut d = String::new();
-        let mut c = None;
+        let (mut d, mut c, mut x) = (String::new(), None, String::new());
         for (k, v) in url::form_urlencoded::parse(&req.body) {
             match &*k {
                 "decision" => d = v.into_owned(),
-                "comment" => c = Some(v.into_owned()).filter(|s: &String| !s.trim().is_empty()),
+                "comment" => c = Some(v.into_owned()),
+                "csrf" => x = v.into_owned(),
                 _ => {}
             }
         }
-        (d, c)
+        (d, c, x)
     };
     let decision = match decision.as_str() {
         "approve" | "approved" => Decision::Approved,
         "reject" | "rejected" => Decision::Rejected,
-        other => return Err(Error::Malformed(format!("decision `{other}` is not `approve` or `reject`"))),
+        other => {
+            return Err(Error::Malformed(format!("decision `{}` is not `approve` or `reject`", other.chars().take(40).collect::<String>())));
+        }
     };
-    if comment.as_ref().is_some_and(|c| c.len() > 2000) {
+    let comment = comment.map(|c| c.trim().to_string()).filter(|c| !c.is_empty());
+    if comment.as_ref().is_some_and(|c| c.chars().count() > 2000) {
         return Err(Error::TooLarge("the comment is over 2000 characters".into()));
     }
-    Ok((decision, comment))
+    Ok(Form { decision, comment, csrf })
 }
 
-async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, approver: &str, wants_json: bool) -> Result<HttpResponse> {
-    let (decision, comment) = parse_decision(req)?;
+async fn decide(
+    state: &AppState,
+    req: &HttpRequest,
+    record: ApprovalRecord,
+    approver: &str,
+    token: &str,
+    wants_json: bool,
+) -> Result<HttpResponse> {
+    // A browser says where a form post comes from; only the approval page itself may post.
+    if let Some(site) = req.header("sec-fetch-site").filter(|s| !matches!(*s, "same-origin" | "none")) {
+        return Err(Error::Forbidden(format!("a decision cannot be posted from another site (Sec-Fetch-Site: {site})")));
+    }
+    let form = parse_form(req)?;
+    if !state.links.check_csrf(token, &form.csrf) {
+        return Err(Error::Forbidden("the decision lacks the page's CSRF value: open the link and decide on its page".into()));
+    }
     let now = Utc::now();
-    if record.expires_at <= now {
+    if record.expires_at <= now && record.closed.is_none() {
         return Err(Error::Gone(format!("approval `{}` expired at {}", record.id, record.expires_at.to_rfc3339())));
     }
     let run = state.store.run(&record.run_id).await?.ok_or_else(|| Error::NotFound(format!("no run `{}`", record.run_id)))?;
-    if run.status.is_final() {
+    if run.status.is_final() && record.why_closed().is_none() {
         return Err(Error::Conflict(format!("run `{}` already {}", run.id, run.status.as_str())));
     }
-    let decided_before = record.outcome();
-    let record =
-        state.store.vote(&record.id, &Vote { approver: approver.to_string(), decision, at: now, comment: comment.clone() }).await?;
+    let vote = Vote { approver: approver.to_string(), decision: form.decision, at: now, comment: form.comment.clone() };
+    let (record, result) = state.store.vote(&record.id, &vote).await?;
+    match result {
+        VoteResult::Recorded => {}
+        // A second click of the same button: show what is recorded (and make sure a decision it
+        // made went out, should a crash have cut the first request short).
+        VoteResult::Repeated(_) => {
+            run_step(state, &run.id, &vote_key(&record.stage, approver), || async { Ok(None) }).await?;
+            return Ok(page(state, &record, approver, token, Some(form.decision), wants_json));
+        }
+        VoteResult::Contradicts(v) => {
+            return Err(Error::Conflict(format!(
+                "you {} this at {}; a decision is not changed",
+                word(v.decision),
+                v.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )));
+        }
+        VoteResult::Closed(why) => return Err(Error::Conflict(format!("approval `{}` is {why}", record.id))),
+    }
     let rr = RunRef::from(&run);
     let stage = record.stage.clone();
-    // One run entry per vote (idempotent per approver).
-    let vote_key = format!("vote.{stage}.{}", short_digest(&[approver]));
-    let word = if decision == Decision::Approved { "approved" } else { "rejected" };
-    if decided_before.is_none() {
-        let outcome = record.outcome();
-        let waiting = if outcome.is_none() { Some(waiting_for_approval(&record)) } else { Some(format!("promotion to {stage}")) };
-        let mut outbox = Vec::new();
-        let mut entries = vec![entry(&vote_key, format!("{approver} {word} {stage}"), comment.clone())];
-        if let Some(o) = outcome {
-            let by: Vec<String> = record.votes.iter().filter(|v| v.decision == o).map(|v| v.approver.clone()).collect();
-            let comment = record.votes.iter().rev().find_map(|v| v.comment.clone());
-            outbox.push(
-                emit(
-                    state,
-                    &rr,
-                    &format!("approval-decided.{stage}"),
-                    NAME,
-                    EventData::ApprovalDecided(ApprovalDecided {
-                        app: record.app.clone(),
-                        stage: stage.clone(),
-                        approval_id: record.id.clone(),
-                        image: record.image.clone(),
-                        commit: record.commit.clone(),
-                        decision: o,
-                        decided_by: by.clone(),
-                        comment,
-                    }),
-                )
-                .1,
-            );
-            entries.push(entry(
-                &vote_key,
-                format!("approval of {stage} decided: {}", if o == Decision::Approved { "approved" } else { "rejected" }),
-                Some(format!("by {}", by.join(", "))),
-            ));
-        }
-        let commit = StepCommit {
-            run_id: run.id.clone(),
-            key: vote_key.clone(),
-            new_run: None,
-            entries,
-            status: RunStatus::Waiting,
-            waiting_for: waiting,
-            image: None,
-            stage: None,
-            outbox,
-        };
-        run_step(state, &run.id, &vote_key, || async { Ok(Some(commit)) }).await?;
-    } else {
-        // Decided already: make sure the decision's messages went out (a crash may have cut it short).
-        run_step(state, &run.id, &vote_key, || async { Ok(None) }).await?;
+    let key = vote_key(&stage, approver);
+    let outcome = record.outcome();
+    let mut outbox = Vec::new();
+    let mut entries = vec![entry(&key, format!("{approver} {} {stage}", word(form.decision)), form.comment.clone())];
+    if let Some(o) = outcome {
+        let by: Vec<String> = record.votes.iter().filter(|v| v.decision == o).map(|v| v.approver.clone()).collect();
+        let comment = record.votes.iter().rev().find_map(|v| v.comment.clone());
+        outbox.push(
+            emit(
+                state,
+                &rr,
+                &format!("approval-decided.{stage}"),
+                NAME,
+                EventData::ApprovalDecided(ApprovalDecided {
+                    app: record.app.clone(),
+                    stage: stage.clone(),
+                    approval_id: record.id.clone(),
+                    image: record.image.clone(),
+                    commit: record.commit.clone(),
+                    decision: o,
+                    decided_by: by.clone(),
+                    comment,
+                }),
+            )
+            .1,
+        );
+        entries.push(entry(&key, format!("approval of {stage} decided: {}", word(o)), Some(format!("by {}", by.join(", ")))));
     }
-    Ok(page(&record, approver, Some(decision), wants_json, req))
+    let waiting = if outcome.is_none() { waiting_for_approval(&record) } else { format!("promotion to {stage}") };
+    let commit = StepCommit {
+        run_id: run.id.clone(),
+        key: key.clone(),
+        new_run: None,
+        entries,
+        status: RunStatus::Waiting,
+        waiting_for: Some(waiting),
+        image: None,
+        stage: None,
+        outbox,
+    };
+    run_step(state, &run.id, &key, || async { Ok(Some(commit)) }).await?;
+    Ok(page(state, &record, approver, token, Some(form.decision), wants_json))
+}
+
+/// One run entry per approver's vote (idempotent per approver).
+fn vote_key(stage: &str, approver: &str) -> String {
+    format!("vote.{stage}.{}", short_digest(&[&approver.to_ascii_lowercase()]))
+}
+
+fn word(d: Decision) -> &'static str {
+    if d == Decision::Approved { "approved" } else { "rejected" }
 }
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
 
-fn page(a: &ApprovalRecord, approver: &str, just: Option<Decision>, wants_json: bool, req: &HttpRequest) -> HttpResponse {
+/// `3h 12m`, `45m`, `20s`.
+fn time_left(until: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let s = (until - now).num_seconds();
+    match s {
+        s if s <= 0 => "none".into(),
+        s if s >= 86_400 => format!("{}d {}h", s / 86_400, (s % 86_400) / 3600),
+        s if s >= 3600 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just: Option<Decision>, wants_json: bool) -> HttpResponse {
+    let now = Utc::now();
     let outcome = a.outcome();
-    let state_word = match outcome {
-        Some(Decision::Approved) => "approved",
-        Some(Decision::Rejected) => "rejected",
-        None => "pending",
+    let closed = a.why_closed();
+    let state_word = match (&a.closed, outcome) {
+        (Some(crate::adapters::Closed::Superseded { .. }), _) => "superseded",
+        (_, Some(Decision::Approved)) => "approved",
+        (_, Some(Decision::Rejected)) => "rejected",
+        _ if a.expires_at <= now => "expired",
+        _ => "pending",
     };
-    let mine = a.votes.iter().find(|v| v.approver == approver);
+    let mine = a.votes.iter().find(|v| v.approver.eq_ignore_ascii_case(approver));
+    let can_decide = mine.is_none() && closed.is_none() && a.expires_at > now;
+    // JSON clients always get the CSRF value: posting with it to a decided approval is answered
+    // with what stands (409); the HTML page offers the form only while a decision can be made.
+    let csrf = state.links.csrf(token);
     if wants_json {
         return HttpResponse::json(
             200,
             &json!({
                 "approval": a.id, "run": a.run_id, "app": a.app, "stage": a.stage, "commit": a.commit,
                 "image": a.image, "approvers": a.approvers, "quorum": a.quorum, "expiresAt": a.expires_at,
-                "votes": a.votes, "state": state_word, "you": approver, "yourVote": mine.map(|v| v.decision),
+                "timeLeft": time_left(a.expires_at, now), "votes": a.votes, "state": state_word, "closed": closed,
+                "excluded": a.excluded, "evidence": a.evidence, "you": approver, "yourVote": mine.map(|v| v.decision),
+                "csrf": csrf,
             }),
         );
     }
+    let ev = &a.evidence;
+    let commits: String = ev
+        .commits
+        .iter()
+        .map(|c| {
+            let who = match (&c.author, &c.author_email) {
+                (Some(n), Some(e)) => format!("{} &lt;{}&gt;", esc(n), esc(e)),
+                (Some(n), None) => esc(n),
+                (None, Some(e)) => esc(e),
+                (None, None) => "unknown author".into(),
+            };
+            format!(
+                "<li><code>{}</code> {} — <span class=\"author\">{who}</span></li>",
+                esc(&c.id[..c.id.len().min(12)]),
+                esc(c.message.as_deref().unwrap_or("").lines().next().unwrap_or(""))
+            )
+        })
+        .collect();
+    let previous = match &ev.previous {
+        Some(p) => format!(
+            "<section id=\"previous\"><h2>{stage}</h2><p>Deployed to <code>{target}</code> at {at}.</p><p class=\"health\">{health}</p><ul>{checks}</ul></section>",
+            stage = esc(&p.stage),
+            target = esc(p.target.rsplit('/').next().unwrap_or(&p.target)),
+            at = p.deployed_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            health = esc(&p.health),
+            checks = if p.checks.is_empty() {
+                "<li>no acceptance checks configured</li>".to_string()
+            } else {
+                p.checks.iter().map(|c| format!("<li>passed: {}</li>", esc(c))).collect()
+            },
+        ),
+        None => String::new(),
+    };
     let votes: String = a
         .votes
         .iter()
         .map(|v| {
             format!(
-                "<li>{} {} at {}</li>",
+                "<li>{} {} at {}{}</li>",
                 esc(&v.approver),
-                if v.decision == Decision::Approved { "approved" } else { "rejected" },
-                v.at.to_rfc3339()
+                word(v.decision),
+                v.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                v.comment.as_deref().map(|c| format!(": “{}”", esc(c))).unwrap_or_default()
             )
         })
         .collect();
-    let action = format!(
-        "/api/approvals/{}?{}",
-        esc(&a.id),
-        esc(&req
-            .query
-            .iter()
-            .filter(|(k, _)| matches!(k.as_str(), "approver" | "exp" | "sig"))
-            .map(|(k, v)| format!("{k}={}", url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()))
-            .collect::<Vec<_>>()
-            .join("&"))
-    );
-    let form = if mine.is_none() && outcome.is_none() {
-        format!(
-            "<form method=\"post\" action=\"{action}\"><label>Comment <input name=\"comment\" maxlength=\"2000\"></label> \
-             <button name=\"decision\" value=\"approve\">Approve</button> <button name=\"decision\" value=\"reject\">Reject</button></form>"
-        )
-    } else {
-        String::new()
-    };
-    let note = match (just, mine) {
-        (Some(_), Some(v)) => format!(
-            "<p><strong>Your decision is recorded: {}.</strong></p>",
-            if v.decision == Decision::Approved { "approved" } else { "rejected" }
+    let excluded: String = a.excluded.iter().map(|x| format!("<li>{} cannot approve: {}</li>", esc(&x.who), esc(&x.why))).collect();
+    let form = match csrf.as_ref().filter(|_| can_decide) {
+        Some(csrf) => format!(
+            "<form method=\"post\" action=\"/api/approvals/{id}?t={t}\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <label>Comment <input name=\"comment\" maxlength=\"2000\"></label> \
+             <button name=\"decision\" value=\"approve\" id=\"approve\">Approve</button> \
+             <button name=\"decision\" value=\"reject\" id=\"reject\">Reject</button></form>",
+            id = esc(&a.id),
+            t = esc(&url::form_urlencoded::byte_serialize(token.as_bytes()).collect::<String>()),
+            csrf = esc(csrf),
         ),
-        (None, Some(v)) => format!("<p>You {} this already.</p>", if v.decision == Decision::Approved { "approved" } else { "rejected" }),
+        None => String::new(),
+    };
+    let note = match (just, mine, &closed) {
+        (Some(_), Some(v), _) => format!("<p class=\"note\"><strong>Your decision is recorded: {}.</strong></p>", word(v.decision)),
+        (None, Some(v), _) => format!("<p class=\"note\">You {} this already.</p>", word(v.decision)),
+        (_, None, Some(why)) => format!("<p class=\"note\"><strong>This approval is {}.</strong></p>", esc(why)),
+        _ if a.expires_at <= now => "<p class=\"note\"><strong>This approval expired.</strong></p>".into(),
         _ => String::new(),
     };
     HttpResponse::html(
         200,
         format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Approve {app} to {stage}</title></head><body>\
+            "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\">\
+             <title>Approve {app} to {stage}</title></head><body>\
              <h1>Promote {app} to {stage}?</h1>{note}\
-             <dl><dt>Commit</dt><dd><code>{commit}</code></dd><dt>Image</dt><dd><code>{image}</code></dd>\
-             <dt>Run</dt><dd><code>{run}</code></dd><dt>State</dt><dd>{state_word} ({n} of {quorum} approvals needed from {approvers})</dd>\
-             <dt>Expires</dt><dd>{exp}</dd><dt>You</dt><dd>{me}</dd></dl><ul>{votes}</ul>{form}</body></html>",
+             <dl><dt>State</dt><dd id=\"state\">{state_word} — {n} of {quorum} approvals from {approvers}</dd>\
+             <dt>Time left</dt><dd>{left} (until {exp})</dd>\
+             <dt>Artifact</dt><dd><code id=\"artifact\">{image}</code></dd>\
+             <dt>Release</dt><dd>{repo} <code>{branch}</code> at <code>{commit}</code>, pushed by {pusher}; run <code>{run}</code></dd>\
+             <dt>You</dt><dd>{me}</dd></dl>\
+             <h2>Commits</h2><ul id=\"commits\">{commits}</ul>{previous}\
+             <h2>Decisions</h2><ul id=\"votes\">{votes}{excluded}</ul>{form}</body></html>",
             app = esc(&a.app),
             stage = esc(&a.stage),
-            commit = esc(&a.commit),
-            image = esc(&a.image.id),
-            run = esc(&a.run_id),
             n = a.votes.iter().filter(|v| v.decision == Decision::Approved).count(),
             quorum = a.quorum,
             approvers = esc(&a.approvers.join(", ")),
-            exp = a.expires_at.to_rfc3339(),
+            left = time_left(a.expires_at, now),
+            exp = a.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            image = esc(&a.image.id),
+            repo = esc(&ev.repository),
+            branch = esc(&ev.branch),
+            commit = esc(&a.commit),
+            pusher = esc(ev.pusher.as_deref().unwrap_or("someone")),
+            run = esc(&a.run_id),
             me = esc(approver),
         ),
     )

@@ -106,6 +106,24 @@ async fn git_push(state: &AppState, p: &Value) -> Result<HttpResponse> {
                 message: commit_msg.and_then(|c| s(c, &["comment"])).map(|m| m.chars().take(500).collect()),
                 url: commit_msg.and_then(|c| s(c, &["url"])).map(str::to_string),
                 delivery: s(p, &["id"]).map(str::to_string),
+                pusher_email: s(r, &["pushedBy", "uniqueName"]).filter(|u| u.contains('@')).map(str::to_string),
+                commits: r["commits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| {
+                        Some(CommitInfo {
+                            id: s(c, &["commitId"])
+                                .filter(|id| id.len() >= 7 && id.bytes().all(|b| b.is_ascii_hexdigit()))?
+                                .to_ascii_lowercase(),
+                            message: s(c, &["comment"]).map(|m| m.chars().take(500).collect()),
+                            author: s(c, &["author", "name"]).map(str::to_string),
+                            author_email: s(c, &["author", "email"]).map(str::to_string),
+                            author_login: None,
+                        })
+                    })
+                    .take(MAX_PUSH_COMMITS)
+                    .collect(),
             }),
         };
         publish_event(state, &ev).await?;

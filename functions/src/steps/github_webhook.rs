@@ -126,6 +126,22 @@ async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<H
             message,
             url: s(p, &["head_commit", "url"]).or(s(p, &["compare"])).map(str::to_string),
             delivery,
+            pusher_email: s(p, &["pusher", "email"]).map(str::to_string),
+            commits: p["commits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| {
+                    Some(CommitInfo {
+                        id: s(c, &["id"]).filter(|id| id.len() >= 7 && id.bytes().all(|b| b.is_ascii_hexdigit()))?.to_ascii_lowercase(),
+                        message: s(c, &["message"]).map(|m| m.chars().take(500).collect()),
+                        author: s(c, &["author", "name"]).map(str::to_string),
+                        author_email: s(c, &["author", "email"]).map(str::to_string),
+                        author_login: s(c, &["author", "username"]).map(str::to_string),
+                    })
+                })
+                .take(MAX_PUSH_COMMITS)
+                .collect(),
         }),
     };
     publish_event(state, &ev).await?;

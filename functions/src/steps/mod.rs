@@ -17,7 +17,10 @@ pub mod on_push;
 pub mod runs;
 
 use crate::AppState;
-use crate::adapters::{ApprovalNotice, ApprovalRecord, DeployOutcome, DeployRequest, Outbound, Run, RunStatus, StepCommit, StepEntry};
+use crate::adapters::{
+    ApprovalNotice, ApprovalRecord, AuditEntry, DeployOutcome, DeployRequest, Evidence, Excluded, Outbound, Run, RunStatus, StageEvidence,
+    StepCommit, StepEntry,
+};
 use crate::error::{Error, Result};
 use crate::policy::{App, Policy};
 use chrono::{DateTime, Utc};
@@ -324,6 +327,11 @@ pub async fn deploy_stage(
                 }
                 Some(policy) => {
                     let expires_at = Utc::now() + chrono::Duration::from_std(policy.expiry()).unwrap_or(chrono::Duration::hours(24));
+                    // Separation of duties: the people who made the change get no link and no vote.
+                    let makers = run.change.people();
+                    let (excluded, approvers): (Vec<String>, Vec<String>) =
+                        state.policy.expand(&policy.approvers).into_iter().partition(|a| makers.contains(&a.to_ascii_lowercase()));
+                    let now = Utc::now();
                     let record = ApprovalRecord {
                         id: approval_id.clone(),
                         run_id: run.id.clone(),
@@ -331,28 +339,35 @@ pub async fn deploy_stage(
                         stage: next.name.clone(),
                         commit: run.commit.clone(),
                         image: image.clone(),
-                        approvers: policy.approvers.clone(),
+                        approvers,
                         quorum: policy.quorum,
                         expires_at,
                         votes: Vec::new(),
+                        excluded: excluded
+                            .into_iter()
+                            .map(|who| Excluded { who, why: "they pushed or wrote commits of this release".into() })
+                            .collect(),
+                        evidence: Evidence {
+                            repository: run.repository.clone(),
+                            branch: run.branch.clone(),
+                            pusher: run.change.pusher.clone(),
+                            commits: run.change.commits.clone(),
+                            previous: Some(StageEvidence {
+                                stage: stage.name.clone(),
+                                target: stage.target.clone(),
+                                deployed_at: now,
+                                health: "every instance on the new model and HealthState/healthy (Application Health extension)".into(),
+                                checks: stage.checks.iter().map(describe_check).collect(),
+                            }),
+                        },
+                        closed: None,
+                        escalated: false,
+                        audit: vec![AuditEntry { at: now, what: "requested".into(), who: None, detail: None }],
                     };
                     // Idempotent: a retried step keeps the first record (and its expiry).
                     state.store.put_approval(&record).await?;
                     let record = state.store.approval(&approval_id).await?.unwrap_or(record);
-                    let links = record.approvers.iter().map(|a| (a.clone(), state.links.link(&record.id, a, record.expires_at))).collect();
-                    state
-                        .notify
-                        .approval_requested(&ApprovalNotice {
-                            approval_id: record.id.clone(),
-                            run_id: run.id.clone(),
-                            app: app.name.clone(),
-                            stage: next.name.clone(),
-                            commit: run.commit.clone(),
-                            image: image.clone(),
-                            expires_at: record.expires_at,
-                            links,
-                        })
-                        .await?;
+                    state.notify.approval_requested(&notice(state, &record, &record.approvers)).await?;
                     outbox.push(
                         emit(
                             state,
@@ -381,10 +396,59 @@ pub async fn deploy_stage(
     }
 }
 
+/// A check as approvers read it: `GET http://web-staging.internal/healthz → 200` (no query: it may
+/// carry a key).
+pub fn describe_check(c: &crate::policy::Check) -> String {
+    let url = c.url.as_deref().and_then(|u| url::Url::parse(u).ok()).map(|mut u| {
+        u.set_query(None);
+        let _ = u.set_password(None);
+        let _ = u.set_username("");
+        u.to_string()
+    });
+    let body = c.expect_body.as_deref().map(|b| format!(", body contains “{b}”")).unwrap_or_default();
+    format!("GET {} → {}{body}", url.unwrap_or_else(|| "(no url)".into()), c.expect_status)
+}
+
+/// The notice that gives each of `to` their own signed link to `record`.
+pub fn notice(state: &AppState, record: &ApprovalRecord, to: &[String]) -> ApprovalNotice {
+    let links = to
+        .iter()
+        .map(|a| {
+            let claims = crate::links::Claims {
+                approval: record.id.clone(),
+                run: record.run_id.clone(),
+                stage: record.stage.clone(),
+                artifact: crate::links::artifact_digest(&record.image.id),
+                approver: a.clone(),
+                exp: record.expires_at.timestamp(),
+            };
+            (a.clone(), state.links.link(&claims))
+        })
+        .collect();
+    ApprovalNotice {
+        approval_id: record.id.clone(),
+        run_id: record.run_id.clone(),
+        app: record.app.clone(),
+        stage: record.stage.clone(),
+        commit: record.commit.clone(),
+        image: record.image.clone(),
+        expires_at: record.expires_at,
+        links,
+    }
+}
+
 pub fn waiting_for_approval(a: &ApprovalRecord) -> String {
     let approved: Vec<&str> = a.votes.iter().filter(|v| v.decision == Decision::Approved).map(|v| v.approver.as_str()).collect();
+    let short = if a.approvers.len() < a.quorum as usize {
+        format!(
+            "; only {} may approve (the release's pusher and authors may not): it cannot reach its quorum before the timeout",
+            a.approvers.len()
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "approval of {} by {} of [{}] ({} given{}); expires {}",
+        "approval of {} by {} of [{}] ({} given{}){short}; expires {}",
         a.stage,
         a.quorum,
         a.approvers.join(", "),

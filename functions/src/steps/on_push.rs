@@ -44,6 +44,11 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
         created_at: ev.time,
         updated_at: ev.time,
         steps: Vec::new(),
+        change: crate::adapters::Change {
+            pusher: push.pusher.clone(),
+            pusher_email: push.pusher_email.clone(),
+            commits: push.commits.clone(),
+        },
     };
     let done = run_step(&state, &run.id.clone(), KEY, || async {
         state

@@ -146,7 +146,7 @@ impl Harness {
         let baker = Arc::new(MemoryBaker::default());
         let compute = Arc::new(MemoryCompute::default());
         let notify = Arc::new(MemoryNotify::default());
-        let links = ApprovalLinks::new(SIGNING_KEY.as_bytes(), config.public_url.clone());
+        let links = ApprovalLinks::new(SIGNING_KEY.as_bytes(), &[], config.public_url.clone());
         let state = AppState {
             config: Arc::new(config),
             policy: Arc::new(policy),
