@@ -222,6 +222,59 @@ pub struct ApprovalDecided {
     pub comment: Option<String>,
 }
 
+/// A timer of a pending approval came due: a Service Bus scheduled message the approval request
+/// (or an escalation) set, for a reminder or for the timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DueKind {
+    Reminder,
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalDue {
+    pub app: String,
+    pub stage: String,
+    pub approval_id: String,
+    pub commit: String,
+    pub due: DueKind,
+    /// When it was due (RFC 3339).
+    pub at: String,
+    /// 0 for the approval's first period, 1 after an escalation: a timer of an earlier round does nothing.
+    pub round: u32,
+}
+
+/// What happened to an approval other than a vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApprovalChange {
+    /// The approvers who had not decided were reminded.
+    Reminded,
+    /// The timeout passed it to other approvers for another period.
+    Escalated,
+    /// The timeout ended it with its default action (`approval.decided` follows).
+    Expired,
+    /// A newer build reached the stage: it decides nothing now.
+    Superseded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalChanged {
+    pub app: String,
+    pub stage: String,
+    pub approval_id: String,
+    pub image: ImageRef,
+    pub commit: String,
+    pub change: ApprovalChange,
+    /// Who was reminded or escalated to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub people: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunOutcome {

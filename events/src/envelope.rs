@@ -25,11 +25,13 @@ pub enum EventType {
     DeploymentRolledBack,
     ApprovalRequested,
     ApprovalDecided,
+    ApprovalDue,
+    ApprovalChanged,
     RunFinished,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 12] = [
+    pub const ALL: [EventType; 14] = [
         EventType::Push,
         EventType::BuildRequested,
         EventType::BuildCompleted,
@@ -41,6 +43,8 @@ impl EventType {
         EventType::DeploymentRolledBack,
         EventType::ApprovalRequested,
         EventType::ApprovalDecided,
+        EventType::ApprovalDue,
+        EventType::ApprovalChanged,
         EventType::RunFinished,
     ];
 
@@ -58,6 +62,8 @@ impl EventType {
             EventType::DeploymentRolledBack => "dev.deploychain.deployment.rolledback.v1",
             EventType::ApprovalRequested => "dev.deploychain.approval.requested.v1",
             EventType::ApprovalDecided => "dev.deploychain.approval.decided.v1",
+            EventType::ApprovalDue => "dev.deploychain.approval.due.v1",
+            EventType::ApprovalChanged => "dev.deploychain.approval.changed.v1",
             EventType::RunFinished => "dev.deploychain.run.finished.v1",
         }
     }
@@ -93,6 +99,8 @@ pub enum EventData {
     DeploymentRolledBack(Deployment),
     ApprovalRequested(ApprovalRequested),
     ApprovalDecided(ApprovalDecided),
+    ApprovalDue(ApprovalDue),
+    ApprovalChanged(ApprovalChanged),
     RunFinished(RunFinished),
 }
 
@@ -110,6 +118,8 @@ impl EventData {
             EventData::DeploymentRolledBack(_) => EventType::DeploymentRolledBack,
             EventData::ApprovalRequested(_) => EventType::ApprovalRequested,
             EventData::ApprovalDecided(_) => EventType::ApprovalDecided,
+            EventData::ApprovalDue(_) => EventType::ApprovalDue,
+            EventData::ApprovalChanged(_) => EventType::ApprovalChanged,
             EventData::RunFinished(_) => EventType::RunFinished,
         }
     }
@@ -128,6 +138,8 @@ impl EventData {
             | EventData::DeploymentRolledBack(d) => &d.app,
             EventData::ApprovalRequested(d) => &d.app,
             EventData::ApprovalDecided(d) => &d.app,
+            EventData::ApprovalDue(d) => &d.app,
+            EventData::ApprovalChanged(d) => &d.app,
             EventData::RunFinished(d) => &d.app,
         }
     }
@@ -141,6 +153,8 @@ impl EventData {
             | EventData::DeploymentRolledBack(d) => Some(&d.stage),
             EventData::ApprovalRequested(d) => Some(&d.stage),
             EventData::ApprovalDecided(d) => Some(&d.stage),
+            EventData::ApprovalDue(d) => Some(&d.stage),
+            EventData::ApprovalChanged(d) => Some(&d.stage),
             _ => None,
         }
     }
@@ -158,6 +172,8 @@ impl EventData {
             | EventData::DeploymentRolledBack(d) => serde_json::to_value(d),
             EventData::ApprovalRequested(d) => serde_json::to_value(d),
             EventData::ApprovalDecided(d) => serde_json::to_value(d),
+            EventData::ApprovalDue(d) => serde_json::to_value(d),
+            EventData::ApprovalChanged(d) => serde_json::to_value(d),
             EventData::RunFinished(d) => serde_json::to_value(d),
         };
         // Plain structs of strings and enums always serialize.
@@ -180,6 +196,8 @@ impl EventData {
             EventType::DeploymentRolledBack => EventData::DeploymentRolledBack(de(ty, v)?),
             EventType::ApprovalRequested => EventData::ApprovalRequested(de(ty, v)?),
             EventType::ApprovalDecided => EventData::ApprovalDecided(de(ty, v)?),
+            EventType::ApprovalDue => EventData::ApprovalDue(de(ty, v)?),
+            EventType::ApprovalChanged => EventData::ApprovalChanged(de(ty, v)?),
             EventType::RunFinished => EventData::RunFinished(de(ty, v)?),
         })
     }

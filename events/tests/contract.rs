@@ -214,6 +214,8 @@ fn commit_of(data: &EventData) -> &str {
         | EventData::DeploymentRolledBack(d) => &d.commit,
         EventData::ApprovalRequested(d) => &d.commit,
         EventData::ApprovalDecided(d) => &d.commit,
+        EventData::ApprovalDue(d) => &d.commit,
+        EventData::ApprovalChanged(d) => &d.commit,
         EventData::RunFinished(d) => &d.commit,
     }
 }
@@ -347,6 +349,25 @@ fn data_for(ty: EventType, full: bool) -> EventData {
             decision: if full { Decision::Rejected } else { Decision::Approved },
             decided_by: if full { vec!["alice@example.com".into(), "carol".into()] } else { vec!["policy".into()] },
             comment: full.then(|| "Not during the sale.".to_string()),
+        }),
+        EventType::ApprovalDue => EventData::ApprovalDue(ApprovalDue {
+            app: APP.into(),
+            stage: "prod-eu".into(),
+            approval_id: "api-1a2b3c4d5e6f.prod-eu".into(),
+            commit: COMMIT.into(),
+            due: if full { DueKind::Reminder } else { DueKind::Timeout },
+            at: "2026-11-23T10:00:00Z".into(),
+            round: u32::from(full),
+        }),
+        EventType::ApprovalChanged => EventData::ApprovalChanged(ApprovalChanged {
+            app: APP.into(),
+            stage: "prod-eu".into(),
+            approval_id: "api-1a2b3c4d5e6f.prod-eu".into(),
+            image,
+            commit: COMMIT.into(),
+            change: if full { ApprovalChange::Escalated } else { ApprovalChange::Superseded },
+            people: if full { vec!["carol@example.com".into()] } else { Vec::new() },
+            detail: full.then(|| "no decision within 24h".to_string()),
         }),
         EventType::RunFinished => EventData::RunFinished(RunFinished {
             app: APP.into(),

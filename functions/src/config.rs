@@ -3,10 +3,25 @@
 //! values are never echoed. In Azure the secrets are Key Vault references that the platform
 //! resolves into these same app settings.
 
+use crate::adapters::notify::Channel;
 use crate::adapters::servicebus::ConnectionString;
 use crate::policy::parse_duration;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// One channel approval notices go to. Its URL may carry a key (Slack, Teams workflows): `Debug`
+/// shows only the channel and the host.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NotifyTarget {
+    pub channel: Channel,
+    pub url: url::Url,
+}
+
+impl std::fmt::Debug for NotifyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} webhook on {}", self.channel.as_str(), self.url.host_str().unwrap_or("?"))
+    }
+}
 
 /// A secret app setting. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -92,7 +107,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Where and how rollouts reach VM scale sets.
     pub arm: ArmConfig,
-    pub notify_url: Option<url::Url>,
+    /// Where approval notices go: a generic webhook, Teams, Slack (any of them).
+    pub notify: Vec<NotifyTarget>,
     pub max_body_bytes: usize,
 }
 
@@ -166,14 +182,19 @@ impl Config {
             },
         };
         let arm = arm_config(get, &mut errs);
-        let notify_url = match get("DEPLOYCHAIN_NOTIFY_URL").map(|u| url::Url::parse(&u)) {
-            Some(Ok(u)) => Some(u),
-            Some(Err(_)) => {
-                errs.push("DEPLOYCHAIN_NOTIFY_URL: not a URL".into());
-                None
+        // Webhook URLs are secrets of their own (Slack's and Teams' carry a key): never echoed.
+        let mut notify = Vec::new();
+        for (setting, channel) in [
+            ("DEPLOYCHAIN_NOTIFY_URL", Channel::Webhook),
+            ("DEPLOYCHAIN_NOTIFY_TEAMS_URL", Channel::Teams),
+            ("DEPLOYCHAIN_NOTIFY_SLACK_URL", Channel::Slack),
+        ] {
+            match get(setting).map(|u| url::Url::parse(&u)) {
+                Some(Ok(url)) if matches!(url.scheme(), "http" | "https") => notify.push(NotifyTarget { channel, url }),
+                Some(_) => errs.push(format!("{setting}: not an http(s) URL")),
+                None => {}
             }
-            None => None,
-        };
+        }
         let max_body_bytes = match get("DEPLOYCHAIN_MAX_BODY_BYTES") {
             None => DEFAULT_MAX_BODY,
             Some(v) => v.parse().ok().filter(|n| *n >= 1024).unwrap_or_else(|| {
@@ -196,7 +217,7 @@ impl Config {
             parked_queue: get("DEPLOYCHAIN_PARKED_QUEUE").unwrap_or_else(|| "deploychain-parked".into()),
             store,
             arm,
-            notify_url,
+            notify,
             max_body_bytes,
         };
         if errs.is_empty() { Ok(cfg) } else { Err(errs) }
@@ -217,9 +238,9 @@ impl Config {
         {
             errs.push("AZURE_DEVOPS_WEBHOOK_SECRET: not set, but the policy has Azure DevOps repositories or pipelines".into());
         }
-        if policy.apps.iter().flat_map(|a| &a.stages).any(|s| s.approval.is_some()) && self.notify_url.is_none() {
+        if policy.apps.iter().flat_map(|a| &a.stages).any(|s| s.approval.is_some()) && self.notify.is_empty() {
             errs.push(
-                "DEPLOYCHAIN_NOTIFY_URL: not set, but the policy has stages that need approval (approvers get their links through it)"
+                "DEPLOYCHAIN_NOTIFY_URL: none of it, DEPLOYCHAIN_NOTIFY_TEAMS_URL or DEPLOYCHAIN_NOTIFY_SLACK_URL is set, but the policy has stages that need approval (approvers get their links through them)"
                     .into(),
             );
         }

@@ -49,6 +49,7 @@ pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("on_build_completed", Trigger::ServiceBus),
     ("on_image_ready", Trigger::ServiceBus),
     ("on_approval", Trigger::ServiceBus),
+    ("on_approval_due", Trigger::ServiceBus),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +86,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/on_image_ready", post(|s, b| bus_fn(s, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
         .route("/on_approval", post(|s, b| bus_fn(s, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
+        .route("/on_approval_due", post(|s, b| bus_fn(s, b, "on_approval_due", |s, m| Box::pin(steps::on_approval_due::handle(s, m)))))
         .layer(DefaultBodyLimit::max(envelope_limit))
         .with_state(state)
 }

@@ -30,9 +30,10 @@ async fn main() -> anyhow::Result<()> {
     let arm = &config.arm;
     tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "rollouts go to VM scale sets through ARM");
     let compute: Arc<dyn Compute> = Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
-    let notify: Arc<dyn Notify> = match &config.notify_url {
-        Some(u) => Arc::new(WebhookNotify::new(u.clone(), http.clone())),
-        None => Arc::new(memory::MemoryNotify::default()),
+    let notify: Arc<dyn Notify> = if config.notify.is_empty() {
+        Arc::new(memory::MemoryNotify::default())
+    } else {
+        Arc::new(WebhookNotify::new(config.notify.clone(), http.clone()))
     };
     let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
     let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());

@@ -202,10 +202,16 @@ async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
                 "approval.decided",
                 "deployment.started",
                 "deployment.succeeded",
-                "approval.requested"
+                "approval.requested",
+                // its timeout, a scheduled message
+                "approval.due"
             ],
             "{name}"
         );
+        let timeout = h.publisher.sent().into_iter().find(|m| m.subject == "dev.deploychain.approval.due.v1").unwrap();
+        assert_eq!(timeout.message_id, format!("{run_id}.approval-due.production.timeout.0"));
+        let expires = h.state.store.approval(&format!("{run_id}.production")).await.unwrap().unwrap().expires_at;
+        assert_eq!(timeout.scheduled_at.map(|t| t.timestamp()), Some(expires.timestamp()));
         let run = h.state.store.run(run_id).await.unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Waiting);
         assert!(

@@ -207,6 +207,17 @@ async fn publish_sends_message_id_label_session_and_cloudevents_properties_on_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_message_carries_its_enqueue_time_on_the_wire() {
+    let (_, out) = outbound();
+    let at = chrono::DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+    let out = out.scheduled(at);
+    let req = sent_once(async |p| p.publish(&out).await.unwrap()).await;
+    let bp = req.broker_properties();
+    // RFC 2822, as the REST API takes it (the local bus parses the same).
+    assert_eq!(bp.get("ScheduledEnqueueTimeUtc"), Some(&Value::String("Mon, 23 Nov 2026 10:00:00 +0000".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sas_signature_verifies_with_the_key_and_fails_with_another() {
     let (_, out) = outbound();
     let req = sent_once(async |p| p.publish(&out).await.unwrap()).await;

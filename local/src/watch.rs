@@ -45,6 +45,26 @@ pub fn describe(ev: &DeployEvent) -> String {
         EventData::ApprovalDecided(a) => {
             format!("{} {} by {}", a.stage, if a.decision == Decision::Approved { "approved" } else { "REJECTED" }, a.decided_by.join(", "))
         }
+        EventData::ApprovalDue(d) => format!(
+            "{} of the {} approval due",
+            match d.due {
+                DueKind::Reminder => "reminder",
+                DueKind::Timeout => "timeout",
+            },
+            d.stage
+        ),
+        EventData::ApprovalChanged(c) => format!(
+            "approval of {} {}{}{}",
+            c.stage,
+            match c.change {
+                ApprovalChange::Reminded => "reminded to",
+                ApprovalChange::Escalated => "ESCALATED to",
+                ApprovalChange::Expired => "EXPIRED",
+                ApprovalChange::Superseded => "SUPERSEDED",
+            },
+            if c.people.is_empty() { String::new() } else { format!(" {}", c.people.join(", ")) },
+            c.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
         EventData::RunFinished(r) => format!(
             "run {}: {}",
             match r.outcome {

@@ -133,6 +133,18 @@ impl Store for MemoryStore {
         let result = a.apply_vote(vote);
         Ok((a.clone(), result))
     }
+
+    async fn update_approval(&self, id: &str, u: &ApprovalUpdate) -> Result<(ApprovalRecord, bool)> {
+        let mut st = lock(&self.state);
+        let a = st.approvals.get_mut(id).ok_or_else(|| Error::NotFound(format!("approval `{id}`")))?;
+        let changed = a.apply_update(u);
+        Ok((a.clone(), changed))
+    }
+
+    async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>> {
+        let st = lock(&self.state);
+        Ok(st.approvals.values().filter(|a| a.app == app && a.stage == stage && a.why_closed().is_none()).cloned().collect())
+    }
 }
 
 /// Apply a step's changes to a run (shared by the memory and SQLite stores).
@@ -259,7 +271,8 @@ impl MemoryNotify {
 impl Notify for MemoryNotify {
     async fn approval_requested(&self, n: &ApprovalNotice) -> Result<()> {
         let mut v = lock(&self.notices);
-        if !v.iter().any(|x| x.approval_id == n.approval_id) {
+        // As a receiver de-duplicating by notice id would: one of each notice.
+        if !v.iter().any(|x| x.approval_id == n.approval_id && x.key == n.key) {
             v.push(n.clone());
         }
         Ok(())

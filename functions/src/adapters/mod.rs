@@ -30,9 +30,18 @@ pub struct Outbound {
     pub body: String,
     /// CloudEvents attributes as application properties (AMQP binding, `cloudEvents_` prefix).
     pub properties: BTreeMap<String, String>,
+    /// A Service Bus scheduled message: enqueued (visible to receivers) only from this time on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<DateTime<Utc>>,
 }
 
 impl Outbound {
+    /// The same message, scheduled for `at`.
+    pub fn scheduled(mut self, at: DateTime<Utc>) -> Outbound {
+        self.scheduled_at = Some(at);
+        self
+    }
+
     pub fn from_event(ev: &DeployEvent, session_id: Option<String>) -> Outbound {
         let mut properties = BTreeMap::new();
         properties.insert("cloudEvents_specversion".into(), "1.0".into());
@@ -52,6 +61,7 @@ impl Outbound {
             content_type: CLOUDEVENTS_JSON.into(),
             body: String::from_utf8_lossy(&ev.to_json_bytes()).into_owned(),
             properties,
+            scheduled_at: None,
         }
     }
 }
@@ -304,7 +314,60 @@ pub enum VoteResult {
     Closed(String),
 }
 
+/// A change to an approval that is not a vote, applied with a conditional write
+/// ([`ApprovalRecord::apply_update`]): only while the approval is open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalUpdate {
+    /// End it without the votes: superseded, or timed out with its default action.
+    Close(Closed),
+    /// Hand it to other approvers for another period (once).
+    Escalate { approvers: Vec<String>, expires_at: DateTime<Utc>, at: DateTime<Utc> },
+    /// Note that the undecided approvers were reminded.
+    Reminded { to: Vec<String>, at: DateTime<Utc>, detail: String },
+}
+
 impl ApprovalRecord {
+    /// Apply `u` if the approval is open (and, for an escalation, not escalated yet). Returns
+    /// whether it changed; the shared rule of every store.
+    pub fn apply_update(&mut self, u: &ApprovalUpdate) -> bool {
+        if self.why_closed().is_some() {
+            return false;
+        }
+        match u {
+            ApprovalUpdate::Close(c) => {
+                let (what, at, detail) = match c {
+                    Closed::Superseded { by_run, at } => ("superseded", *at, format!("by run {by_run}")),
+                    Closed::TimedOut { action, at } => ("timed-out", *at, format!("default action: {action}")),
+                };
+                self.audit.push(AuditEntry { at, what: what.into(), who: None, detail: Some(detail) });
+                self.closed = Some(c.clone());
+            }
+            ApprovalUpdate::Escalate { approvers, expires_at, at } => {
+                if self.escalated {
+                    return false;
+                }
+                self.audit.push(AuditEntry {
+                    at: *at,
+                    what: "escalated".into(),
+                    who: None,
+                    detail: Some(format!("to {} until {}", approvers.join(", "), expires_at.to_rfc3339())),
+                });
+                self.approvers = approvers.clone();
+                self.expires_at = *expires_at;
+                self.escalated = true;
+            }
+            ApprovalUpdate::Reminded { to, at, detail } => {
+                self.audit.push(AuditEntry { at: *at, what: "reminded".into(), who: Some(to.join(", ")), detail: Some(detail.clone()) });
+            }
+        }
+        true
+    }
+
+    /// The round of its timers: 0, or 1 after an escalation.
+    pub fn round(&self) -> u32 {
+        u32::from(self.escalated)
+    }
+
     /// The outcome: a timeout's default action, else the votes' — any rejection rejects,
     /// `quorum` distinct approvals approve. A superseded approval has none.
     pub fn outcome(&self) -> Option<deploychain_events::Decision> {
@@ -365,6 +428,11 @@ pub trait Store: Send + Sync {
     /// first vote of an approver stands, and a decided or closed approval takes none. Returns the
     /// record after it and what happened.
     async fn vote(&self, id: &str, vote: &Vote) -> Result<(ApprovalRecord, VoteResult)>;
+    /// Apply `u` with a conditional write ([`ApprovalRecord::apply_update`]); returns the record
+    /// after it and whether it changed.
+    async fn update_approval(&self, id: &str, u: &ApprovalUpdate) -> Result<(ApprovalRecord, bool)>;
+    /// The approvals of `app`'s `stage` that are still open (neither decided nor closed).
+    async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,6 +515,26 @@ pub struct ApprovalNotice {
     pub expires_at: DateTime<Utc>,
     /// (approver, link). The links are capabilities: never logged, never put on the bus.
     pub links: Vec<(String, String)>,
+    pub kind: NoticeKind,
+    /// Tells this notice from the approval's others (`request`, `reminder.<digest>`, `escalation`):
+    /// with the approver, the receivers' de-duplication key.
+    pub key: String,
+    /// What the approvers decide on: the change and what the previous stage passed.
+    pub evidence: Evidence,
+    /// Who decided so far.
+    pub votes: Vec<Vote>,
+    pub quorum: u32,
+}
+
+/// Why approvers are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// A new approval.
+    Request,
+    /// The approvers who have not decided yet, before the timeout.
+    Reminder,
+    /// The approval passed to them after a timeout.
+    Escalation,
 }
 
 /// Delivers approval links to people (Teams/Slack/e-mail). Idempotent per approval id.

@@ -189,6 +189,7 @@ impl Publish for ServiceBusPublisher {
                 message_id: Some(msg.message_id.clone()),
                 session_id: msg.session_id.clone(),
                 label: Some(msg.subject.clone()),
+                scheduled_enqueue_time_utc: msg.scheduled_at.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()),
                 ..Default::default()
             }),
             custom_properties: Some(props),

@@ -226,4 +226,41 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn update_approval(&self, id: &str, u: &ApprovalUpdate) -> Result<(ApprovalRecord, bool)> {
+        let (id, u) = (id.to_string(), u.clone());
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let doc: Option<String> =
+                tx.query_row("SELECT doc FROM approvals WHERE id = ?1", [&id], |r| r.get(0)).optional().map_err(db_err)?;
+            let mut a: ApprovalRecord = match doc {
+                Some(d) => from_json(&d)?,
+                None => return Err(Error::NotFound(format!("approval `{id}`"))),
+            };
+            let changed = a.apply_update(&u);
+            if changed {
+                tx.execute("UPDATE approvals SET doc = ?2 WHERE id = ?1", params![id, to_json(&a)?]).map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok((a, changed))
+        })
+        .await
+    }
+
+    async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>> {
+        let (app, stage) = (app.to_string(), stage.to_string());
+        self.with(move |c| {
+            // Approval ids are `<app>-<commit>.<stage>`; the prefix narrows, the record decides.
+            let pattern = format!("{}-%.{}", app.replace('%', ""), stage.replace('%', ""));
+            let mut st = c.prepare("SELECT doc FROM approvals WHERE id LIKE ?1").map_err(db_err)?;
+            let docs = st
+                .query_map([pattern], |r| r.get::<_, String>(0))
+                .map_err(db_err)?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            let all: Vec<ApprovalRecord> = docs.iter().map(|d| from_json(d)).collect::<Result<_>>()?;
+            Ok(all.into_iter().filter(|a| a.app == app && a.stage == stage && a.why_closed().is_none()).collect())
+        })
+        .await
+    }
 }

@@ -139,7 +139,10 @@ fn parse_form(req: &HttpRequest) -> Result<Form> {
         "approve" | "approved" => Decision::Approved,
         "reject" | "rejected" => Decision::Rejected,
         other => {
-            return Err(Error::Malformed(format!("decision `{}` is not `approve` or `reject`", other.chars().take(40).collect::<String>())));
+            return Err(Error::Malformed(format!(
+                "decision `{}` is not `approve` or `reject`",
+                other.chars().take(40).collect::<String>()
+            )));
         }
     };
     let comment = comment.map(|c| c.trim().to_string()).filter(|c| !c.is_empty());

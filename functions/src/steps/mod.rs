@@ -11,6 +11,7 @@ pub mod approval;
 pub mod azure_devops_webhook;
 pub mod github_webhook;
 pub mod on_approval;
+pub mod on_approval_due;
 pub mod on_build_completed;
 pub mod on_image_ready;
 pub mod on_push;
@@ -18,11 +19,11 @@ pub mod runs;
 
 use crate::AppState;
 use crate::adapters::{
-    ApprovalNotice, ApprovalRecord, AuditEntry, DeployOutcome, DeployRequest, Evidence, Excluded, Outbound, Run, RunStatus, StageEvidence,
-    StepCommit, StepEntry,
+    ApprovalNotice, ApprovalRecord, ApprovalUpdate, AuditEntry, Closed, DeployOutcome, DeployRequest, Evidence, Excluded, NoticeKind,
+    Outbound, Run, RunStatus, StageEvidence, StepCommit, StepEntry,
 };
 use crate::error::{Error, Result};
-use crate::policy::{App, Policy};
+use crate::policy::{App, Approval, Policy};
 use chrono::{DateTime, Utc};
 use deploychain_events::*;
 use std::future::Future;
@@ -364,10 +365,12 @@ pub async fn deploy_stage(
                         escalated: false,
                         audit: vec![AuditEntry { at: now, what: "requested".into(), who: None, detail: None }],
                     };
+                    // A newer build reached the stage: older runs waiting for it are superseded.
+                    supersede_older(state, app, &next.name, run, function).await?;
                     // Idempotent: a retried step keeps the first record (and its expiry).
                     state.store.put_approval(&record).await?;
                     let record = state.store.approval(&approval_id).await?.unwrap_or(record);
-                    state.notify.approval_requested(&notice(state, &record, &record.approvers)).await?;
+                    state.notify.approval_requested(&notice(state, &record, &record.approvers, NoticeKind::Request, "request")).await?;
                     outbox.push(
                         emit(
                             state,
@@ -387,6 +390,7 @@ pub async fn deploy_stage(
                         )
                         .1,
                     );
+                    outbox.extend(approval_timers(state, &rr, &record, policy, function));
                     let waiting = waiting_for_approval(&record);
                     entries.push(entry(key, format!("approval of {} requested", next.name), Some(waiting.clone())));
                     Ok(Deployed { entries, outbox, status: RunStatus::Waiting, waiting_for: Some(waiting) })
@@ -409,8 +413,78 @@ pub fn describe_check(c: &crate::policy::Check) -> String {
     format!("GET {} → {}{body}", url.unwrap_or_else(|| "(no url)".into()), c.expect_status)
 }
 
+/// The scheduled messages of an approval's timers in its current round: a reminder
+/// `remind_before` each, then the timeout.
+pub fn approval_timers(state: &AppState, rr: &RunRef, record: &ApprovalRecord, policy: &Approval, function: &str) -> Vec<Outbound> {
+    let round = record.round();
+    let now = Utc::now();
+    let due = |kind: DueKind, at: DateTime<Utc>, step: String| {
+        let data = EventData::ApprovalDue(ApprovalDue {
+            app: record.app.clone(),
+            stage: record.stage.clone(),
+            approval_id: record.id.clone(),
+            commit: record.commit.clone(),
+            due: kind,
+            at: at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            round,
+        });
+        emit(state, rr, &step, function, data).1.scheduled(at)
+    };
+    let mut out: Vec<Outbound> = policy
+        .reminders()
+        .into_iter()
+        .filter_map(|before| {
+            let at = record.expires_at - chrono::Duration::from_std(before).ok()?;
+            (at > now).then(|| due(DueKind::Reminder, at, format!("approval-due.{}.reminder.{round}.{}", record.stage, before.as_secs())))
+        })
+        .collect();
+    out.push(due(DueKind::Timeout, record.expires_at, format!("approval-due.{}.timeout.{round}", record.stage)));
+    out
+}
+
+/// Close the open approvals of older runs waiting for `stage` of `app` — `newer` reached it —
+/// and end those runs as superseded, each once.
+async fn supersede_older(state: &AppState, app: &App, stage: &str, newer: &Run, function: &str) -> Result<()> {
+    for a in state.store.open_approvals(&app.name, stage).await? {
+        if a.run_id == newer.id {
+            continue;
+        }
+        let Some(old) = state.store.run(&a.run_id).await? else { continue };
+        if old.sequence >= newer.sequence || old.status.is_final() {
+            continue;
+        }
+        let now = Utc::now();
+        let (rec, _) =
+            state.store.update_approval(&a.id, &ApprovalUpdate::Close(Closed::Superseded { by_run: newer.id.clone(), at: now })).await?;
+        if !matches!(&rec.closed, Some(Closed::Superseded { by_run, .. }) if *by_run == newer.id) {
+            continue; // decided in the meantime: it stands.
+        }
+        let key = format!("superseded.{stage}");
+        let short = &newer.commit[..newer.commit.len().min(12)];
+        let reason = format!("superseded at {stage} by newer run {} ({short})", newer.id);
+        run_step(state, &old.id, &key, || async {
+            let what = entry(&key, format!("approval of {stage} superseded"), Some(reason.clone()));
+            let mut c = finish_run(state, &old, &key, function, what, RunOutcome::Superseded, reason.clone(), Some(stage.to_string()));
+            let changed = EventData::ApprovalChanged(ApprovalChanged {
+                app: rec.app.clone(),
+                stage: stage.to_string(),
+                approval_id: rec.id.clone(),
+                image: rec.image.clone(),
+                commit: rec.commit.clone(),
+                change: ApprovalChange::Superseded,
+                people: Vec::new(),
+                detail: Some(format!("by run {}", newer.id)),
+            });
+            c.outbox.insert(0, emit(state, &RunRef::from(&old), &format!("approval-changed.{stage}.superseded"), function, changed).1);
+            Ok(Some(c))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// The notice that gives each of `to` their own signed link to `record`.
-pub fn notice(state: &AppState, record: &ApprovalRecord, to: &[String]) -> ApprovalNotice {
+pub fn notice(state: &AppState, record: &ApprovalRecord, to: &[String], kind: NoticeKind, key: &str) -> ApprovalNotice {
     let links = to
         .iter()
         .map(|a| {
@@ -434,6 +508,11 @@ pub fn notice(state: &AppState, record: &ApprovalRecord, to: &[String]) -> Appro
         image: record.image.clone(),
         expires_at: record.expires_at,
         links,
+        kind,
+        key: key.to_string(),
+        evidence: record.evidence.clone(),
+        votes: record.votes.clone(),
+        quorum: record.quorum,
     }
 }
 

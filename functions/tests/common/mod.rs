@@ -138,8 +138,17 @@ impl Harness {
     }
 
     pub fn with_max_body(store: Arc<dyn Store>, max_body: usize) -> Harness {
+        Self::build(store, max_body, POLICY)
+    }
+
+    /// A harness on another pipeline policy.
+    pub fn with_policy(store: Arc<dyn Store>, policy: &str) -> Harness {
+        Self::build(store, 1 << 20, policy)
+    }
+
+    fn build(store: Arc<dyn Store>, max_body: usize, policy: &str) -> Harness {
         let config = config(max_body);
-        let policy = Policy::from_toml(POLICY).unwrap();
+        let policy = Policy::from_toml(policy).unwrap();
         config.check_against(&policy).unwrap();
         let publisher = Arc::new(MemoryPublisher::default());
         let builds = Arc::new(MemoryBuilds::default());
@@ -251,12 +260,33 @@ impl Harness {
             }
             let m = sent[self.delivered].clone();
             self.delivered += 1;
+            // A scheduled message is not delivered before its time: `fire_timers` delivers it.
+            if m.scheduled_at.is_some_and(|t| t > chrono::Utc::now()) {
+                continue;
+            }
             if let Some(f) = subscriber(&m.subject) {
                 let (status, v) = self.deliver(f, &m, 1).await;
                 assert_eq!(status, 200, "{f} failed on {}: {v}", m.message_id);
                 log.push((f.to_string(), status));
             }
         }
+    }
+
+    /// Deliver the scheduled `approval.due` messages whose id contains `which` (`timeout.0`,
+    /// `reminder.0.3600`) as if their time had come, then pump what they publish.
+    pub async fn fire_timers(&mut self, which: &str) -> usize {
+        let due: Vec<Outbound> = self
+            .publisher
+            .sent()
+            .into_iter()
+            .filter(|m| m.subject == "dev.deploychain.approval.due.v1" && m.scheduled_at.is_some() && m.message_id.contains(which))
+            .collect();
+        for m in &due {
+            let (status, v) = self.deliver("on_approval_due", m, 1).await;
+            assert_eq!(status, 200, "on_approval_due failed on {}: {v}", m.message_id);
+        }
+        self.pump().await;
+        due.len()
     }
 
     pub fn types_since(&self, from: usize) -> Vec<String> {
@@ -271,6 +301,7 @@ pub fn subscriber(label: &str) -> Option<&'static str> {
         "dev.deploychain.build.completed.v1" => Some("on_build_completed"),
         "dev.deploychain.image.ready.v1" => Some("on_image_ready"),
         "dev.deploychain.approval.decided.v1" => Some("on_approval"),
+        "dev.deploychain.approval.due.v1" => Some("on_approval_due"),
         _ => None,
     }
 }
