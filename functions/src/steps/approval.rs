@@ -266,6 +266,14 @@ fn time_left(until: DateTime<Utc>, now: DateTime<Utc>) -> String {
     }
 }
 
+/// Plain and readable; inline because the page loads nothing (CSP `default-src 'none'`).
+const STYLE: &str = "body{font:15px/1.45 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#1b1f24}\
+h1{font-size:1.5rem}h2{font-size:1.1rem;margin-top:1.6rem}dl{display:grid;grid-template-columns:9rem 1fr;gap:.3rem 1rem}\
+dt{color:#57606a}dd{margin:0;overflow-wrap:anywhere}code{font-size:.9em}.note{padding:.6rem .8rem;background:#fff8c5;border-radius:6px}\
+form{margin-top:1.5rem;display:flex;gap:.6rem;align-items:center;flex-wrap:wrap}input[name=comment]{flex:1;min-width:14rem;padding:.4rem}\
+button{padding:.5rem 1.2rem;border-radius:6px;border:1px solid #8c959f;font-weight:600;cursor:pointer}\
+#approve{background:#1f883d;color:#fff;border-color:#1a7f37}#reject{background:#fff;color:#cf222e}";
+
 fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just: Option<Decision>, wants_json: bool) -> HttpResponse {
     let now = Utc::now();
     let outcome = a.outcome();
@@ -314,7 +322,7 @@ fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just:
         .collect();
     let previous = match &ev.previous {
         Some(p) => format!(
-            "<section id=\"previous\"><h2>{stage}</h2><p>Deployed to <code>{target}</code> at {at}.</p><p class=\"health\">{health}</p><ul>{checks}</ul></section>",
+            "<section id=\"previous\"><h2>Passed in {stage}</h2><p>Deployed to <code>{target}</code> at {at}.</p><p class=\"health\">{health}</p><ul>{checks}</ul></section>",
             stage = esc(&p.stage),
             target = esc(p.target.rsplit('/').next().unwrap_or(&p.target)),
             at = p.deployed_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -364,7 +372,7 @@ fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just:
         200,
         format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\">\
-             <title>Approve {app} to {stage}</title></head><body>\
+             <title>Approve {app} to {stage}</title><style>{STYLE}</style></head><body>\
              <h1>Promote {app} to {stage}?</h1>{note}\
              <dl><dt>State</dt><dd id=\"state\">{state_word} — {n} of {quorum} approvals from {approvers}</dd>\
              <dt>Time left</dt><dd>{left} (until {exp})</dd>\
