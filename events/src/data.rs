@@ -249,6 +249,9 @@ pub struct ApprovalDue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ApprovalChange {
+    /// An approver decided (`people`: who; `detail`: approved or rejected, and the comment). The
+    /// votes that make the outcome are followed by `approval.decided`.
+    Voted,
     /// The approvers who had not decided were reminded.
     Reminded,
     /// The timeout passed it to other approvers for another period.

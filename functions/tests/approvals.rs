@@ -182,7 +182,7 @@ async fn reminders_go_to_who_has_not_decided_and_the_timeout_rejects_by_default(
             .filter(|m| m.subject == "dev.deploychain.approval.changed.v1")
             .map(|m| serde_json::from_str::<Value>(&m.body).unwrap()["data"]["change"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(changes, ["reminded", "expired"], "{name}: every reminder and expiry is an event");
+        assert_eq!(changes, ["voted", "reminded", "expired"], "{name}: every vote, reminder and expiry is an event");
         assert_bodies_match_schemas(&h.publisher.sent());
     }
 }

@@ -239,14 +239,18 @@ async fn push_to_production_and_duplicate_deliveries_publish_nothing_new() {
         // Alice approves: 1 of 2, still waiting. Bob approves: decided.
         let (s, _, _) = approval_call(&h, &notice.links[0].1, "POST", Some("decision=approve&comment=looks+good")).await;
         assert_eq!(s, 200);
-        assert_eq!(h.publisher.sent().len(), before, "one approval of a quorum of two publishes nothing");
+        assert_eq!(h.types_since(before), ["approval.changed"], "one approval of a quorum of two: only the vote's audit event");
         let run = h.state.store.run(run_id).await.unwrap().unwrap();
         assert!(run.waiting_for.as_deref().unwrap().contains("1 given: alice@example.com"), "{:?}", run.waiting_for);
         let (s, _, _) = approval_call(&h, &notice.links[1].1, "POST", Some("decision=approve")).await;
         assert_eq!(s, 200);
         h.pump().await;
         let types = h.publisher.types();
-        assert_eq!(&types[before..], ["approval.decided", "deployment.started", "deployment.succeeded", "run.finished"], "{name}");
+        assert_eq!(
+            &types[before..],
+            ["approval.changed", "approval.changed", "approval.decided", "deployment.started", "deployment.succeeded", "run.finished"],
+            "{name}"
+        );
         let run = h.state.store.run(run_id).await.unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Succeeded);
         assert_eq!(h.compute.current("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-hello/providers/Microsoft.Compute/virtualMachineScaleSets/hello-prod").unwrap().image, image);
@@ -419,7 +423,7 @@ async fn tampered_foreign_expired_and_unauthorized_links_decide_nothing() {
     assert_eq!(approval_call(&h, &good, "POST", Some("decision=reject")).await.0, 409, "reject after approve");
     let record = h.state.store.approval(&notice.approval_id).await.unwrap().unwrap();
     assert_eq!(record.votes.len(), 1);
-    assert_eq!(h.publisher.sent().len(), before, "one approval of a quorum of two publishes nothing");
+    assert_eq!(h.types_since(before), ["approval.changed"], "one vote: its audit event, once, and no decision");
 }
 
 fn base64_json(v: &Value) -> String {

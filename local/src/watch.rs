@@ -57,6 +57,7 @@ pub fn describe(ev: &DeployEvent) -> String {
             "approval of {} {}{}{}",
             c.stage,
             match c.change {
+                ApprovalChange::Voted => "voted by",
                 ApprovalChange::Reminded => "reminded to",
                 ApprovalChange::Escalated => "ESCALATED to",
                 ApprovalChange::Expired => "EXPIRED",

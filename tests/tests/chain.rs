@@ -658,3 +658,34 @@ async fn a_vm_application_release_replaces_the_application_and_keeps_the_os_imag
     }
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_approval_is_reminded_then_its_timeout_applies_through_scheduled_messages() {
+    let mut opts = options("approval-timeout");
+    std::fs::create_dir_all(&opts.data_dir).unwrap();
+    let shipped = std::fs::read_to_string(repo().join("policy.toml")).unwrap();
+    let line = shipped.lines().find(|l| l.starts_with("approval = ")).unwrap();
+    let policy = shipped.replace(
+        line,
+        r#"approval = { approvers = ["alice@contoso.com", "bob@contoso.com"], expires_after = "4s", remind_before = ["2s"], on_timeout = "approve" }"#,
+    );
+    opts.policy = opts.data_dir.join("policy.toml");
+    std::fs::write(&opts.policy, policy).unwrap();
+    let stack = Stack::start(opts.clone()).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let body = client::sample_push(&opts.policy, None, None).unwrap();
+    let (_, text) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
+    let run = serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string();
+    // The request's links, then the reminder's: each approver is notified twice, nobody decides.
+    let mut links = 0;
+    while links < 4 {
+        wait_for(&mut rx, "approval links", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await;
+        links += 1;
+    }
+    let waiting = run_json(&stack, &run).await;
+    assert!(waiting.to_string().contains("approvers of production reminded"), "{waiting}");
+    let done = wait_status(&stack, &run, "succeeded").await;
+    assert!(done.to_string().contains("approval of production timed out"), "{done}");
+    assert_eq!(deployed_stages(&stack, &run), ["staging", "production"], "promoted by the timeout's default action");
+    stack.stop().await;
+}

@@ -199,7 +199,24 @@ async fn decide(
     let stage = record.stage.clone();
     let key = vote_key(&stage, approver);
     let outcome = record.outcome();
-    let mut outbox = Vec::new();
+    // Every vote is an event (audit); the one that decides is followed by `approval.decided`.
+    let detail = match &form.comment {
+        Some(c) => format!("{}: {c}", word(form.decision)),
+        None => word(form.decision).to_string(),
+    };
+    let voted = EventData::ApprovalChanged(ApprovalChanged {
+        app: record.app.clone(),
+        stage: stage.clone(),
+        approval_id: record.id.clone(),
+        image: record.image.clone(),
+        commit: record.commit.clone(),
+        change: ApprovalChange::Voted,
+        people: vec![approver.to_string()],
+        detail: Some(detail),
+    });
+    let mut outbox = vec![
+        emit(state, &rr, &format!("approval-changed.{stage}.voted.{}", short_digest(&[&approver.to_ascii_lowercase()])), NAME, voted).1,
+    ];
     let mut entries = vec![entry(&key, format!("{approver} {} {stage}", word(form.decision)), form.comment.clone())];
     if let Some(o) = outcome {
         let by: Vec<String> = record.votes.iter().filter(|v| v.decision == o).map(|v| v.approver.clone()).collect();
