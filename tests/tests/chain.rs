@@ -689,3 +689,66 @@ async fn an_unanswered_approval_is_reminded_then_its_timeout_applies_through_sch
     assert_eq!(deployed_stages(&stack, &run), ["staging", "production"], "promoted by the timeout's default action");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_killed_in_the_middle_of_a_rollout_is_restarted_and_no_effect_happens_twice() {
+    use deploychain::arm::{Fault, FaultAction};
+    let mut opts = options("kill-mid-rollout");
+    // ARM holds the staging model update: the handler is killed while it waits for it.
+    opts.arm.faults = vec![Fault::new("PATCH", "/web-staging", FaultAction::Delay(Duration::from_millis(1500)))];
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    wait_for(
+        &mut rx,
+        "the staging rollout to start",
+        |p| matches!(p, Progress::Event { run: r, ty, .. } if *r == run && *ty == deploychain_events::EventType::DeploymentStarted),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        stack.arm.requests().iter().all(|r| !(r.method == "PATCH" && r.path == target("staging"))),
+        "the model update is still held when the handler dies"
+    );
+    let before = stack.host.worker.live(Duration::from_secs(5)).await.unwrap();
+    assert!(std::process::Command::new("kill").args(["-9", &before.pid.to_string()]).status().unwrap().success());
+
+    // Restarted; the redelivered image.ready resumes the rollout; approvers are told once.
+    let mut approvers = Vec::new();
+    let link = loop {
+        match wait_for(&mut rx, "approval links", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+            Progress::Approval { approver, link, .. } => {
+                approvers.push(approver.clone());
+                if approver == "alice@contoso.com" {
+                    break link;
+                }
+            }
+            _ => unreachable!(),
+        }
+    };
+    let after = stack.host.worker.live(Duration::from_secs(5)).await.unwrap();
+    assert_ne!(before.pid, after.pid, "a new handler process");
+    client::decide(&link, "approve", None).await.unwrap();
+    wait_status(&stack, &run, "succeeded").await;
+    // Let late deliveries, if any, arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(p) = rx.try_recv() {
+        if let Progress::Approval { run: r, approver, .. } = p
+            && r == run
+        {
+            approvers.push(approver);
+        }
+    }
+    approvers.sort();
+    assert_eq!(approvers, ["alice@contoso.com", "bob@contoso.com"], "each approver notified exactly once");
+    assert_eq!(stack.arm.model_updates(&target("staging"), &run), 1, "one model update of staging");
+    assert_eq!(stack.arm.model_updates(&target("production"), &run), 1, "one model update of production");
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let msgs = stack.broker.peek(&audit, 0, 1000).await.unwrap();
+    for id in ["build-requested", "image-ready", "approval-requested.production", "run-finished"] {
+        assert_eq!(msgs.iter().filter(|m| m.message_id == format!("{run}.{id}")).count(), 1, "{id} once");
+    }
+    let parked: EntityPath = "deploychain-parked".parse().unwrap();
+    assert!(stack.broker.peek(&parked, 0, 10).await.unwrap().is_empty(), "nothing parked");
+    stack.stop().await;
+}

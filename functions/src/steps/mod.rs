@@ -211,7 +211,8 @@ pub async fn deploy_stage(
     };
     let mut outbox = Vec::new();
     let mut entries = vec![entry(key, format!("deploying to {}", stage.name), Some(format!("{} → {}", image.id, stage.target)))];
-    let started = emit(state, &rr, &format!("deployment-started.{}", stage.name), function, EventData::DeploymentStarted(dep(None, None))).1;
+    let started =
+        emit(state, &rr, &format!("deployment-started.{}", stage.name), function, EventData::DeploymentStarted(dep(None, None))).1;
     // Said as it starts (a rollout takes minutes), before the step commits: a retried step sends
     // it again with the same MessageId, which the broker drops as a duplicate.
     state.publisher.publish(&started).await?;
