@@ -231,11 +231,15 @@ async fn run() -> Result<()> {
         }
         ["approve", link] => {
             let decision = if args.switches.contains("reject") { "reject" } else { "approve" };
-            let (status, _) = client::decide(link, decision, args.flags.get("comment").map(String::as_str)).await?;
-            println!("{status}: {decision} recorded");
+            let (status, text) = client::decide(link, decision, args.flags.get("comment").map(String::as_str)).await?;
             if !(200..300).contains(&status) {
-                bail!("the decision was refused ({status})");
+                let why = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().or(v["message"].as_str()).map(str::to_string))
+                    .unwrap_or(text);
+                bail!("the decision was refused ({status}): {why}");
             }
+            println!("{status}: {decision} recorded");
             Ok(())
         }
         ["reset"] => {
