@@ -39,6 +39,47 @@ fn workflow_run_payload(repo: &str, branch: &str, commit: &str, path: &str, conc
 const HELLO_COMMIT: &str = "6c62fb45fe66bfb1ea9a66abc38f6a0cc974292b"; // the registry fixture's revision label
 
 #[tokio::test]
+async fn a_new_branch_push_fixture_starts_a_run_that_knows_its_commits_and_their_authors() {
+    for (name, store) in stores() {
+        let mut h = Harness::new(store);
+        // octokit's "push, with new branch": `created: true`, `before` all zeros, on hello's branch.
+        let (status, res) = h.github_signed("push", &fixture("github/push.branch-created.with-new-branch.json")).await;
+        assert_eq!(status, 202, "{name}: {res}");
+        assert_eq!(res["run"], "hello-6113728f27ae");
+        let ev = deploychain_events::DeployEvent::from_json_bytes(h.publisher.sent()[0].body.as_bytes()).unwrap();
+        let deploychain_events::EventData::Push(p) = &ev.data else { panic!("{ev:?}") };
+        assert_eq!(p.before.as_deref(), Some("0000000000000000000000000000000000000000"));
+        assert_eq!(p.pusher_email.as_deref(), Some("21031067+Codertocat@users.noreply.github.com"));
+        assert_eq!(p.commits.len(), 1);
+        assert_eq!(p.commits[0].id, "6113728f27ae82c7b1a177c8d03f9e96e0adf246");
+        assert_eq!(p.commits[0].message.as_deref(), Some("Initial commit"));
+        assert_eq!(p.commits[0].author_login.as_deref(), Some("Codertocat"));
+        assert_bodies_match_schemas(&h.publisher.sent());
+        h.pump().await;
+        let run = h.state.store.run("hello-6113728f27ae").await.unwrap().unwrap();
+        assert_eq!(run.change.commits.len(), 1, "{name}: the run keeps who changed what");
+        assert!(run.change.people().contains(&"codertocat".to_string()));
+    }
+}
+
+#[tokio::test]
+async fn every_function_of_the_handler_has_a_route() {
+    use tower::ServiceExt;
+    let h = Harness::new(Arc::new(MemoryStore::default()));
+    for (function, _) in deploychain_functions::FUNCTIONS {
+        // An envelope without data: the function answers (500 or a structured 200), never 404/405.
+        let req = axum::http::Request::post(format!("/{function}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(r#"{"Data":{},"Metadata":{}}"#))
+            .unwrap();
+        let status = h.router.clone().oneshot(req).await.unwrap().status().as_u16();
+        assert!(status != 404 && status != 405, "/{function} answered {status}");
+    }
+    let req = axum::http::Request::post("/no_such_function").body(axum::body::Body::empty()).unwrap();
+    assert_eq!(h.router.clone().oneshot(req).await.unwrap().status().as_u16(), 404, "the check can fail");
+}
+
+#[tokio::test]
 async fn readiness_answers_on_root() {
     let h = Harness::new(Arc::new(MemoryStore::default()));
     use tower::ServiceExt;
