@@ -867,3 +867,66 @@ async fn a_session_stays_locked_while_its_messages_are_processed() {
     }
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_bus_output_bindings_send_what_the_host_would_and_strict_mode_refuses_the_base64_trap() {
+    let app = AppRoot::new("outputs", json!({}));
+    app.function(
+        "emit",
+        json!({ "bindings": [
+            { "type": "httpTrigger", "direction": "in", "name": "req", "authLevel": "anonymous", "route": "emit", "methods": ["post"] },
+            { "type": "http", "direction": "out", "name": "res" },
+            { "type": "serviceBus", "direction": "out", "name": "out", "queueName": "%OUT_QUEUE%", "connection": "ServiceBusConnection" }
+        ] }),
+    );
+    app.settings(json!({ "OUT_QUEUE": "outq" }));
+    let r = Running::start(&app, topology_with_queues(vec![queue("outq", Duration::from_secs(30), 10)])).await;
+    let outq: EntityPath = "outq".parse().unwrap();
+    let post = |outputs: Value| {
+        let body = json!({ "behave": "answer", "outputs": outputs }).to_string();
+        r.http.post(r.url("/api/emit")).header("content-type", "application/json").body(body).send()
+    };
+
+    // The recommended encoding: an array of strings, one message each, byte-exact, text/plain.
+    let rsp = post(json!({ "res": { "statusCode": 202, "body": "queued" }, "out": ["{\"orderId\":42}", "second"] })).await.unwrap();
+    assert_eq!(rsp.status(), 202);
+    let sent = r.broker.peek(&outq, 0, 10).await.unwrap();
+    let bodies: Vec<String> = sent.iter().map(|m| String::from_utf8(m.body.clone()).unwrap()).collect();
+    assert_eq!(bodies, ["{\"orderId\":42}", "second"]);
+    assert!(sent.iter().all(|m| m.content_type.as_deref() == Some("text/plain")));
+
+    // A JSON object is re-serialized indented, as the host does.
+    let rsp = post(json!({ "res": { "statusCode": 200, "body": "ok" }, "out": { "a": 1 } })).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    let sent = r.broker.peek(&outq, 0, 10).await.unwrap();
+    assert_eq!(String::from_utf8(sent[2].body.clone()).unwrap(), "{\n  \"a\": 1\n}");
+
+    // The base64 trap ("test" decodes as base64; the host would send `System.Byte[]`): in strict
+    // mode the invocation fails, the caller gets the host's empty 500, and nothing is sent.
+    let rsp = post(json!({ "res": { "statusCode": 200, "body": "ok" }, "out": "test" })).await.unwrap();
+    assert_eq!(rsp.status(), 500);
+    assert_eq!(r.counts(&outq).await.active, 3, "nothing more was sent");
+    r.stop().await;
+
+    // Without strict mode the host's real behaviour: the literal text `System.Byte[]`.
+    let app = AppRoot::new("outputs-lax", json!({}));
+    app.function(
+        "emit",
+        json!({ "bindings": [
+            { "type": "httpTrigger", "direction": "in", "name": "req", "authLevel": "anonymous", "route": "emit", "methods": ["post"] },
+            { "type": "http", "direction": "out", "name": "res" },
+            { "type": "serviceBus", "direction": "out", "name": "out", "queueName": "outq", "connection": "ServiceBusConnection" }
+        ] }),
+    );
+    let settings = json!({ "IsEncrypted": false, "Host": { "StrictOutputs": false },
+        "Values": { "FUNCTIONS_WORKER_RUNTIME": "custom", "FAKE_RECORD": app.record.display().to_string() } });
+    write_json(&app.root.join("local.settings.json"), &settings);
+    let r = Running::start(&app, topology_with_queues(vec![queue("outq", Duration::from_secs(30), 10)])).await;
+    let body = json!({ "behave": "answer", "outputs": { "res": { "statusCode": 200, "body": "ok" }, "out": "test" } }).to_string();
+    let rsp = r.http.post(r.url("/api/emit")).header("content-type", "application/json").body(body).send().await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    let sent = r.broker.peek(&outq, 0, 10).await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].body, b"System.Byte[]");
+    r.stop().await;
+}

@@ -29,12 +29,30 @@ pub struct HostSettings {
     pub max_concurrent_sessions: usize,
     pub max_auto_lock_renewal: Duration,
     pub auto_complete: bool,
+    /// Fail an invocation whose outputs the real host would silently mangle (the base64 trap,
+    /// `System.Byte[]`) instead of mangling them: `local.settings.json` `Host.StrictOutputs`
+    /// (default true).
+    pub strict_outputs: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct Function {
     pub name: String,
     pub trigger: Trigger,
+    /// `serviceBus` output bindings.
+    pub outputs: Vec<BusOutput>,
+    /// Whether an output binding is named `$return`.
+    pub has_return: bool,
+}
+
+/// A `serviceBus` output binding (direction `out`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusOutput {
+    pub name: String,
+    /// The queue or topic it sends to.
+    pub entity: String,
+    /// `dataType: binary` turns the host's base64 conversion off (§3.2).
+    pub binary: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -97,15 +115,17 @@ impl FunctionApp {
         let host_path = root.join("host.json");
         let host: Value = serde_json::from_slice(&std::fs::read(&host_path).with_context(|| format!("reading {}", host_path.display()))?)
             .with_context(|| format!("{} is not JSON", host_path.display()))?;
-        let settings = match std::fs::read(root.join("local.settings.json")) {
+        let (settings, strict_outputs) = match std::fs::read(root.join("local.settings.json")) {
             Ok(b) => {
                 let v: Value = serde_json::from_slice(&b).context("local.settings.json is not JSON")?;
-                get_ci(&v, "Values")
+                let values = get_ci(&v, "Values")
                     .and_then(Value::as_object)
                     .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let strict = get_ci(&v, "Host").and_then(|h| get_ci(h, "StrictOutputs")).and_then(Value::as_bool).unwrap_or(true);
+                (values, strict)
             }
-            Err(_) => BTreeMap::new(),
+            Err(_) => (BTreeMap::new(), true),
         };
         let ch = get_ci(&host, "customHandler")
             .or_else(|| get_ci(&host, "httpWorker"))
@@ -146,6 +166,7 @@ impl FunctionApp {
                 .and_then(parse_timespan)
                 .unwrap_or(Duration::from_secs(300)),
             auto_complete: get_ci(&sb, "autoCompleteMessages").and_then(Value::as_bool).unwrap_or(true),
+            strict_outputs,
         };
         let mut functions = Vec::new();
         let mut dirs: Vec<PathBuf> =
@@ -232,7 +253,26 @@ fn parse_function(name: &str, fj: &Value, settings: &BTreeMap<String, String>, h
         }
         other => bail!("trigger type `{other}` is not supported by the local host"),
     };
-    Ok(Function { name: name.to_string(), trigger })
+    let mut outputs = Vec::new();
+    let mut has_return = false;
+    for b in bindings {
+        let s = |k: &str| get_ci(b, k).and_then(Value::as_str).map(str::to_string);
+        if !s("direction").is_some_and(|d| d.eq_ignore_ascii_case("out")) {
+            continue;
+        }
+        let out_name = s("name").ok_or_else(|| anyhow!("an output binding has no name"))?;
+        has_return |= out_name == "$return";
+        if !s("type").is_some_and(|t| t.eq_ignore_ascii_case("serviceBus")) {
+            continue;
+        }
+        let entity = match (s("queueName"), s("topicName")) {
+            (Some(q), None) => resolve(&q, settings)?,
+            (None, Some(t)) => resolve(&t, settings)?,
+            _ => bail!("the serviceBus output `{out_name}` needs queueName or topicName"),
+        };
+        outputs.push(BusOutput { name: out_name, entity, binary: s("dataType").is_some_and(|d| d.eq_ignore_ascii_case("binary")) });
+    }
+    Ok(Function { name: name.to_string(), trigger, outputs, has_return })
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! objects are `{}`; HTTP bodies are passed only when `Content-Length > 0`, as text, or base64
 //! for binary media types.
 
+use super::app::BusOutput;
 use super::app::BusTrigger;
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -211,16 +212,90 @@ pub struct HttpOutput {
     pub body: Vec<u8>,
 }
 
+/// `Outputs.<name>` (case-insensitive), after the host's `ReturnValue` merge: with no `$return`
+/// binding, a `ReturnValue` object's top-level keys overwrite same-named outputs (§3.1).
+fn output_value(answer: &Value, name: &str, has_return: bool) -> Value {
+    let find = |v: Option<&Value>| {
+        v.and_then(Value::as_object).and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()))
+    };
+    let from_return = if has_return { None } else { find(answer.get("ReturnValue")) };
+    from_return.or_else(|| find(answer.get("Outputs"))).unwrap_or(Value::Null)
+}
+
+/// What .NET's `Convert.FromBase64String` accepts (whitespace ignored, padded, length a multiple
+/// of four; the empty string too).
+fn dotnet_base64(s: &str) -> Option<Vec<u8>> {
+    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    if compact.len() % 4 != 0 {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD.decode(compact).ok()
+}
+
+/// `(string)value` in Newtonsoft: JSON strings, numbers and booleans (`True`/`False`).
+fn as_dotnet_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(if *b { "True".into() } else { "False".into() }),
+        _ => None,
+    }
+}
+
+/// The message bodies a `serviceBus` output binding sends for this answer, exactly as the host
+/// converts them (§3.2 then §3.3): an array is one message per element (strings byte-exact, numbers
+/// as text, objects as indented JSON); a string holding JSON is parsed and re-serialized indented;
+/// a JSON object is indented; `null`, absent and `[]` send nothing. The base64 trap: a string,
+/// number or boolean that is valid base64 becomes bytes, which the host sends as the text
+/// `System.Byte[]` — in `strict` mode that is an error naming the output instead.
+pub fn bus_output_messages(answer: &Value, output: &BusOutput, has_return: bool, strict: bool) -> Result<Vec<Vec<u8>>, String> {
+    let value = output_value(answer, &output.name, has_return);
+    if !output.binary
+        && let Some(text) = as_dotnet_string(&value)
+        && dotnet_base64(&text).is_some()
+    {
+        if strict {
+            return Err(format!(
+                "output `{}`: the value {value} is valid base64, so the Functions host would decode it and send the text `System.Byte[]`; \
+                 send an array of strings (`[\"…\"]`) or set `dataType: binary` on the binding",
+                output.name
+            ));
+        }
+        return Ok(vec![b"System.Byte[]".to_vec()]);
+    }
+    let indented = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default().into_bytes();
+    let element = |v: &Value| -> Option<Vec<u8>> {
+        match v {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone().into_bytes()),
+            Value::Number(_) | Value::Bool(_) => as_dotnet_string(v).map(String::into_bytes),
+            other => Some(indented(other)),
+        }
+    };
+    Ok(match &value {
+        Value::Null => Vec::new(),
+        Value::Array(items) => items.iter().filter_map(element).collect(),
+        Value::Object(_) => vec![indented(&value)],
+        Value::String(s) => {
+            let t = s.trim_start();
+            match serde_json::from_str::<Value>(s).ok().filter(|_| t.starts_with('{') || t.starts_with('[')) {
+                Some(Value::Array(items)) => items.iter().filter_map(element).collect(),
+                Some(obj @ Value::Object(_)) => vec![indented(&obj)],
+                _ => vec![s.clone().into_bytes()],
+            }
+        }
+        other => element(other).into_iter().collect(),
+    })
+}
+
 /// Map `Outputs.<res>` to the caller's response (§3.4). `None` means the host would fail the
 /// invocation (the caller then gets an empty 500).
 pub fn http_output(answer: &Value, output: Option<&str>) -> Option<HttpOutput> {
+    if output == Some("$return") {
+        return return_output(answer.get("ReturnValue").cloned().unwrap_or(Value::Null));
+    }
     let res = match output {
-        Some("$return") => answer.get("ReturnValue").cloned().unwrap_or(Value::Null),
-        Some(name) => answer
-            .get("Outputs")
-            .and_then(Value::as_object)
-            .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()))
-            .unwrap_or(Value::Null),
+        Some(name) => output_value(answer, name, false),
         None => Value::Null,
     };
     let res = match res {
@@ -252,6 +327,46 @@ pub fn http_output(answer: &Value, output: Option<&str>) -> Option<HttpOutput> {
         headers.push(("Content-Type".into(), "text/plain; charset=utf-8".into()));
     }
     Some(HttpOutput { status, headers, body })
+}
+
+/// A `$return` HTTP binding (§3.4): a `ReturnValue` object is a response only when it has a `body`
+/// key (then `statusCode`/`status`, `headers`, and an object body serialized compactly); any other
+/// object is the 200 body; a string that is valid base64 is decoded to bytes.
+fn return_output(v: Value) -> Option<HttpOutput> {
+    let ok = |body: Vec<u8>, ct: &str| Some(HttpOutput { status: 200, headers: vec![("Content-Type".into(), ct.into())], body });
+    match v {
+        Value::Null => Some(HttpOutput { status: 200, headers: Vec::new(), body: Vec::new() }),
+        Value::String(s) => match dotnet_base64(&s) {
+            Some(bytes) => ok(bytes, "application/octet-stream"),
+            None => ok(s.into_bytes(), "text/plain; charset=utf-8"),
+        },
+        Value::Object(o) => {
+            let field = |k: &str| o.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+            let Some(body) = field("body") else {
+                return ok(Value::Object(o.clone()).to_string().into_bytes(), "application/json; charset=utf-8");
+            };
+            let status = match field("statusCode").or_else(|| field("status")) {
+                None | Some(Value::Null) => 200,
+                Some(Value::Number(n)) => u16::try_from(n.as_u64()?).ok()?,
+                Some(Value::String(s)) => s.parse().ok()?,
+                Some(_) => return None,
+            };
+            let mut headers: Vec<(String, String)> = field("headers")
+                .and_then(|h| h.as_object().cloned())
+                .map(|h| h.into_iter().map(|(k, v)| (k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect())
+                .unwrap_or_default();
+            let body = match body {
+                Value::Null => Vec::new(),
+                Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) && !body.is_empty() {
+                headers.push(("Content-Type".into(), "text/plain; charset=utf-8".into()));
+            }
+            Some(HttpOutput { status, headers, body })
+        }
+        other => ok(other.to_string().into_bytes(), "application/json; charset=utf-8"),
+    }
 }
 
 /// The answer must be a JSON object (an empty or `null` body makes the real host wait until
@@ -310,5 +425,57 @@ mod tests {
         assert!(check_answer(Some("text/plain"), b"{}").is_err());
         assert!(check_answer(Some("application/json"), b"null").is_err());
         assert!(check_answer(Some("application/json; charset=utf-8"), b"{}").is_ok());
+    }
+
+    fn out(binary: bool) -> BusOutput {
+        BusOutput { name: "out".into(), entity: "q".into(), binary }
+    }
+
+    fn texts(v: Vec<Vec<u8>>) -> Vec<String> {
+        v.into_iter().map(|b| String::from_utf8(b).unwrap_or_default()).collect()
+    }
+
+    #[test]
+    fn service_bus_outputs_convert_as_the_host_does() {
+        let send = |outputs: Value, strict: bool| bus_output_messages(&json!({ "Outputs": outputs }), &out(false), false, strict);
+        // An array of strings: one message each, byte-exact (the recommended encoding).
+        let a = send(json!({ "out": ["{\"orderId\":42}", "hello world", 7] }), true).unwrap_or_default();
+        assert_eq!(texts(a), ["{\"orderId\":42}", "hello world", "7"]);
+        // A JSON object, or a string holding one: one message, re-serialized indented.
+        assert_eq!(texts(send(json!({ "out": { "a": 1 } }), true).unwrap_or_default()), ["{\n  \"a\": 1\n}"]);
+        assert_eq!(texts(send(json!({ "out": "{\"a\":1}" }), true).unwrap_or_default()), ["{\n  \"a\": 1\n}"]);
+        // A string holding an array: one message per element.
+        assert_eq!(texts(send(json!({ "out": "[\"x\", {\"b\":2}]" }), true).unwrap_or_default()), ["x", "{\n  \"b\": 2\n}"]);
+        // Nothing to send.
+        for v in [json!({}), json!({ "out": null }), json!({ "out": [] })] {
+            assert!(send(v, true).unwrap_or_default().is_empty());
+        }
+        // The base64 trap: "test", "1234", 1234, true and "" are valid base64 → `System.Byte[]`.
+        for v in [json!("test"), json!("1234"), json!(1234), json!(true), json!("")] {
+            assert_eq!(texts(send(json!({ "out": v.clone() }), false).unwrap_or_default()), ["System.Byte[]"], "{v}");
+            let e = send(json!({ "out": v.clone() }), true).err().unwrap_or_default();
+            assert!(e.contains("valid base64") && e.contains("`out`"), "{v}: {e}");
+        }
+        // Not base64 (a space-separated sentence of odd length): sent as it is.
+        assert_eq!(texts(send(json!({ "out": "order 42 done" }), true).unwrap_or_default()), ["order 42 done"]);
+        // dataType binary turns the conversion off.
+        let b = bus_output_messages(&json!({ "Outputs": { "out": "test" } }), &out(true), false, true).unwrap_or_default();
+        assert_eq!(texts(b), ["test"]);
+        // Without a $return binding a ReturnValue object overwrites same-named outputs.
+        let a = json!({ "Outputs": { "out": ["from outputs"] }, "ReturnValue": { "out": ["from return"] } });
+        assert_eq!(texts(bus_output_messages(&a, &out(false), false, true).unwrap_or_default()), ["from return"]);
+        assert_eq!(texts(bus_output_messages(&a, &out(false), true, true).unwrap_or_default()), ["from outputs"]);
+    }
+
+    #[test]
+    fn a_return_binding_is_a_response_only_with_a_body_key() {
+        let r = |v: Value| http_output(&json!({ "Outputs": {}, "ReturnValue": v }), Some("$return")).unwrap_or_else(|| panic!("valid"));
+        let o = r(json!({ "statusCode": 202, "headers": { "X-A": "1" }, "body": { "ok": true } }));
+        assert_eq!((o.status, o.body), (202, b"{\"ok\":true}".to_vec()), "object bodies compact");
+        let o = r(json!({ "statusCode": 202, "message": "no body key" }));
+        assert_eq!(o.status, 200, "without `body` the whole object is the body");
+        assert_eq!(o.body, br#"{"message":"no body key","statusCode":202}"#.to_vec());
+        assert_eq!(r(json!("aGVsbG8=")).body, b"hello".to_vec(), "a base64 string is decoded");
+        assert_eq!(r(json!("hello there!")).body, b"hello there!".to_vec());
     }
 }

@@ -24,6 +24,8 @@ struct Route {
     function: String,
     trigger: HttpTrigger,
     segments: Vec<Segment>,
+    outputs: Vec<super::app::BusOutput>,
+    has_return: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,19 +95,36 @@ pub struct FrontDoor {
     worker: Worker,
     keys: Keys,
     timeout: std::time::Duration,
+    /// Where `serviceBus` output bindings send.
+    broker: deploychain_bus::Broker,
+    strict_outputs: bool,
 }
 
 impl FrontDoor {
-    pub fn new(app: &FunctionApp, worker: Worker, keys: Keys) -> Arc<FrontDoor> {
+    pub fn new(app: &FunctionApp, worker: Worker, keys: Keys, broker: deploychain_bus::Broker) -> Arc<FrontDoor> {
         let routes = app
             .functions
             .iter()
             .filter_map(|f| match &f.trigger {
-                Trigger::Http(h) => Some(Route { function: f.name.clone(), trigger: h.clone(), segments: parse_template(&h.route) }),
+                Trigger::Http(h) => Some(Route {
+                    function: f.name.clone(),
+                    trigger: h.clone(),
+                    segments: parse_template(&h.route),
+                    outputs: f.outputs.clone(),
+                    has_return: f.has_return,
+                }),
                 Trigger::ServiceBus(_) => None,
             })
             .collect();
-        Arc::new(FrontDoor { prefix: app.host.route_prefix.clone(), routes, worker, keys, timeout: app.host.function_timeout })
+        Arc::new(FrontDoor {
+            prefix: app.host.route_prefix.clone(),
+            routes,
+            worker,
+            keys,
+            timeout: app.host.function_timeout,
+            broker,
+            strict_outputs: app.host.strict_outputs,
+        })
     }
 
     pub fn router(self: Arc<Self>) -> axum::Router {
@@ -208,6 +227,10 @@ async fn handle(State(fd): State<Arc<FrontDoor>>, req: Request) -> Response {
         for l in logs.iter().filter_map(|l| l.as_str()) {
             tracing::info!(target: "function", function = route.function, "{l}");
         }
+    }
+    if let Err(why) = super::send_outputs(&fd.broker, &route.outputs, route.has_return, &v, fd.strict_outputs).await {
+        tracing::error!(target: "host", function = route.function, "{why}");
+        return empty(StatusCode::INTERNAL_SERVER_ERROR);
     }
     let Some(out) = http_output(&v, route.trigger.output.as_deref()) else {
         tracing::error!(target: "host", function = route.function, "Outputs.res is not an HTTP response object");

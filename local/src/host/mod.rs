@@ -24,6 +24,31 @@ pub struct LocalHost {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Send what a function's `serviceBus` output bindings say for this answer (§3.2–§3.3), one
+/// message at a time with `ContentType: text/plain` and no MessageId, as the host does. Returns
+/// how many were sent; an error (a strict-mode conversion, a failed send) fails the invocation.
+pub async fn send_outputs(
+    broker: &Broker,
+    outputs: &[app::BusOutput],
+    has_return: bool,
+    answer: &serde_json::Value,
+    strict: bool,
+) -> std::result::Result<usize, String> {
+    let mut batches = Vec::new();
+    for o in outputs {
+        batches.push((o, envelope::bus_output_messages(answer, o, has_return, strict)?));
+    }
+    let mut sent = 0;
+    for (o, bodies) in batches {
+        for body in bodies {
+            let m = deploychain_bus::NewMessage { body, content_type: Some("text/plain".into()), ..Default::default() };
+            broker.send(&o.entity, m).await.map_err(|e| format!("output `{}` could not be sent to `{}`: {e}", o.name, o.entity))?;
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
 impl LocalHost {
     /// Start the handler, the front door on `http` and one trigger loop per Service Bus function.
     pub async fn start(
@@ -38,7 +63,7 @@ impl LocalHost {
         let http_addr = http.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        let router = http::FrontDoor::new(&app, worker.clone(), keys).router();
+        let router = http::FrontDoor::new(&app, worker.clone(), keys, broker.clone()).router();
         let mut http_stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
@@ -53,6 +78,8 @@ impl LocalHost {
                 let l = servicebus::TriggerLoop {
                     function: f.name.clone(),
                     trigger: t.clone(),
+                    outputs: f.outputs.clone(),
+                    has_return: f.has_return,
                     host: app.host.clone(),
                     broker: broker.clone(),
                     worker: worker.clone(),

@@ -17,6 +17,9 @@ use tokio::sync::{Semaphore, watch};
 pub struct TriggerLoop {
     pub function: String,
     pub trigger: BusTrigger,
+    /// The function's `serviceBus` output bindings, and whether it has a `$return` binding.
+    pub outputs: Vec<super::app::BusOutput>,
+    pub has_return: bool,
     pub host: HostSettings,
     pub broker: Broker,
     pub worker: Worker,
@@ -167,7 +170,14 @@ impl TriggerLoop {
                             tracing::info!(target: "function", function = self.function, "{l}");
                         }
                     }
-                    true
+                    // Outputs are bound after the handler returns; failing to write one fails the invocation.
+                    match super::send_outputs(&self.broker, &self.outputs, self.has_return, &v, self.host.strict_outputs).await {
+                        Ok(_) => true,
+                        Err(why) => {
+                            tracing::error!(target: "host", function = self.function, message_id = m.message_id, "{why}");
+                            false
+                        }
+                    }
                 }
                 Err(why) => {
                     tracing::error!(target: "host", function = self.function, message_id = m.message_id, "{why}");

@@ -24,6 +24,8 @@ DeliveryCount-1 is used (the last one once the list runs out). Behaviours:
   null          200, application/json, `null`
   text          200, text/plain
   badres        200, JSON whose Outputs.res is a plain string (not an HTTP response object)
+  answer        200, JSON {"Outputs": <body.outputs>, "Logs": [], "ReturnValue": <body.returnValue>}
+                from the HTTP request's JSON body (output bindings and $return as the test gives them)
 
 FAKE_STARTUP_DELAY (seconds) delays binding the port, to observe the host's readiness wait.
 """
@@ -161,6 +163,10 @@ class Handler(BaseHTTPRequestHandler):
             status, ctype, body = 200, "application/json", None
         elif behave == "text":
             status, ctype, body = 200, "text/plain", "plain text"
+        elif behave == "answer":
+            req = next(v for v in envelope["Data"].values() if isinstance(v, dict) and "Method" in v)
+            given = json_object(req.get("Body")) or {}
+            status, ctype, body = 200, "application/json", {"Outputs": given.get("outputs") or {}, "Logs": [], "ReturnValue": given.get("returnValue")}
         elif behave == "badres":
             status, ctype, body = 200, "application/json", {"Outputs": {"res": "plain text"}, "Logs": [], "ReturnValue": None}
         elif is_http(envelope):
