@@ -930,3 +930,30 @@ async fn service_bus_output_bindings_send_what_the_host_would_and_strict_mode_re
     assert_eq!(sent[0].body, b"System.Byte[]");
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_keeps_crashing_pauses_the_host_as_azure_restarts_the_app() {
+    use deploychain::host::worker::{APP_RESTART_PAUSE, ERROR_THRESHOLD};
+    let app = AppRoot::new("crash-loop", json!({}));
+    app.http_function("echo", Some("echo"), &[], "anonymous");
+    let r = Running::start(&app, Topology::new("local")).await;
+    for i in 1..=ERROR_THRESHOLD {
+        let pid = r.pid().await;
+        let rsp = r.get("/api/echo?behave=exit").await;
+        assert_eq!(rsp.status(), 500, "crash {i}");
+        eventually("a restarted handler", Duration::from_secs(15), || async {
+            r.host.worker.live(Duration::from_millis(10)).await.filter(|l| l.pid != pid).map(|_| ())
+        })
+        .await;
+    }
+    let exits: Vec<f64> = app.events().iter().filter(|e| e["event"] == "exit").map(|e| e["t"].as_f64().unwrap()).collect();
+    let listening: Vec<f64> = app.events().iter().filter(|e| e["event"] == "listening").map(|e| e["t"].as_f64().unwrap()).collect();
+    assert_eq!(exits.len(), ERROR_THRESHOLD);
+    assert_eq!(listening.len(), ERROR_THRESHOLD + 1);
+    // The first restarts are immediate; the one after the threshold waits as an app restart does.
+    assert!(listening[1] - exits[0] < 2.0, "{listening:?} {exits:?}");
+    let paused = listening[ERROR_THRESHOLD] - exits[ERROR_THRESHOLD - 1];
+    assert!(paused >= APP_RESTART_PAUSE.as_secs_f64() - 0.2, "paused only {paused:.2}s");
+    assert_eq!(r.get("/api/echo").await.status(), 201, "serving again");
+    r.stop().await;
+}

@@ -175,7 +175,7 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
         tokio::spawn(async move {
             let mut lines = BufReader::new(err).lines();
             while let Ok(Some(l)) = lines.next_line().await {
-                tracing::info!(target: "handler", "{l}");
+                tracing::error!(target: "handler", "{l}");
             }
         });
     }
@@ -197,6 +197,13 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
     }
 }
 
+/// Handler failures (exits, kills after a timeout) the host tolerates within [`ERROR_WINDOW`]
+/// (`HttpFunctionInvocationDispatcher.ErrorEventsThreshold`).
+pub const ERROR_THRESHOLD: usize = 3;
+pub const ERROR_WINDOW: Duration = Duration::from_secs(120);
+/// How long the local host pauses when the real one would shut down and be restarted.
+pub const APP_RESTART_PAUSE: Duration = Duration::from_secs(5);
+
 async fn supervise(
     spec: Spec,
     first: (Live, Child),
@@ -206,6 +213,9 @@ async fn supervise(
     stop: Arc<tokio::sync::Notify>,
 ) {
     let (mut live, mut child) = first;
+    // The host tolerates ERROR_THRESHOLD handler failures within ERROR_WINDOW; at the next one it
+    // shuts down and the platform restarts the app. Locally that is a visible pause, then a start.
+    let mut failures: Vec<Instant> = Vec::new();
     loop {
         let reason = tokio::select! {
             status = child.wait() => format!("the handler exited ({})", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
@@ -224,6 +234,24 @@ async fn supervise(
         };
         live_tx.send_replace(None);
         tracing::warn!(target: "host", pid = live.pid, "{reason}");
+        let now = Instant::now();
+        failures.retain(|t| now.duration_since(*t) < ERROR_WINDOW);
+        failures.push(now);
+        if failures.len() >= ERROR_THRESHOLD {
+            tracing::error!(
+                target: "host",
+                "the handler failed {} times within {}s: the Functions host shuts down here and Azure restarts the app; \
+                 the local host starts the handler again in {}s",
+                failures.len(),
+                ERROR_WINDOW.as_secs(),
+                APP_RESTART_PAUSE.as_secs()
+            );
+            failures.clear();
+            tokio::select! {
+                _ = tokio::time::sleep(APP_RESTART_PAUSE) => {}
+                _ = stop.notified() => return,
+            }
+        }
         let mut attempt = 0u32;
         loop {
             attempt += 1;
