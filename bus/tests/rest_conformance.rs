@@ -50,7 +50,11 @@ struct Bus {
 
 impl Bus {
     async fn start() -> Bus {
-        let broker = memory();
+        Bus::serve(memory()).await
+    }
+
+    /// Serve `broker` over REST on a new port.
+    async fn serve(broker: Broker) -> Bus {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(deploychain_bus::serve_rest(broker.clone(), SasKeys::single(KEY_NAME, KEY), listener));
@@ -347,4 +351,69 @@ async fn the_health_endpoint_answers_without_a_token() {
         azure_core::new_http_client().execute_request_check_status(&azure_core::Request::new(url, azure_core::Method::Get)).await.unwrap();
     let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
     assert_eq!(body, json!({"status": "healthy"}));
+}
+
+/// A queue with a one-second lock, in a bus kept in a file.
+fn short_lock_topology() -> deploychain_bus::Topology {
+    let mut t = deploychain_bus::Topology::new(NS);
+    t.add_queue(deploychain_bus::Queue {
+        lock_duration: Duration::from_secs(1),
+        max_delivery_count: 5,
+        requires_duplicate_detection: true,
+        ..deploychain_bus::Queue::new("q")
+    })
+    .unwrap();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_expires_over_rest_means_redelivery_and_the_old_lock_is_dead() {
+    let bus = Bus::serve(Broker::open_in_memory(short_lock_topology()).unwrap()).await;
+    let q = bus.queue("q");
+    q.send_message("held too long", opts(props(None, Some("m-expire")))).await.unwrap();
+    let first = q.peek_lock_message2(SHORT).await.unwrap();
+    assert_eq!(first.broker_properties().unwrap().delivery_count, 1);
+    // Nobody completes or renews it: after the lock duration it is another receiver's.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let second = q.peek_lock_message2(SHORT).await.unwrap();
+    let bp = second.broker_properties().unwrap();
+    assert_eq!((bp.message_id.as_str(), bp.delivery_count), ("m-expire", 2));
+    assert_eq!(http_status(&first.delete_message().await.unwrap_err()), Some(404), "the expired lock cannot complete");
+    // A renewed lock keeps it.
+    second.renew_message_lock().await.unwrap();
+    second.delete_message().await.unwrap();
+    assert_eq!(status(&q.peek_lock_message2(SHORT).await.unwrap()), 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_over_rest_survive_a_restart_of_the_bus() {
+    let dir = temp_dir("rest-restart");
+    let path = dir.join("bus.sqlite");
+    {
+        let bus = Bus::serve(Broker::open(&path, short_lock_topology()).unwrap()).await;
+        let q = bus.queue("q");
+        q.send_message("kept", opts(props(Some("dev.deploychain.push.v1"), Some("m-kept")))).await.unwrap();
+        q.send_message("locked at the stop", opts(props(None, Some("m-locked")))).await.unwrap();
+        let locked = q.peek_lock_message2(SHORT).await.unwrap();
+        assert_eq!(locked.broker_properties().unwrap().message_id, "m-kept");
+        // The stack stops with this lock held (the server task ends with the runtime below).
+    }
+    // A new bus on the same file, on a new port: the same client code finds everything.
+    let bus = Bus::serve(Broker::open(&path, short_lock_topology()).unwrap()).await;
+    let q = bus.queue("q");
+    let next = q.peek_lock_message2(SHORT).await.unwrap();
+    assert_eq!(next.broker_properties().unwrap().message_id, "m-locked");
+    next.delete_message().await.unwrap();
+    // The one locked before the restart comes back once its lock expires, counted.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let again = q.peek_lock_message2(SHORT).await.unwrap();
+    let bp = again.broker_properties().unwrap();
+    assert_eq!((bp.message_id.as_str(), bp.delivery_count), ("m-kept", 2));
+    let raw = headers(&again).get("brokerproperties").cloned().unwrap_or_default();
+    assert!(raw.contains("\"Label\":\"dev.deploychain.push.v1\""), "the label survived too: {raw}");
+    again.delete_message().await.unwrap();
+    // And a duplicate of a message accepted before the restart is still dropped.
+    q.send_message("kept", opts(props(None, Some("m-kept")))).await.unwrap();
+    let dup = q.peek_lock_message2(SHORT).await.unwrap();
+    assert_eq!(status(&dup), 204, "duplicate detection survived the restart: {:?} {}", dup.broker_properties().map(|b| (b.message_id, b.delivery_count)), dup.body());
 }
