@@ -415,5 +415,11 @@ async fn messages_sent_over_rest_survive_a_restart_of_the_bus() {
     // And a duplicate of a message accepted before the restart is still dropped.
     q.send_message("kept", opts(props(None, Some("m-kept")))).await.unwrap();
     let dup = q.peek_lock_message2(SHORT).await.unwrap();
-    assert_eq!(status(&dup), 204, "duplicate detection survived the restart: {:?} {}", dup.broker_properties().map(|b| (b.message_id, b.delivery_count)), dup.body());
+    assert_eq!(
+        status(&dup),
+        204,
+        "duplicate detection survived the restart: {:?} {}",
+        dup.broker_properties().map(|b| (b.message_id, b.delivery_count)),
+        dup.body()
+    );
 }

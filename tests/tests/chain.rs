@@ -752,3 +752,71 @@ async fn a_handler_killed_in_the_middle_of_a_rollout_is_restarted_and_no_effect_
     assert!(stack.broker.peek(&parked, 0, 10).await.unwrap().is_empty(), "nothing parked");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_build_ends_the_run_before_any_image_or_rollout() {
+    let mut opts = options("failing-build");
+    opts.sim.failing_builds = vec!["dead".into()];
+    let stack = Stack::start(opts).await.unwrap();
+    let run = push_commit(&stack, Some("dead")).await;
+    let done = wait_status(&stack, &run, "failed").await;
+    assert!(done.to_string().contains("build") && done.to_string().contains("failure"), "{done}");
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let labels: Vec<String> = stack
+        .broker
+        .peek(&audit, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.message_id.starts_with(&run))
+        .filter_map(|m| m.label)
+        .collect();
+    assert!(!labels.iter().any(|l| l.contains("image.") || l.contains("deployment.")), "{labels:?}");
+    assert!(stack.arm.requests().iter().all(|r| r.method == "GET"), "no scale set touched");
+    stack.stop().await;
+}
+
+/// An Azure Repos app built by Azure Pipelines (the git.push fixture's repository and branch).
+const AZURE_DEVOPS_POLICY: &str = r#"
+[[app]]
+name = "project"
+source = { azure_devops = "https://good-company.some.ssl.host/tfs/GoodCompany/_git/Project" }
+branches = ["main"]
+build = { provider = "azure-pipelines", pipeline = "Project-CI" }
+image = { source = "image-builder", destination = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/images/project" }
+
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-project/providers/Microsoft.Compute/virtualMachineScaleSets/project-staging"
+
+[[app.stage]]
+name = "production"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-project/providers/Microsoft.Compute/virtualMachineScaleSets/project-prod"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_repos_push_built_by_azure_pipelines_reaches_production() {
+    let mut opts = options("azure-devops");
+    std::fs::create_dir_all(&opts.data_dir).unwrap();
+    opts.policy = opts.data_dir.join("policy.toml");
+    std::fs::write(&opts.policy, AZURE_DEVOPS_POLICY).unwrap();
+    let stack = Stack::start(opts).await.unwrap();
+    // The real service hook payload, posted with the hook's basic auth.
+    let body = std::fs::read(repo().join("tests/fixtures/azure-devops/git.push.aspnet-webhooks.json")).unwrap();
+    let (status, text) = client::send_azure_devops(&base(&stack), &stack.secrets, &body).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    let run = "project-c8e823a60a85";
+    let done = wait_status(&stack, run, "succeeded").await;
+    let steps = done["steps"].to_string();
+    assert!(steps.contains("Azure Pipelines"), "the build went to Azure Pipelines: {steps}");
+    for stage in ["staging", "production"] {
+        let id = policy_target(AZURE_DEVOPS_POLICY, stage);
+        assert_eq!(stack.arm.model_updates(&id, run), 1, "{stage}");
+    }
+    stack.stop().await;
+}
+
+fn policy_target(policy: &str, stage: &str) -> String {
+    let p = deploychain_functions::policy::Policy::from_toml(policy).unwrap();
+    p.apps[0].stages.iter().find(|s| s.name == stage).unwrap().target.clone()
+}
