@@ -957,3 +957,14 @@ async fn a_handler_that_keeps_crashing_pauses_the_host_as_azure_restarts_the_app
     assert_eq!(r.get("/api/echo").await.status(), 201, "serving again");
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_references_in_the_handler_arguments_are_expanded_and_unset_ones_dropped() {
+    let app =
+        AppRoot::new("args", json!({ "customHandler": { "description": { "arguments": ["%FAKE_SCRIPT%", "%FAKE_NOT_SET_ANYWHERE%"] } } }));
+    app.settings(json!({ "FAKE_SCRIPT": "handler.py" }));
+    app.http_function("hello", None, &[], "anonymous");
+    let r = Running::start(&app, Topology::new("local")).await;
+    assert_eq!(r.get("/api/hello").await.status(), 201, "python3 %FAKE_SCRIPT% ran handler.py");
+    r.stop().await;
+}

@@ -53,8 +53,38 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn executable(app: &FunctionApp) -> PathBuf {
-    let exe = PathBuf::from(&app.host.executable);
+/// `%VAR%` in the executable path and arguments, expanded from the environment the handler gets
+/// (app settings over the host's own); unset ones are removed, as the host does.
+fn expand(s: &str, spec: &Spec) -> String {
+    let lookup = |name: &str| {
+        spec.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| spec.app.settings.get(name).cloned())
+            .or_else(|| std::env::var(name).ok())
+    };
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find('%') {
+        let Some(len) = rest[start + 1..].find('%') else { break };
+        let name = &rest[start + 1..start + 1 + len];
+        out.push_str(&rest[..start]);
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            out.push('%');
+            rest = &rest[start + 1..];
+            continue;
+        }
+        out.push_str(&lookup(name).unwrap_or_default());
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn executable(app: &FunctionApp, spec: &Spec) -> PathBuf {
+    let exe = PathBuf::from(expand(&app.host.executable, spec));
     let in_root = app.root.join(&exe);
     // Relative paths resolve against the app root only if that file exists; else it is a command on PATH.
     if exe.is_relative() && in_root.is_file() { in_root } else { exe }
@@ -145,9 +175,10 @@ struct Spec {
 
 async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
     let port = free_port()?;
-    let exe = executable(&spec.app);
+    let exe = executable(&spec.app, spec);
     let mut cmd = Command::new(&exe);
-    cmd.args(&spec.app.host.arguments)
+    let args: Vec<String> = spec.app.host.arguments.iter().map(|a| expand(a, spec)).filter(|a| !a.is_empty()).collect();
+    cmd.args(&args)
         .current_dir(spec.app.host.working_directory.as_ref().map(|w| spec.app.root.join(w)).unwrap_or_else(|| spec.app.root.clone()))
         .envs(spec.app.settings.iter())
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
