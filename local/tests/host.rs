@@ -968,3 +968,36 @@ async fn setting_references_in_the_handler_arguments_are_expanded_and_unset_ones
     assert_eq!(r.get("/api/hello").await.status(), 201, "python3 %FAKE_SCRIPT% ran handler.py");
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_triggers_fire_on_their_ncrontab_schedule_with_the_hosts_payload() {
+    let app = AppRoot::new("timer", json!({}));
+    app.function(
+        "tick",
+        json!({ "bindings": [{ "type": "timerTrigger", "direction": "in", "name": "myTimer", "schedule": "%TICK_SCHEDULE%", "runOnStartup": true }] }),
+    );
+    app.settings(json!({ "TICK_SCHEDULE": "*/1 * * * * *" }));
+    let r = Running::start(&app, Topology::new("local")).await;
+    let starts = eventually("three ticks", Duration::from_secs(10), || async {
+        let s = app.starts("tick");
+        (s.len() >= 3).then_some(s)
+    })
+    .await;
+    let first = &starts[0]["envelope"];
+    let tick = &first["Data"]["myTimer"];
+    assert_eq!(tick["Schedule"]["AdjustForDST"], true, "{first}");
+    assert!(tick["IsPastDue"].is_boolean());
+    assert!(tick["ScheduleStatus"]["Next"].is_string(), "useMonitor defaults to true: {tick}");
+    assert_eq!(first["Metadata"]["sys"]["MethodName"], "tick");
+    // After the start-up run, one tick a second.
+    let times: Vec<f64> = starts.iter().map(|s| s["t"].as_f64().unwrap()).collect();
+    assert!(times[2] - times[1] > 0.5 && times[2] - times[1] < 1.8, "{times:?}");
+    assert!(starts[2]["envelope"]["Data"]["myTimer"]["ScheduleStatus"]["Last"].is_string());
+    r.stop().await;
+
+    // A schedule that is not NCRONTAB stops the host at load, naming it.
+    let bad = AppRoot::new("timer-bad", json!({}));
+    bad.function("tick", json!({ "bindings": [{ "type": "timerTrigger", "direction": "in", "name": "t", "schedule": "every minute" }] }));
+    let e = FunctionApp::load(&bad.root).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(e.contains("every minute") && e.contains("NCRONTAB"), "{e}");
+}

@@ -59,6 +59,15 @@ pub struct BusOutput {
 pub enum Trigger {
     Http(HttpTrigger),
     ServiceBus(BusTrigger),
+    Timer(TimerTrigger),
+}
+
+#[derive(Debug, Clone)]
+pub struct TimerTrigger {
+    pub binding: String,
+    pub schedule: super::timer::Schedule,
+    pub run_on_startup: bool,
+    pub use_monitor: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +258,19 @@ fn parse_function(name: &str, fj: &Value, settings: &BTreeMap<String, String>, h
                 sessions: get_ci(trigger, "isSessionsEnabled").and_then(Value::as_bool).unwrap_or(false),
                 auto_complete: get_ci(trigger, "autoCompleteMessages").and_then(Value::as_bool).unwrap_or(host.auto_complete),
                 connection: str_of("connection").unwrap_or_else(|| "AzureWebJobsServiceBus".into()),
+            })
+        }
+        "timertrigger" => {
+            let schedule = str_of("schedule").ok_or_else(|| anyhow!("a timerTrigger needs a schedule"))?;
+            let schedule = resolve(&schedule, settings)?;
+            if settings.contains_key("WEBSITE_TIME_ZONE") {
+                tracing::warn!(target: "host", function = name, "WEBSITE_TIME_ZONE is set; the local host runs timers in UTC");
+            }
+            Trigger::Timer(TimerTrigger {
+                binding,
+                schedule: super::timer::Schedule::parse(&schedule).with_context(|| format!("schedule `{schedule}`"))?,
+                run_on_startup: get_ci(trigger, "runOnStartup").and_then(Value::as_bool).unwrap_or(false),
+                use_monitor: get_ci(trigger, "useMonitor").and_then(Value::as_bool).unwrap_or(true),
             })
         }
         other => bail!("trigger type `{other}` is not supported by the local host"),

@@ -226,7 +226,7 @@ fn output_value(answer: &Value, name: &str, has_return: bool) -> Value {
 /// of four; the empty string too).
 fn dotnet_base64(s: &str) -> Option<Vec<u8>> {
     let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if compact.len() % 4 != 0 {
+    if !compact.len().is_multiple_of(4) {
         return None;
     }
     base64::engine::general_purpose::STANDARD.decode(compact).ok()

@@ -113,7 +113,7 @@ impl FrontDoor {
                     outputs: f.outputs.clone(),
                     has_return: f.has_return,
                 }),
-                Trigger::ServiceBus(_) => None,
+                Trigger::ServiceBus(_) | Trigger::Timer(_) => None,
             })
             .collect();
         Arc::new(FrontDoor {

@@ -7,6 +7,7 @@ pub mod app;
 pub mod envelope;
 pub mod http;
 pub mod servicebus;
+pub mod timer;
 pub mod worker;
 
 use anyhow::{Context, Result};
@@ -74,6 +75,9 @@ impl LocalHost {
             }
         }));
         for f in &app.functions {
+            if let Trigger::Timer(t) = &f.trigger {
+                tasks.push(tokio::spawn(timer::run(f.name.clone(), t.clone(), worker.clone(), app.host.function_timeout, stop_rx.clone())));
+            }
             if let Trigger::ServiceBus(t) = &f.trigger {
                 let l = servicebus::TriggerLoop {
                     function: f.name.clone(),
