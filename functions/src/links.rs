@@ -94,7 +94,12 @@ pub fn key_id(key: &[u8]) -> String {
 fn mac(key: &[u8], parts: &[&str]) -> Hmac<Sha256> {
     // HMAC takes keys of any length.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-    m.update(parts.join("\n").as_bytes());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            m.update(b"\n");
+        }
+        m.update(p.as_bytes());
+    }
     m
 }
 
