@@ -1001,3 +1001,24 @@ async fn timer_triggers_fire_on_their_ncrontab_schedule_with_the_hosts_payload()
     let e = FunctionApp::load(&bad.root).err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(e.contains("every minute") && e.contains("NCRONTAB"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_without_content_length_is_dropped_as_the_host_does() {
+    let app = AppRoot::new("chunked", json!({}));
+    app.http_function("upload", Some("upload"), &["post"], "anonymous");
+    let r = Running::start(&app, Topology::new("local")).await;
+    // A raw HTTP/1.1 request with `Transfer-Encoding: chunked` and no Content-Length.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = r.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "POST /api/upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\n{{\"a\":\r\n2\r\n1}}\r\n0\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let starts = app.starts("upload");
+    assert!(starts[0]["envelope"]["Data"]["req"].get("Body").is_none(), "{}", starts[0]["envelope"]);
+    r.stop().await;
+}

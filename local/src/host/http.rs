@@ -193,6 +193,18 @@ async fn handle(State(fd): State<Arc<FrontDoor>>, req: Request) -> Response {
         Ok(b) => b,
         Err(_) => return empty(StatusCode::PAYLOAD_TOO_LARGE),
     };
+    // The host copies a body only when the request says its length (reference §2.5): a chunked
+    // body without Content-Length reaches the function as no body at all.
+    let has_length =
+        parts.headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > 0);
+    let body = if has_length {
+        body
+    } else {
+        if !body.is_empty() {
+            tracing::warn!(target: "host", function = route.function, bytes = body.len(), "a body sent without Content-Length is dropped, as the Functions host does");
+        }
+        Bytes::new()
+    };
     let host = parts.headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("127.0.0.1").to_string();
     let headers: Vec<(String, String)> =
         parts.headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string()))).collect();
