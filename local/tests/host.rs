@@ -1022,3 +1022,51 @@ async fn a_chunked_body_without_content_length_is_dropped_as_the_host_does() {
     assert!(starts[0]["envelope"]["Data"]["req"].get("Body").is_none(), "{}", starts[0]["envelope"]);
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_sessions_bounds_how_many_sessions_run_at_once() {
+    // One session at a time: sessions A and B never overlap, though nothing orders them.
+    let app = AppRoot::new("max-sessions", json!({ "extensions": { "serviceBus": { "maxConcurrentSessions": 1 } } }));
+    app.bus_function("on_ordered", json!({ "topicName": "events", "subscriptionName": "ordered", "isSessionsEnabled": true }));
+    let r = Running::start(&app, session_topology(Duration::from_secs(5))).await;
+    let ordered = EntityPath::subscription("events", "ordered");
+    for (session, id) in [("A", "A1"), ("B", "B1"), ("A", "A2"), ("B", "B2")] {
+        r.send("events", session_message(session, id, "slow:0.3")).await;
+    }
+    wait_settled(&r, &ordered, Duration::from_secs(9)).await;
+    let intervals = app.intervals("on_ordered");
+    assert_eq!(intervals.len(), 4);
+    assert_eq!(max_overlap(&intervals), 1, "one session at a time: {intervals:?}");
+    r.stop().await;
+
+    // Two at a time: the two sessions do run side by side (the bound above is what held them).
+    let app = AppRoot::new("max-sessions-2", json!({ "extensions": { "serviceBus": { "maxConcurrentSessions": 2 } } }));
+    app.bus_function("on_ordered", json!({ "topicName": "events", "subscriptionName": "ordered", "isSessionsEnabled": true }));
+    let r = Running::start(&app, session_topology(Duration::from_secs(5))).await;
+    for (session, id) in [("A", "A1"), ("B", "B1"), ("A", "A2"), ("B", "B2")] {
+        r.send("events", session_message(session, id, "slow:0.4")).await;
+    }
+    wait_settled(&r, &ordered, Duration::from_secs(9)).await;
+    assert_eq!(max_overlap(&app.intervals("on_ordered")), 2);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_complete_a_successful_invocation_leaves_the_message_to_its_lock() {
+    let app = AppRoot::new("no-autocomplete", json!({}));
+    app.bus_function("on_work", json!({ "queueName": "work", "autoCompleteMessages": false }));
+    let r = Running::start(&app, topology_with_queues(vec![queue("work", Duration::from_secs(1), 10)])).await;
+    let work: EntityPath = "work".parse().unwrap();
+    r.send("work", message("{}", "m-1")).await;
+    // Succeeds, is not completed (a custom handler cannot settle it), comes back after the lock.
+    let starts = eventually("a redelivery", Duration::from_secs(8), || async {
+        let s = app.starts("on_work");
+        (s.len() >= 2).then_some(s)
+    })
+    .await;
+    assert_eq!(delivery_counts(&starts[..2]), ["1", "2"]);
+    assert_eq!(app.ends("on_work")[0]["status"], 200, "the first invocation succeeded");
+    let c = r.counts(&work).await;
+    assert_eq!(c.active + c.locked, 1, "still in the queue: {c:?}");
+    r.stop().await;
+}
