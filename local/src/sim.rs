@@ -46,6 +46,27 @@ fn digest_of(parts: &[&str]) -> String {
     hex::encode(h.finalize())
 }
 
+/// Put a chain event on the topic as the handler's publisher does: the CloudEvent as the body, its
+/// id as the MessageId, its type as the Label, its attributes as application properties.
+pub async fn send_event(broker: &Broker, topic: &str, ev: &DeployEvent, session: Option<String>) -> Result<()> {
+    let o = deploychain_functions::adapters::Outbound::from_event(ev, session);
+    broker
+        .send(
+            topic,
+            NewMessage {
+                body: o.body.into_bytes(),
+                message_id: Some(o.message_id),
+                session_id: o.session_id,
+                label: Some(o.subject),
+                content_type: Some(o.content_type),
+                properties: o.properties.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), json!(v))).collect(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(())
+}
+
 impl Simulators {
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let path: EntityPath = match format!("{}/subscriptions/{SUBSCRIPTION}", self.topic).parse() {
@@ -250,22 +271,7 @@ impl Simulators {
                     data: EventData::ImageReady(ImageReady { app: i.app.clone(), commit: i.commit.clone(), image, branch: None }),
                 };
                 let first = app.stages.first().map(|s| s.name.clone()).unwrap_or_default();
-                let o = deploychain_functions::adapters::Outbound::from_event(&out, Some(format!("{}/{first}", i.app)));
-                self.broker
-                    .send(
-                        &self.topic,
-                        NewMessage {
-                            body: o.body.into_bytes(),
-                            message_id: Some(o.message_id),
-                            session_id: o.session_id,
-                            label: Some(o.subject),
-                            content_type: Some(o.content_type),
-                            properties: o.properties.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), json!(v))).collect(),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .context("publishing image.ready")?;
+                send_event(&self.broker, &self.topic, &out, Some(format!("{}/{first}", i.app))).await.context("publishing image.ready")?;
                 tracing::info!(target: "simulators", run = ev.run_id, "image baked");
                 Ok(())
             }

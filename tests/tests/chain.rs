@@ -504,22 +504,7 @@ async fn send_image_ready(stack: &Stack, run: &str, version: &str) {
         trace: TraceContext::default(),
         data: EventData::ImageReady(ImageReady { app: "web".into(), commit, image, branch: None }),
     };
-    let o = deploychain_functions::adapters::Outbound::from_event(&ev, Some("web/staging".into()));
-    stack
-        .broker
-        .send(
-            "deploychain-events",
-            NewMessage {
-                body: o.body.into_bytes(),
-                message_id: Some(o.message_id),
-                session_id: o.session_id,
-                label: Some(o.subject),
-                content_type: Some(o.content_type),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    deploychain::sim::send_event(&stack.broker, "deploychain-events", &ev, Some("web/staging".into())).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,34 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Read an approval, let `f` change it, and write it back if `f` says it changed — all in one
+    /// transaction (the conditional write the approval rules rely on).
+    async fn modify_approval<T: Send + 'static>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ApprovalRecord) -> (bool, T) + Send + 'static,
+    ) -> Result<(ApprovalRecord, T)> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let doc: Option<String> =
+                tx.query_row("SELECT doc FROM approvals WHERE id = ?1", [&id], |r| r.get(0)).optional().map_err(db_err)?;
+            let mut a: ApprovalRecord = match doc {
+                Some(d) => from_json(&d)?,
+                None => return Err(Error::NotFound(format!("approval `{id}`"))),
+            };
+            let (changed, out) = f(&mut a);
+            if changed {
+                tx.execute("UPDATE approvals SET doc = ?2 WHERE id = ?1", params![id, to_json(&a)?]).map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok((a, out))
+        })
+        .await
+    }
+}
+
 fn load_run(c: &Connection, id: &str) -> Result<Option<Run>> {
     let doc: Option<String> = c.query_row("SELECT doc FROM runs WHERE id = ?1", [id], |r| r.get(0)).optional().map_err(db_err)?;
     doc.map(|d| from_json(&d)).transpose()
@@ -208,41 +236,19 @@ impl Store for SqliteStore {
     }
 
     async fn vote(&self, id: &str, vote: &Vote) -> Result<(ApprovalRecord, VoteResult)> {
-        let (id, vote) = (id.to_string(), vote.clone());
-        self.with(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let doc: Option<String> =
-                tx.query_row("SELECT doc FROM approvals WHERE id = ?1", [&id], |r| r.get(0)).optional().map_err(db_err)?;
-            let mut a: ApprovalRecord = match doc {
-                Some(d) => from_json(&d)?,
-                None => return Err(Error::NotFound(format!("approval `{id}`"))),
-            };
-            let result = a.apply_vote(&vote);
-            if result == VoteResult::Recorded {
-                tx.execute("UPDATE approvals SET doc = ?2 WHERE id = ?1", params![id, to_json(&a)?]).map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)?;
-            Ok((a, result))
+        let vote = vote.clone();
+        self.modify_approval(id, move |a| {
+            let r = a.apply_vote(&vote);
+            (r == VoteResult::Recorded, r)
         })
         .await
     }
 
     async fn update_approval(&self, id: &str, u: &ApprovalUpdate) -> Result<(ApprovalRecord, bool)> {
-        let (id, u) = (id.to_string(), u.clone());
-        self.with(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let doc: Option<String> =
-                tx.query_row("SELECT doc FROM approvals WHERE id = ?1", [&id], |r| r.get(0)).optional().map_err(db_err)?;
-            let mut a: ApprovalRecord = match doc {
-                Some(d) => from_json(&d)?,
-                None => return Err(Error::NotFound(format!("approval `{id}`"))),
-            };
+        let u = u.clone();
+        self.modify_approval(id, move |a| {
             let changed = a.apply_update(&u);
-            if changed {
-                tx.execute("UPDATE approvals SET doc = ?2 WHERE id = ?1", params![id, to_json(&a)?]).map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)?;
-            Ok((a, changed))
+            (changed, changed)
         })
         .await
     }
