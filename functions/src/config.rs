@@ -23,6 +23,56 @@ impl std::fmt::Debug for NotifyTarget {
     }
 }
 
+/// How long a run may sit at one kind of step without progress before the watchdog flags it
+/// (`DEPLOYCHAIN_STUCK_AFTER`: `2h`, or `2h,deployment=30m,approval=off`). `None` = never flagged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckAfter {
+    pub build: Option<Duration>,
+    pub image: Option<Duration>,
+    pub deployment: Option<Duration>,
+    pub approval: Option<Duration>,
+}
+
+impl Default for StuckAfter {
+    fn default() -> Self {
+        let two_hours = Some(Duration::from_secs(7200));
+        // An approval waits for people; its own timeout ends it. Flag one that outlives it by a day.
+        StuckAfter {
+            build: two_hours,
+            image: two_hours,
+            deployment: Some(Duration::from_secs(3600)),
+            approval: Some(Duration::from_secs(86_400 * 8)),
+        }
+    }
+}
+
+impl StuckAfter {
+    pub fn parse(s: &str) -> std::result::Result<StuckAfter, String> {
+        let mut out = StuckAfter::default();
+        for (i, part) in s.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+            let (kind, value) = match part.split_once('=') {
+                Some((k, v)) => (Some(k.trim()), v.trim()),
+                None if i == 0 => (None, part),
+                None => return Err(format!("`{part}`: after the first value, give kind=duration")),
+            };
+            let d = if value == "off" {
+                None
+            } else {
+                Some(parse_duration(value).ok_or_else(|| format!("`{value}` is not a duration like 30m or 2h (or `off`)"))?)
+            };
+            match kind {
+                None => out = StuckAfter { build: d, image: d, deployment: d, approval: d },
+                Some("build") => out.build = d,
+                Some("image") => out.image = d,
+                Some("deployment") => out.deployment = d,
+                Some("approval") => out.approval = d,
+                Some(k) => return Err(format!("`{k}` is not one of build, image, deployment, approval")),
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A secret app setting. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -109,6 +159,8 @@ pub struct Config {
     pub arm: ArmConfig,
     /// Where approval notices go: a generic webhook, Teams, Slack (any of them).
     pub notify: Vec<NotifyTarget>,
+    /// When the watchdog flags a run as stuck.
+    pub stuck_after: StuckAfter,
     pub max_body_bytes: usize,
 }
 
@@ -195,6 +247,14 @@ impl Config {
                 None => {}
             }
         }
+        let stuck_after = match get("DEPLOYCHAIN_STUCK_AFTER").map(|v| StuckAfter::parse(&v)) {
+            None => StuckAfter::default(),
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                errs.push(format!("DEPLOYCHAIN_STUCK_AFTER: {e}"));
+                StuckAfter::default()
+            }
+        };
         let max_body_bytes = match get("DEPLOYCHAIN_MAX_BODY_BYTES") {
             None => DEFAULT_MAX_BODY,
             Some(v) => v.parse().ok().filter(|n| *n >= 1024).unwrap_or_else(|| {
@@ -218,6 +278,7 @@ impl Config {
             store,
             arm,
             notify,
+            stuck_after,
             max_body_bytes,
         };
         if errs.is_empty() { Ok(cfg) } else { Err(errs) }
@@ -324,6 +385,17 @@ mod tests {
             assert!(all.contains(setting), "{setting} missing from:\n{all}");
         }
         assert!(!all.contains("short-secret-value"));
+    }
+
+    #[test]
+    fn stuck_thresholds_parse_per_kind() {
+        let s = StuckAfter::parse("30m,deployment=10m,approval=off").expect("valid");
+        assert_eq!(s.build, Some(Duration::from_secs(1800)));
+        assert_eq!(s.deployment, Some(Duration::from_secs(600)));
+        assert_eq!(s.approval, None);
+        assert!(StuckAfter::parse("soon").is_err());
+        assert!(StuckAfter::parse("1h,bake=2h").is_err());
+        assert!(StuckAfter::parse("1h,2h").is_err());
     }
 
     #[test]

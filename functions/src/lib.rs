@@ -50,18 +50,21 @@ pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("on_image_ready", Trigger::ServiceBus),
     ("on_approval", Trigger::ServiceBus),
     ("on_approval_due", Trigger::ServiceBus),
+    ("watchdog", Trigger::Timer),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     Http,
     ServiceBus,
+    Timer,
 }
 
 /// The binding names used in every `function.json`.
 pub const HTTP_IN: &str = "req";
 pub const HTTP_OUT: &str = "res";
 pub const BUS_IN: &str = "msg";
+pub const TIMER_IN: &str = "timer";
 
 type HttpFn = fn(AppState, HttpRequest) -> Pin<Box<dyn Future<Output = error::Result<HttpResponse>> + Send>>;
 type BusFn = fn(AppState, BusMessage) -> Pin<Box<dyn Future<Output = error::Result<String>> + Send>>;
@@ -87,6 +90,7 @@ pub fn app(state: AppState) -> Router {
         .route("/on_image_ready", post(|s, b| bus_fn(s, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
         .route("/on_approval", post(|s, b| bus_fn(s, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
         .route("/on_approval_due", post(|s, b| bus_fn(s, b, "on_approval_due", |s, m| Box::pin(steps::on_approval_due::handle(s, m)))))
+        .route("/watchdog", post(timer_fn))
         .layer(DefaultBodyLimit::max(envelope_limit))
         .with_state(state)
 }
@@ -124,6 +128,25 @@ async fn http_fn(
     };
     let status = res.status;
     Invocation::http(res).log(format!("{name}: {status}")).into_response(HTTP_OUT).into_response()
+}
+
+/// The timer-triggered watchdog. A failure is a non-2xx to the host, which only logs it (timers
+/// are not redelivered; the next tick looks again).
+async fn timer_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let name = "watchdog";
+    if let Err(e) = body {
+        return envelope_rejected(name, e);
+    }
+    match steps::watchdog::handle(state).await {
+        Ok(outcome) => {
+            tracing::info!(function = name, outcome, "invocation");
+            Invocation::default().log(format!("{name}: {outcome}")).into_response(HTTP_OUT).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(function = name, error = %e, "invocation failed");
+            failed(name, &e)
+        }
+    }
 }
 
 pub fn error_response(e: &Error) -> HttpResponse {

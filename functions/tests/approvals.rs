@@ -268,3 +268,27 @@ async fn a_newer_build_supersedes_a_pending_approval_and_its_links_decide_nothin
         assert_bodies_match_schemas(&h.publisher.sent());
     }
 }
+
+#[tokio::test]
+async fn a_waiting_run_says_on_whom_and_since_when() {
+    let mut h = Harness::with_policy(
+        Arc::new(MemoryStore::default()),
+        &policy(r#"{ approvers = ["group:release-managers"], quorum = 2, expires_after = "24h" }"#),
+    );
+    let run = to_approval(&mut h, A).await;
+    assert_eq!(post(&h, &link_of(&h, "alice@example.com"), "approve").await, 200);
+    let env = http_envelope("runs", "GET", &format!("runs/{run}"), &[], &[], &[("id", &run)], b"");
+    let (s, _, body) = h.http("runs", &env).await;
+    assert_eq!(s, 200);
+    let w = &serde_json::from_str::<Value>(&body).unwrap()["waiting"];
+    assert_eq!(w["kind"], "approval");
+    assert_eq!(w["for"], "1 more approval of production");
+    assert_eq!(w["on"], json!(["bob@example.com", "carol@example.com"]), "who has not decided");
+    assert!(w["expiresIn"].as_str().unwrap().starts_with("23h"), "{w}");
+    let text = w["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("waiting for 1 more approval of production — from bob@example.com, carol@example.com, ")
+            && text.contains("so far, expires in 23h"),
+        "{text}"
+    );
+}

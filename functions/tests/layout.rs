@@ -59,6 +59,15 @@ fn bindings_use_the_names_and_types_the_handler_reads() {
                 assert_eq!(b[1]["type"], "http");
                 assert_eq!(b[1]["name"], HTTP_OUT);
             }
+            Trigger::Timer => {
+                assert_eq!(b.len(), 1, "{name}");
+                assert_eq!(b[0]["type"], "timerTrigger");
+                assert_eq!(b[0]["name"], deploychain_functions::TIMER_IN);
+                assert!(
+                    b[0]["schedule"].as_str().is_some_and(|s| s.starts_with('%') && s.ends_with('%')),
+                    "{name}: the schedule is an app setting"
+                );
+            }
             Trigger::ServiceBus => {
                 assert_eq!(b.len(), 1, "{name}: events are published with the client, not output bindings");
                 assert_eq!(b[0]["type"], "serviceBusTrigger");

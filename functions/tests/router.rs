@@ -681,3 +681,37 @@ async fn an_older_run_never_replaces_a_newer_one() {
     let target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-probot/providers/Microsoft.Compute/virtualMachineScaleSets/probot-staging";
     assert_eq!(h.compute.current(target).unwrap().run_id, "probot-222222222222");
 }
+
+#[tokio::test]
+async fn the_watchdog_flags_a_run_stuck_at_its_build_once_and_says_so() {
+    for (name, store) in stores() {
+        let mut h = Harness::new(store);
+        let (_, res) = h.github_signed("push", &fixture("github/push.branch-updated.probot.json")).await;
+        let run = res["run"].as_str().unwrap().to_string();
+        h.pump().await;
+        // Not stuck yet: the build was requested just now.
+        assert_eq!(h.tick_watchdog().await.0, 200);
+        assert!(h.notify.stuck().is_empty(), "{name}");
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let (status, answer) = h.tick_watchdog().await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer["Logs"].to_string().contains(&run), "{answer}");
+        let stuck = h.notify.stuck();
+        assert_eq!(stuck.len(), 1, "{name}");
+        assert_eq!((stuck[0].run_id.as_str(), stuck[0].kind.as_str()), (run.as_str(), "build"));
+        // The next tick does not flag the same wait again.
+        h.tick_watchdog().await;
+        assert_eq!(h.notify.stuck().len(), 1, "{name}: flagged once");
+        let r = h.state.store.run(&run).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Running, "{name}: the watchdog changes no state");
+        assert_eq!(r.steps.last().unwrap().name, "stuck at build");
+        let env = http_envelope("runs", "GET", &format!("runs/{run}"), &[], &[], &[("id", &run)], b"");
+        let (_, _, body) = h.http("runs", &env).await;
+        let w = &serde_json::from_str::<Value>(&body).unwrap()["waiting"];
+        assert_eq!((w["kind"].as_str(), w["stuck"].as_bool()), (Some("build"), Some(true)), "{name}: {w}");
+        assert_eq!(w["on"], json!(["GitHub Actions"]));
+        assert!(w["text"].as_str().unwrap().contains("STUCK"), "{w}");
+        // Progress clears it: the build completes, and a later wait is judged afresh.
+        assert!(h.publisher.sent().iter().all(|m| !m.subject.contains("stuck")), "nothing on the bus");
+    }
+}

@@ -97,6 +97,53 @@ pub async fn runs(base: &str, s: &Secrets, id: Option<&str>, commit: Option<&str
     Ok(pretty)
 }
 
+/// `deploychain runs`: one line per run — its id, status, and what it waits for.
+pub fn describe_runs(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let runs = v["runs"].as_array().cloned().unwrap_or_default();
+    if runs.is_empty() {
+        return "no runs yet\n".into();
+    }
+    for r in runs {
+        let what =
+            r["waiting"]["text"].as_str().map(str::to_string).unwrap_or_else(|| format!("stage {}", r["stage"].as_str().unwrap_or("-")));
+        out.push_str(&format!("{:<24} {:<11} {what}\n", r["id"].as_str().unwrap_or("?"), r["status"].as_str().unwrap_or("?")));
+    }
+    out
+}
+
+/// `deploychain runs show ID`: the run, its wait explained, and every step on a timeline.
+pub fn describe_run(r: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = format!(
+        "run {}  {}\n  {} {} at {}\n",
+        s(&r["id"]),
+        s(&r["status"]).to_uppercase(),
+        s(&r["repository"]),
+        s(&r["branch"]),
+        s(&r["commit"])
+    );
+    if let Some(img) = r["image"].as_str() {
+        out.push_str(&format!("  image {img}\n"));
+    }
+    if let Some(t) = r["waiting"]["text"].as_str() {
+        out.push_str(&format!("  {t}\n"));
+    }
+    out.push('\n');
+    for step in r["steps"].as_array().cloned().unwrap_or_default() {
+        let at = step["at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Local).format("%H:%M:%S").to_string());
+        out.push_str(&format!("  {}  {}", at.unwrap_or_else(|| "--:--:--".into()), s(&step["what"])));
+        if let Some(d) = step["detail"].as_str() {
+            out.push_str(&format!("  ({d})"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Decide from a signed approval link as the page does: read the page (its CSRF value), then
 /// POST the decision with it. A page that offers no decision (decided, superseded, expired) is
 /// answered with its status and text.

@@ -19,6 +19,10 @@
 //! poll_interval = "200ms"         # the handler's pause between ARM polls
 //! health_timeout = "15s"          # how long the handler waits for a batch to become healthy
 //!
+//! [watchdog]                      # flags runs that stopped making progress
+//! schedule = "*/30 * * * * *"     # NCRONTAB, seconds first
+//! stuck_after = "10m,approval=off" # DEPLOYCHAIN_STUCK_AFTER: a duration, then kind=duration|off
+//!
 //! [[arm.faults]]                  # injected faults, each for the first matching request(s)
 //! method = "PATCH"                # and the path ends with:
 //! path = "web-staging"
@@ -57,11 +61,26 @@ impl Default for SimConfig {
     }
 }
 
+/// The watchdog's settings for the local stack (`[watchdog]`): its NCRONTAB schedule and
+/// `DEPLOYCHAIN_STUCK_AFTER`.
+#[derive(Debug, Clone)]
+pub struct WatchdogConfig {
+    pub schedule: String,
+    pub stuck_after: String,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig { schedule: "*/30 * * * * *".into(), stuck_after: "10m,approval=off".into() }
+    }
+}
+
 /// Everything `deploychain.local.toml` says.
 #[derive(Debug, Clone, Default)]
 pub struct LocalConfig {
     pub sim: SimConfig,
     pub arm: ArmSimConfig,
+    pub watchdog: WatchdogConfig,
 }
 
 #[derive(Deserialize, Default)]
@@ -71,6 +90,15 @@ struct File {
     simulators: Option<SimFile>,
     #[serde(default)]
     arm: Option<ArmFile>,
+    #[serde(default)]
+    watchdog: Option<WatchdogFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WatchdogFile {
+    schedule: Option<String>,
+    stuck_after: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,7 +215,10 @@ impl LocalConfig {
         if arm.poll_interval.is_zero() || arm.health_timeout.is_zero() {
             bail!("{}: poll_interval and health_timeout must be above 0", at("arm"));
         }
-        Ok(LocalConfig { sim, arm })
+        let w = f.watchdog.unwrap_or_default();
+        let d = WatchdogConfig::default();
+        let watchdog = WatchdogConfig { schedule: w.schedule.unwrap_or(d.schedule), stuck_after: w.stuck_after.unwrap_or(d.stuck_after) };
+        Ok(LocalConfig { sim, arm, watchdog })
     }
 }
 

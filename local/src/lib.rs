@@ -25,7 +25,9 @@ deploychain — the deployment chain on one machine
                                            first GitHub app of the policy; --branch NAME to choose,
                                            --commit PREFIX to start the commit id with PREFIX)
   deploychain send azure-devops FILE       POST FILE as an Azure DevOps service hook
-  deploychain runs [ID] [--commit SHA]     what each run did and what it waits for
+  deploychain runs [show ID] [--commit SHA] [--json]
+                                           each run and what it waits for, on whom, since when;
+                                           with an id, every step on a timeline
   deploychain scalesets [--arm-url URL]    what each scale set of the policy runs (image, run, instances and
                                            their health), from the local ARM endpoint
   deploychain approve LINK [--reject] [--comment TEXT]

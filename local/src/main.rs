@@ -23,7 +23,7 @@ fn parse_args() -> Result<Args> {
         if let Some(name) = a.strip_prefix("--") {
             if let Some((k, v)) = name.split_once('=') {
                 flags.insert(k.to_string(), v.to_string());
-            } else if matches!(name, "reset" | "reject" | "help" | "release") {
+            } else if matches!(name, "reset" | "reject" | "help" | "release" | "json") {
                 switches.insert(name.to_string());
             } else {
                 let v = it.next().ok_or_else(|| anyhow!("--{name} needs a value"))?;
@@ -99,6 +99,7 @@ async fn up(args: &Args) -> Result<()> {
         arm_port: port(args, "arm-port", 7073)?,
         sim: local.sim,
         arm: local.arm,
+        watchdog: local.watchdog,
     };
     let stack = Stack::start(opts).await?;
     let mut rx = stack.progress.subscribe();
@@ -149,6 +150,7 @@ async fn up(args: &Args) -> Result<()> {
                     }
                 }
                 Ok(Progress::Approval { run, approver, link }) => held.push((tokio::time::Instant::now(), run, approver, link)),
+                Ok(Progress::Stuck { run, text }) => println!("{} {run:<24} STUCK: {text}", chrono::Local::now().format("%H:%M:%S")),
                 Ok(Progress::Target { scale_set, line }) => println!("{} {:<24} {line}", chrono::Local::now().format("%H:%M:%S"), format!("  {scale_set}")),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
@@ -217,8 +219,18 @@ async fn run() -> Result<()> {
         }
         ["runs", rest @ ..] => {
             let s = secrets(&args)?;
-            let text = client::runs(&base_url(&args), &s, rest.first().copied(), args.flags.get("commit").map(String::as_str)).await?;
-            println!("{text}");
+            let id = match rest {
+                [] => None,
+                ["show", id] | [id] => Some(*id),
+                _ => bail!("usage: deploychain runs [show ID] [--commit SHA] [--json]"),
+            };
+            let text = client::runs(&base_url(&args), &s, id, args.flags.get("commit").map(String::as_str)).await?;
+            if args.switches.contains("json") {
+                println!("{text}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&text).context("the runs API answered no JSON")?;
+                print!("{}", if id.is_some() { client::describe_run(&v) } else { client::describe_runs(&v) });
+            }
             Ok(())
         }
         ["scalesets"] => {

@@ -34,6 +34,7 @@ pub struct StackOptions {
     pub arm_port: u16,
     pub sim: SimConfig,
     pub arm: ArmSimConfig,
+    pub watchdog: crate::config::WatchdogConfig,
 }
 
 pub struct Stack {
@@ -103,6 +104,8 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<Pat
         // ARM, notify) goes direct.
         "HTTP_PROXY": format!("http://{apps}"),
         "NO_PROXY": "127.0.0.1,localhost",
+        "DEPLOYCHAIN_WATCHDOG_SCHEDULE": opts.watchdog.schedule,
+        "DEPLOYCHAIN_STUCK_AFTER": opts.watchdog.stuck_after,
         "DEPLOYCHAIN_PUBLIC_URL": format!("http://{http}"),
         "DEPLOYCHAIN_NOTIFY_URL": format!("http://{notify}/notify"),
         "GITHUB_WEBHOOK_SECRET": secrets.github_webhook,

@@ -15,6 +15,8 @@ pub enum Progress {
     Event { run: String, ty: EventType, line: String },
     /// An approver's signed link arrived.
     Approval { run: String, approver: String, link: String },
+    /// The watchdog says a run stopped making progress.
+    Stuck { run: String, text: String },
     /// Something happened to a scale set (the local ARM endpoint saw it).
     Target { scale_set: String, line: String },
 }
@@ -137,7 +139,11 @@ pub fn notify_router(tx: broadcast::Sender<Progress>) -> axum::Router {
             let tx = tx.clone();
             async move {
                 let s = |k: &str| body.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-                let _ = tx.send(Progress::Approval { run: s("runId"), approver: s("to"), link: s("link") });
+                let _ = if s("kind") == "stuck" {
+                    tx.send(Progress::Stuck { run: s("runId"), text: s("text") })
+                } else {
+                    tx.send(Progress::Approval { run: s("runId"), approver: s("to"), link: s("link") })
+                };
                 axum::http::StatusCode::ACCEPTED
             }
         }),

@@ -106,11 +106,21 @@ fn the_readme_commands_run_a_release_to_production() {
     up.wait_line("deployed to staging", |l| l.contains(&run) && l.contains("deployed to staging"));
     up.wait_line("the approval link", |l| l.contains(&run) && l.contains("approval link for alice@contoso.com"));
     let link = up.wait_line("the link", |l| l.trim_start().starts_with("open ")).trim().trim_start_matches("open ").to_string();
-    let (ok, out, _) = deploychain(&["runs", &run, "--data-dir", &d, "--url", &url]);
+    let (ok, out, _) = deploychain(&["runs", &run, "--json", "--data-dir", &d, "--url", &url]);
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["status"], "waiting", "{v}");
     assert!(v["waitingFor"].as_str().unwrap().starts_with("approval of production"));
+    // The same, as a person reads it: what it waits for, on whom, since when; then the timeline.
+    let (ok, out, _) = deploychain(&["runs", "show", &run, "--data-dir", &d, "--url", &url]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("WAITING") && out.contains("waiting for 1 more approval of production — from alice@contoso.com, bob@contoso.com"),
+        "{out}"
+    );
+    assert!(out.contains("deployed to staging") && out.contains("push received"), "{out}");
+    let (ok, out, _) = deploychain(&["runs", "--data-dir", &d, "--url", &url]);
+    assert!(ok && out.lines().any(|l| l.starts_with(&run) && l.contains("waiting")), "{out}");
 
     let (ok, out, err) = deploychain(&["approve", &link, "--comment", "ship it"]);
     assert!(ok && out.contains("approve recorded"), "{out}{err}");

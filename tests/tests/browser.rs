@@ -145,6 +145,7 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
             health_timeout: Duration::from_secs(2),
             ..ArmSimConfig::default()
         },
+        watchdog: deploychain::config::WatchdogConfig::default(),
     };
     let stack = Stack::start(opts).await.unwrap();
     let mut rx = stack.progress.subscribe();

@@ -59,6 +59,7 @@ fn options_keep(name: &str) -> StackOptions {
             health_timeout: Duration::from_secs(2),
             ..ArmSimConfig::default()
         },
+        watchdog: deploychain::config::WatchdogConfig::default(),
     }
 }
 
@@ -804,4 +805,23 @@ async fn an_azure_repos_push_built_by_azure_pipelines_reaches_production() {
 fn policy_target(policy: &str, stage: &str) -> String {
     let p = deploychain_functions::policy::Policy::from_toml(policy).unwrap();
     p.apps[0].stages.iter().find(|s| s.name == stage).unwrap().target.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_timer_flags_a_run_whose_build_never_comes_back() {
+    let mut opts = options("watchdog");
+    opts.sim.build_delay = Duration::from_secs(60);
+    opts.watchdog = deploychain::config::WatchdogConfig { schedule: "*/1 * * * * *".into(), stuck_after: "2s,approval=off".into() };
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    let text = match wait_for(&mut rx, "the watchdog's notice", |p| matches!(p, Progress::Stuck { run: r, .. } if *r == run)).await {
+        Progress::Stuck { text, .. } => text,
+        _ => unreachable!(),
+    };
+    assert!(text.contains("no progress for over 2s") && text.contains("build of"), "{text}");
+    let r = run_json(&stack, &run).await;
+    assert_eq!(r["waiting"]["stuck"], true, "{r}");
+    assert_eq!(r["status"], "running");
+    stack.stop().await;
 }

@@ -259,11 +259,15 @@ impl Compute for MemoryCompute {
 #[derive(Default)]
 pub struct MemoryNotify {
     pub notices: Mutex<Vec<ApprovalNotice>>,
+    pub stuck: Mutex<Vec<StuckNotice>>,
 }
 
 impl MemoryNotify {
     pub fn notices(&self) -> Vec<ApprovalNotice> {
         lock(&self.notices).clone()
+    }
+    pub fn stuck(&self) -> Vec<StuckNotice> {
+        lock(&self.stuck).clone()
     }
 }
 
@@ -275,6 +279,11 @@ impl Notify for MemoryNotify {
         if !v.iter().any(|x| x.approval_id == n.approval_id && x.key == n.key) {
             v.push(n.clone());
         }
+        Ok(())
+    }
+
+    async fn run_stuck(&self, n: &StuckNotice) -> Result<()> {
+        lock(&self.stuck).push(n.clone());
         Ok(())
     }
 }

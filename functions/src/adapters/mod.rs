@@ -537,10 +537,25 @@ pub enum NoticeKind {
     Escalation,
 }
 
-/// Delivers approval links to people (Teams/Slack/e-mail). Idempotent per approval id.
+/// A run that has made no progress for too long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckNotice {
+    pub run_id: String,
+    pub app: String,
+    /// What it waits for (`build of 3f2a9c1d0b7e in GitHub Actions`).
+    pub waiting_for: String,
+    /// The kind of step (`build`, `image`, `deployment`, `approval`).
+    pub kind: String,
+    /// Since when nothing happened.
+    pub since: DateTime<Utc>,
+    pub threshold: std::time::Duration,
+}
+
+/// Delivers approval links to people (Teams/Slack/e-mail), and the watchdog's warnings.
 #[async_trait]
 pub trait Notify: Send + Sync {
     async fn approval_requested(&self, n: &ApprovalNotice) -> Result<()>;
+    async fn run_stuck(&self, n: &StuckNotice) -> Result<()>;
 }
 
 /// Builds and images that the source system starts by itself — a workflow `on: push`, a registry

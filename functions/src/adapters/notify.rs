@@ -13,7 +13,7 @@
 //! `Retry-After`, connection errors) before the notice counts as failed (transient: the step is
 //! redelivered). Errors never contain a link.
 
-use super::{ApprovalNotice, NoticeKind, Notify};
+use super::{ApprovalNotice, NoticeKind, Notify, StuckNotice};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -243,8 +243,55 @@ pub fn slack_body(n: &ApprovalNotice, approver: &str, link: &str) -> Value {
     json!({ "text": cut(&subject(n), SLACK_TEXT_MAX), "blocks": blocks, "unfurl_links": false, "unfurl_media": false })
 }
 
+/// The watchdog's warning, for every channel: a line of text, and its facts.
+pub fn stuck_body(channel: Channel, n: &StuckNotice) -> Value {
+    let text = format!(
+        "Run {} of {} has made no progress for over {}: it waits for {} (since {}).",
+        n.run_id,
+        n.app,
+        client_human(n.threshold),
+        n.waiting_for,
+        n.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    match channel {
+        Channel::Webhook => json!({
+            "kind": "stuck", "subject": format!("Run {} is stuck at {}", n.run_id, n.kind), "text": text,
+            "runId": n.run_id, "app": n.app, "waitingFor": n.waiting_for, "step": n.kind, "since": n.since.to_rfc3339(),
+        }),
+        Channel::Teams => json!({ "type": "message", "attachments": [{
+            "contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": null,
+            "content": { "$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard", "version": "1.4",
+                "body": [
+                    { "type": "TextBlock", "text": format!("Run {} is stuck", n.run_id), "size": "Large", "weight": "Bolder", "wrap": true },
+                    { "type": "TextBlock", "text": text, "wrap": true }
+                ] }
+        }] }),
+        Channel::Slack => json!({ "text": text, "blocks": [
+            { "type": "header", "text": { "type": "plain_text", "text": cut(&format!("Run {} is stuck", n.run_id), SLACK_HEADER_MAX) } },
+            { "type": "section", "text": { "type": "mrkdwn", "text": cut(&mrkdwn(&text), SLACK_TEXT_MAX) } }
+        ] }),
+    }
+}
+
+fn client_human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 #[async_trait]
 impl Notify for WebhookNotify {
+    async fn run_stuck(&self, n: &StuckNotice) -> Result<()> {
+        let id = format!("{}.stuck.{}", n.run_id, n.since.timestamp());
+        for t in &self.targets {
+            self.post(t.channel, &t.url, &stuck_body(t.channel, n), &id).await?;
+        }
+        Ok(())
+    }
+
     async fn approval_requested(&self, n: &ApprovalNotice) -> Result<()> {
         for (approver, link) in &n.links {
             let id = format!("{}.{}.{}", n.approval_id, n.key, deploychain_events::short_digest(&[approver]));

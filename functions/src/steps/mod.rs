@@ -16,6 +16,7 @@ pub mod on_build_completed;
 pub mod on_image_ready;
 pub mod on_push;
 pub mod runs;
+pub mod watchdog;
 
 use crate::AppState;
 use crate::adapters::{

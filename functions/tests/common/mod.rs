@@ -115,6 +115,8 @@ pub fn config(max_body: usize) -> Config {
         ("AZURE_DEVOPS_WEBHOOK_SECRET", ADO_SECRET.to_string()),
         ("DEPLOYCHAIN_NOTIFY_URL", "http://127.0.0.1:1/notify".to_string()),
         ("DEPLOYCHAIN_MAX_BODY_BYTES", max_body.to_string()),
+        // Builds are "stuck" after a second (the watchdog tests); the rest as shipped.
+        ("DEPLOYCHAIN_STUCK_AFTER", "2h,build=1s".to_string()),
     ]);
     Config::from_lookup(&|k| vars.get(k).cloned()).unwrap()
 }
@@ -287,6 +289,15 @@ impl Harness {
         }
         self.pump().await;
         due.len()
+    }
+
+    /// A tick of the watchdog's timer, as the host sends it (§2.6).
+    pub async fn tick_watchdog(&self) -> (u16, Value) {
+        let env = json!({
+            "Data": { "timer": { "Schedule": { "AdjustForDST": true }, "ScheduleStatus": null, "IsPastDue": false } },
+            "Metadata": { "sys": sys("watchdog") }
+        });
+        self.invoke("watchdog", &env).await
     }
 
     pub fn types_since(&self, from: usize) -> Vec<String> {
