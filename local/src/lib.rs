@@ -12,12 +12,14 @@ pub mod host;
 pub mod secrets;
 pub mod sim;
 pub mod stack;
+pub mod status;
 pub mod watch;
 
 pub const USAGE: &str = "\
 deploychain — the deployment chain on one machine
 
-  deploychain up [--port 7071] [--bus-port 7072] [--arm-port 7073] [--data-dir DIR] [--policy FILE] [--reset] [--release]
+  deploychain up [--port 7071] [--bus-port 7072] [--arm-port 7073] [--status-port 7070] [--data-dir DIR] [--policy FILE]
+                 [--reset] [--release]
       start the local Functions host, the embedded Service Bus, the local ARM endpoint with the policy's
       scale sets and the simulators; show runs as they go
   deploychain send github EVENT [FILE]     sign FILE with the local secret and POST it as a GitHub webhook

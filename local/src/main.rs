@@ -97,6 +97,7 @@ async fn up(args: &Args) -> Result<()> {
         http_port: port(args, "port", 7071)?,
         bus_port: port(args, "bus-port", 7072)?,
         arm_port: port(args, "arm-port", 7073)?,
+        status_port: port(args, "status-port", 7070)?,
         sim: local.sim,
         arm: local.arm,
         watchdog: local.watchdog,
@@ -104,6 +105,7 @@ async fn up(args: &Args) -> Result<()> {
     let stack = Stack::start(opts).await?;
     let mut rx = stack.progress.subscribe();
     println!("deploychain is up — the whole chain on this machine, no cloud account");
+    println!("  Status page      http://{}/   (runs, approvals, dead letters, scale sets)", stack.status_addr);
     println!("  Functions host   http://{}/api   (function key for /api/runs: {})", stack.http_addr, stack.secrets.function_key);
     println!("  GitHub webhook   http://{}/api/hooks/github   (secret in {}/secrets.json)", stack.http_addr, data.display());
     println!("  Service Bus      sb://{} (REST data plane; entities from infra/servicebus.json)", stack.bus_addr);

@@ -32,6 +32,8 @@ pub struct StackOptions {
     pub bus_port: u16,
     /// The local ARM endpoint: 7073 by default; 0 picks a free port.
     pub arm_port: u16,
+    /// The status page: 7070 by default; 0 picks a free port.
+    pub status_port: u16,
     pub sim: SimConfig,
     pub arm: ArmSimConfig,
     pub watchdog: crate::config::WatchdogConfig,
@@ -42,6 +44,8 @@ pub struct Stack {
     pub bus_addr: SocketAddr,
     pub notify_addr: SocketAddr,
     pub arm_addr: SocketAddr,
+    /// The status page.
+    pub status_addr: SocketAddr,
     /// The applications' network (the handler's HTTP proxy for acceptance checks).
     pub apps_addr: SocketAddr,
     pub arm: LocalArm,
@@ -204,12 +208,25 @@ impl Stack {
             topic: TOPIC.into(),
             front_door: format!("http://{http_addr}"),
             secrets: secrets.clone(),
-            policy,
+            policy: policy.clone(),
             config: opts.sim.clone(),
             http: reqwest::Client::new(),
             arm: arm.clone(),
         });
         tasks.push(tokio::spawn(sims.run(stop_rx.clone())));
+        let status = crate::status::StatusPage {
+            front_door: format!("http://{http_addr}"),
+            secrets: secrets.clone(),
+            broker: broker.clone(),
+            arm: arm.clone(),
+            policy: policy.clone(),
+            links: Default::default(),
+            http: reqwest::Client::new(),
+        };
+        tasks.push(tokio::spawn(status.clone().collect_links(progress.subscribe())));
+        let status_listener = bind(opts.status_port).await?;
+        let status_addr = status_listener.local_addr()?;
+        tasks.push(serve(status_listener, status.router(), stop_rx.clone()));
         tasks.push(tokio::spawn(watch::watch_events(broker.clone(), TOPIC.into(), progress.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(watch::watch_targets(arm.subscribe(), progress.clone(), stop_rx.clone())));
 
@@ -218,6 +235,7 @@ impl Stack {
             bus_addr,
             notify_addr,
             arm_addr,
+            status_addr,
             apps_addr,
             arm,
             broker,

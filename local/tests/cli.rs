@@ -71,7 +71,7 @@ fn the_readme_commands_run_a_release_to_production() {
     let _ = std::fs::remove_dir_all(&data);
     let d = data.to_str().unwrap().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_deploychain"))
-        .args(["up", "--port", "0", "--bus-port", "0", "--arm-port", "0", "--data-dir", &d, "--handler"])
+        .args(["up", "--port", "0", "--bus-port", "0", "--arm-port", "0", "--status-port", "0", "--data-dir", &d, "--handler"])
         .arg(handler())
         .current_dir(repo())
         .stdout(Stdio::piped())

@@ -1,7 +1,7 @@
 //! An approver in a real browser: headless Chromium (Debian's `chromium`, driven through its
 //! ChromeDriver over the W3C WebDriver protocol) opens the signed link from the notice, sees the
 //! evidence, clicks Approve, and the run reaches production. Screenshots of the page before and
-//! after the click are kept in `target/test-artifacts/`.
+//! after the click, and of the local status page, are kept in `target/test-artifacts/`.
 //!
 //! `scripts/test.sh` installs `chromium` and `chromium-driver` (scripts/install-browser.sh).
 #![allow(clippy::unwrap_used)]
@@ -136,6 +136,7 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
         http_port: 0,
         bus_port: 0,
         arm_port: 0,
+        status_port: 0,
         sim: SimConfig { build_delay: Duration::from_millis(50), image_delay: Duration::from_millis(50), ..SimConfig::default() },
         arm: ArmSimConfig {
             operation_time: Duration::from_millis(20),
@@ -163,6 +164,19 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
 
     let driver = start_driver().await;
     let session = open_session(&driver, &data.join("chromium-profile")).await;
+    // The local status page first: the run waits, and the pending approval offers the links.
+    let status = format!("http://{}/", stack.status_addr);
+    session.call(reqwest::Method::POST, "/url", Some(json!({ "url": status }))).await;
+    let approvals = session.text("#approvals").await;
+    assert!(
+        approvals.contains(&run) && approvals.contains("1 more approval of production") && approvals.contains("open as alice@contoso.com"),
+        "{approvals}"
+    );
+    let runs = session.text(&format!("#run-{run}")).await;
+    assert!(runs.contains("waiting") && runs.contains("deployed to staging") && runs.contains("push received"), "{runs}");
+    assert!(session.text("#deadletters").await.contains("deploychain-parked"));
+    assert!(session.text("#scalesets").await.contains("web-staging"));
+    session.screenshot("status-page.png").await;
     session.call(reqwest::Method::POST, "/url", Some(json!({ "url": link }))).await;
     let heading = session.text("h1").await;
     assert_eq!(heading, "Promote web to production?");
@@ -198,6 +212,11 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
     assert!(done.to_string().contains("alice@contoso.com approved production"), "{done}");
     assert!(session.text(".note").await.contains("Your decision is recorded: approved"));
     let after = session.screenshot("approval-recorded.png").await;
+    session.call(reqwest::Method::POST, "/url", Some(json!({ "url": status }))).await;
+    let row = session.text(&format!("#run-{run}")).await;
+    assert!(row.contains("succeeded") && row.contains("deployed to production") && row.contains("production approved"), "{row}");
+    assert!(session.text("#approvals").await.contains("none"), "nothing pending any more");
+    session.screenshot("status-page-after.png").await;
     let prod = stack
         .arm
         .scale_set(
