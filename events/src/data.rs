@@ -300,3 +300,35 @@ pub struct RunFinished {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
 }
+
+/// What an operator did with a dead-lettered or parked message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadLetterAction {
+    /// Sent again (with a new MessageId), then removed from where it was set aside.
+    Replayed,
+    /// Removed for good.
+    Purged,
+}
+
+/// Audit of an operator's replay or purge of one message (who, what, when).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterHandled {
+    /// The app of the message's run, or `ops` when the message names none.
+    pub app: String,
+    pub action: DeadLetterAction,
+    /// Where it was: a subscription's dead-letter queue or the parking queue.
+    pub entity: String,
+    pub message_id: String,
+    /// The MessageId it was sent again with (replays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_message_id: Option<String>,
+    /// The message's event type (its Label), when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who did it (the operator's identity, or `deploychain dlq` and the local user).
+    pub by: String,
+}

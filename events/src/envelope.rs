@@ -28,10 +28,11 @@ pub enum EventType {
     ApprovalDue,
     ApprovalChanged,
     RunFinished,
+    DeadLetterHandled,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 15] = [
         EventType::Push,
         EventType::BuildRequested,
         EventType::BuildCompleted,
@@ -46,6 +47,7 @@ impl EventType {
         EventType::ApprovalDue,
         EventType::ApprovalChanged,
         EventType::RunFinished,
+        EventType::DeadLetterHandled,
     ];
 
     /// The CloudEvents `type` attribute.
@@ -65,6 +67,7 @@ impl EventType {
             EventType::ApprovalDue => "dev.deploychain.approval.due.v1",
             EventType::ApprovalChanged => "dev.deploychain.approval.changed.v1",
             EventType::RunFinished => "dev.deploychain.run.finished.v1",
+            EventType::DeadLetterHandled => "dev.deploychain.deadletter.handled.v1",
         }
     }
 
@@ -102,6 +105,7 @@ pub enum EventData {
     ApprovalDue(ApprovalDue),
     ApprovalChanged(ApprovalChanged),
     RunFinished(RunFinished),
+    DeadLetterHandled(DeadLetterHandled),
 }
 
 impl EventData {
@@ -121,6 +125,7 @@ impl EventData {
             EventData::ApprovalDue(_) => EventType::ApprovalDue,
             EventData::ApprovalChanged(_) => EventType::ApprovalChanged,
             EventData::RunFinished(_) => EventType::RunFinished,
+            EventData::DeadLetterHandled(_) => EventType::DeadLetterHandled,
         }
     }
 
@@ -141,6 +146,7 @@ impl EventData {
             EventData::ApprovalDue(d) => &d.app,
             EventData::ApprovalChanged(d) => &d.app,
             EventData::RunFinished(d) => &d.app,
+            EventData::DeadLetterHandled(d) => &d.app,
         }
     }
 
@@ -175,6 +181,7 @@ impl EventData {
             EventData::ApprovalDue(d) => serde_json::to_value(d),
             EventData::ApprovalChanged(d) => serde_json::to_value(d),
             EventData::RunFinished(d) => serde_json::to_value(d),
+            EventData::DeadLetterHandled(d) => serde_json::to_value(d),
         };
         // Plain structs of strings and enums always serialize.
         v.unwrap_or(serde_json::Value::Null)
@@ -199,6 +206,7 @@ impl EventData {
             EventType::ApprovalDue => EventData::ApprovalDue(de(ty, v)?),
             EventType::ApprovalChanged => EventData::ApprovalChanged(de(ty, v)?),
             EventType::RunFinished => EventData::RunFinished(de(ty, v)?),
+            EventType::DeadLetterHandled => EventData::DeadLetterHandled(de(ty, v)?),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod invoke;
 pub mod links;
+pub mod ops;
 pub mod policy;
 pub mod steps;
 

@@ -32,6 +32,12 @@ deploychain — the deployment chain on one machine
                                            with an id, every step on a timeline
   deploychain scalesets [--arm-url URL]    what each scale set of the policy runs (image, run, instances and
                                            their health), from the local ARM endpoint
+  deploychain dlq list [--type T] [--run R] [--reason X] [--older-than 1h] [--entity E]
+  deploychain dlq show MESSAGE-ID
+  deploychain dlq replay (IDS… | filters | --all) [--dry-run] [--rate 10]
+  deploychain dlq purge (IDS… | filters | --all) [--dry-run] [--yes]
+                                           dead-lettered and parked messages, on the local bus or on
+                                           Azure (--connection-string, or ServiceBusConnection)
   deploychain approve LINK [--reject] [--comment TEXT]
                                            decide an approval from its signed link (what the page's button does)
   deploychain reset [--data-dir DIR]       delete the local data (bus, state, secrets)

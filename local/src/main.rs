@@ -23,7 +23,7 @@ fn parse_args() -> Result<Args> {
         if let Some(name) = a.strip_prefix("--") {
             if let Some((k, v)) = name.split_once('=') {
                 flags.insert(k.to_string(), v.to_string());
-            } else if matches!(name, "reset" | "reject" | "help" | "release" | "json") {
+            } else if matches!(name, "reset" | "reject" | "help" | "release" | "json" | "dry-run" | "all" | "yes") {
                 switches.insert(name.to_string());
             } else {
                 let v = it.next().ok_or_else(|| anyhow!("--{name} needs a value"))?;
@@ -169,6 +169,122 @@ fn scale_sets(stack: &Stack) -> String {
     stack.arm.names().join(", ")
 }
 
+/// `deploychain dlq list|show|replay|purge`: the dead-letter operations against the local bus (its
+/// connection from secrets.json) or any namespace (`--connection-string`, or `ServiceBusConnection`).
+async fn dlq(args: &Args, action: &str, rest: &[&str]) -> Result<()> {
+    use deploychain_functions::ops::{DeadLetters, Filter};
+    let conn = match args.flags.get("connection-string").cloned().or_else(|| std::env::var("ServiceBusConnection").ok()) {
+        Some(c) => c,
+        None => {
+            let s = secrets(args)?;
+            let port = args.flags.get("bus-port").map(String::as_str).unwrap_or("7072");
+            format!(
+                "Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
+                s.bus_key_name, s.bus_key
+            )
+        }
+    };
+    let conn =
+        deploychain_functions::adapters::servicebus::ConnectionString::parse(&conn).map_err(|e| anyhow!("the connection string: {e}"))?;
+    let repo = repo()?;
+    let topology = deploychain_bus::Topology::load(repo.join("infra/servicebus.json")).context("infra/servicebus.json")?;
+    let topic = topology.topics.first().ok_or_else(|| anyhow!("infra/servicebus.json has no topic"))?;
+    let subs = topic.subscriptions.iter().map(|s| s.name.clone()).collect();
+    let ops = DeadLetters::new(&conn, &topic.name, subs, "deploychain-parked", azure_core::new_http_client());
+    let mut filter = Filter {
+        ids: rest.iter().map(|s| s.to_string()).collect(),
+        event_type: args.flags.get("type").cloned(),
+        run: args.flags.get("run").cloned(),
+        reason: args.flags.get("reason").cloned(),
+        entity: args.flags.get("entity").cloned(),
+        older_than: None,
+    };
+    if let Some(d) = args.flags.get("older-than") {
+        filter.older_than = Some(
+            deploychain_functions::policy::parse_duration(d)
+                .ok_or_else(|| anyhow!("--older-than `{d}` is not a duration like 10m or 2h"))?,
+        );
+    }
+    let who = format!("{} (deploychain dlq)", std::env::var("USER").unwrap_or_else(|_| "someone".into()));
+    let dry = args.switches.contains("dry-run");
+    match action {
+        "list" => {
+            let now = chrono::Utc::now();
+            let letters = ops.list(&filter).await.map_err(|e| anyhow!("{e}"))?;
+            if letters.is_empty() {
+                println!("nothing dead-lettered or parked");
+            }
+            for l in letters {
+                let age = l
+                    .enqueued_at
+                    .map(|e| deploychain_functions::steps::runs::human((now - e).to_std().unwrap_or_default()))
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "{}  {}  {}  run {}  {}: {}  ({} deliveries, {age} old)",
+                    l.entity,
+                    l.message_id,
+                    l.event_type.as_deref().unwrap_or("-"),
+                    l.run.as_deref().unwrap_or("-"),
+                    l.reason.as_deref().unwrap_or("-"),
+                    l.description.as_deref().unwrap_or(""),
+                    l.delivery_count
+                );
+            }
+            Ok(())
+        }
+        "show" => {
+            if filter.ids.is_empty() {
+                bail!("usage: deploychain dlq show MESSAGE-ID");
+            }
+            let letters = ops.list(&filter).await.map_err(|e| anyhow!("{e}"))?;
+            let l = letters.first().ok_or_else(|| anyhow!("no dead-lettered or parked message {}", filter.ids.join(", ")))?;
+            println!("{}", serde_json::to_string_pretty(l)?);
+            Ok(())
+        }
+        "replay" | "purge" => {
+            let everything = args.switches.contains("all");
+            if filter.ids.is_empty()
+                && !everything
+                && filter.event_type.is_none()
+                && filter.run.is_none()
+                && filter.reason.is_none()
+                && filter.older_than.is_none()
+            {
+                bail!("say which: message ids, a filter (--type, --run, --reason, --older-than, --entity) or --all");
+            }
+            if action == "purge" && !dry && !args.switches.contains("yes") {
+                let n = ops.list(&filter).await.map_err(|e| anyhow!("{e}"))?.len();
+                bail!("purge removes {n} message(s) for good: run it again with --yes (or see them with --dry-run)");
+            }
+            let rate: f64 = args
+                .flags
+                .get("rate")
+                .map(|r| r.parse().map_err(|_| anyhow!("--rate `{r}` is not messages per second")))
+                .transpose()?
+                .unwrap_or(10.0);
+            let done = if action == "replay" { ops.replay(&filter, dry, rate, &who).await } else { ops.purge(&filter, dry, &who).await }
+                .map_err(|e| anyhow!("{e}"))?;
+            for h in &done {
+                let verb = match (action, dry) {
+                    ("replay", true) => "would replay",
+                    ("replay", false) => "replayed",
+                    (_, true) => "would purge",
+                    _ => "purged",
+                };
+                println!(
+                    "{verb} {} from {}{}",
+                    h.message_id,
+                    h.entity,
+                    h.new_message_id.as_deref().filter(|_| action == "replay").map(|n| format!(" as {n}")).unwrap_or_default()
+                );
+            }
+            println!("{} message(s){}", done.len(), if dry { " (dry run: nothing changed)" } else { "" });
+            Ok(())
+        }
+        other => bail!("`dlq {other}`: use list, show, replay or purge"),
+    }
+}
+
 fn base_url(args: &Args) -> String {
     args.flags
         .get("url")
@@ -235,6 +351,7 @@ async fn run() -> Result<()> {
             }
             Ok(())
         }
+        ["dlq", action, rest @ ..] => dlq(&args, action, rest).await,
         ["scalesets"] => {
             let s = secrets(&args)?;
             let repo = repo()?;

@@ -68,6 +68,16 @@ pub fn describe(ev: &DeployEvent) -> String {
             if c.people.is_empty() { String::new() } else { format!(" {}", c.people.join(", ")) },
             c.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
         ),
+        EventData::DeadLetterHandled(d) => format!(
+            "{} {} {} by {}",
+            match d.action {
+                DeadLetterAction::Replayed => "REPLAYED",
+                DeadLetterAction::Purged => "PURGED",
+            },
+            d.message_id,
+            d.new_message_id.as_deref().map(|n| format!("as {n}")).unwrap_or_default(),
+            d.by
+        ),
         EventData::RunFinished(r) => format!(
             "run {}: {}",
             match r.outcome {

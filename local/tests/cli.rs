@@ -88,6 +88,8 @@ fn the_readme_commands_run_a_release_to_production() {
     let mut up = Up { child, lines, seen: Vec::new() };
     let host = up.wait_line("the Functions host", |l| l.contains("Functions host"));
     let url = after(&host, "Functions host").trim_end_matches("/api").to_string();
+    let bus = up.wait_line("the bus", |l| l.contains("Service Bus"));
+    let bus_port = after(&bus, "Service Bus").trim_start_matches("sb://").rsplit(':').next().unwrap().to_string();
     let arm = up.wait_line("the ARM endpoint", |l| l.contains("ARM endpoint"));
     let arm_url = after(&arm, "ARM endpoint").to_string();
     assert!(arm.contains("web-staging") && arm.contains("web-prod"), "{arm}");
@@ -132,6 +134,16 @@ fn the_readme_commands_run_a_release_to_production() {
     assert!(ok, "{err}");
     assert_eq!(out.matches(&format!("run {run}")).count(), 2, "both scale sets run the release:\n{out}");
     assert_eq!(out.matches("HealthState/healthy").count(), 4, "{out}");
+
+    // Dead letters: none after a clean release; replay and purge need to be told what.
+    let (ok, out, err) = deploychain(&["dlq", "list", "--data-dir", &d, "--bus-port", &bus_port]);
+    assert!(ok && out.contains("nothing dead-lettered or parked"), "{out}{err}");
+    let (ok, _, err) = deploychain(&["dlq", "replay", "--data-dir", &d, "--bus-port", &bus_port]);
+    assert!(!ok && err.contains("say which"), "{err}");
+    let (ok, _, err) = deploychain(&["dlq", "purge", "--all", "--data-dir", &d, "--bus-port", &bus_port]);
+    assert!(!ok && err.contains("--yes"), "a purge asks first: {err}");
+    let (ok, out, _) = deploychain(&["dlq", "purge", "--all", "--dry-run", "--data-dir", &d, "--bus-port", &bus_port]);
+    assert!(ok && out.contains("0 message(s) (dry run: nothing changed)"), "{out}");
 
     // Ctrl-C stops everything; nothing is left running.
     Command::new("kill").args(["-INT", &up.child.id().to_string()]).status().unwrap();

@@ -76,13 +76,13 @@ impl ConnectionString {
     }
 
     /// The namespace name the crate puts in front of `.servicebus.windows.net`.
-    fn namespace(&self) -> String {
+    pub fn namespace(&self) -> String {
         let host = self.endpoint.host_str().unwrap_or("local");
         if self.is_azure() { host.trim_end_matches(".servicebus.windows.net").to_string() } else { "local".to_string() }
     }
 
     /// Where requests really go when the endpoint is not Azure: plain HTTP on the endpoint's host and port.
-    fn rewrite_base(&self) -> Option<url::Url> {
+    pub fn rewrite_base(&self) -> Option<url::Url> {
         if self.is_azure() {
             return None;
         }
