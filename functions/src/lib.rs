@@ -38,6 +38,8 @@ pub struct AppState {
     pub baker: Arc<dyn ImageBaker>,
     pub compute: Arc<dyn Compute>,
     pub notify: Arc<dyn Notify>,
+    /// Dead-letter operations on the app's namespace (`None` where there is no bus, as in tests).
+    pub dead_letters: Option<Arc<ops::DeadLetters>>,
 }
 
 /// The functions this handler serves: (name = folder = route = span, kind).
@@ -46,6 +48,7 @@ pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("azure_devops_webhook", Trigger::Http),
     ("approval", Trigger::Http),
     ("runs", Trigger::Http),
+    ("ops_deadletters", Trigger::Http),
     ("on_push", Trigger::ServiceBus),
     ("on_build_completed", Trigger::ServiceBus),
     ("on_image_ready", Trigger::ServiceBus),
@@ -83,6 +86,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/approval", post(|s, b| http_fn(s, b, "approval", |s, r| Box::pin(steps::approval::handle(s, r)))))
         .route("/runs", post(|s, b| http_fn(s, b, "runs", |s, r| Box::pin(steps::runs::handle(s, r)))))
+        .route("/ops_deadletters", post(|s, b| http_fn(s, b, "ops_deadletters", |s, r| Box::pin(steps::ops_deadletters::handle(s, r)))))
         .route("/on_push", post(|s, b| bus_fn(s, b, "on_push", |s, m| Box::pin(steps::on_push::handle(s, m)))))
         .route(
             "/on_build_completed",

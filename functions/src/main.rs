@@ -38,6 +38,13 @@ async fn main() -> anyhow::Result<()> {
     let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
     let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());
     let port = config.port;
+    let dead_letters = deploychain_functions::ops::DeadLetters::new(
+        sb,
+        &config.topic,
+        deploychain_functions::ops::SUBSCRIPTIONS.iter().map(|s| s.to_string()).collect(),
+        &config.parked_queue,
+        http.clone(),
+    );
     let state = AppState {
         config: Arc::new(config),
         policy: Arc::new(policy),
@@ -50,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         baker: Arc::new(deploychain_functions::adapters::WebhookReported),
         compute,
         notify,
+        dead_letters: Some(Arc::new(dead_letters)),
     };
     // The host calls http://127.0.0.1:{port}: listen on IPv4 loopback.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;

@@ -26,6 +26,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The subscriptions of the chain's topic (`infra/servicebus.json`): where dead letters collect.
+pub const SUBSCRIPTIONS: [&str; 6] = ["on-push", "on-build-completed", "on-image-ready", "on-approval", "on-approval-due", "audit"];
+
 /// One message that was set aside.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -130,3 +130,17 @@ fn every_service_bus_trigger_has_its_subscription_and_filter_in_the_topology() {
         assert_eq!(function_json(name)["bindings"][0]["isSessionsEnabled"], true);
     }
 }
+
+#[test]
+fn dead_letter_operations_look_at_every_subscription_of_the_topology() {
+    let path = crate_dir().join("../infra/servicebus.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let names: BTreeSet<String> = v["UserConfig"]["Namespaces"][0]["Topics"][0]["Subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["Name"].as_str().unwrap().to_string())
+        .collect();
+    let ops: BTreeSet<String> = deploychain_functions::ops::SUBSCRIPTIONS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(ops, names);
+}

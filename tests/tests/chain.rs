@@ -826,3 +826,72 @@ async fn the_watchdog_timer_flags_a_run_whose_build_never_comes_back() {
     assert_eq!(r["status"], "running");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_and_purge_parked_poison_through_the_admin_api() {
+    let stack = Stack::start(options("ops-api")).await.unwrap();
+    // Poison: not a CloudEvent, on the push subscription's label. The handler parks it at once.
+    stack
+        .broker
+        .send(
+            "deploychain-events",
+            NewMessage {
+                body: b"{\"oops\": true}".to_vec(),
+                message_id: Some("poison-ops".into()),
+                label: Some("dev.deploychain.push.v1".into()),
+                session_id: Some("web".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let parked: EntityPath = "deploychain-parked".parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.broker.count(&parked).await.unwrap().active == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("{}/api/ops/deadletters", base(&stack));
+    let http = reqwest::Client::new();
+    // The host's admin key is needed (the function key is not enough).
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(http.get(&url).header("x-functions-key", &stack.secrets.function_key).send().await.unwrap().status(), 401);
+    let admin = |r: reqwest::RequestBuilder| r.header("x-functions-key", &stack.secrets.master_key);
+    let list: Value = admin(http.get(format!("{url}?reason=MalformedEvent"))).send().await.unwrap().json().await.unwrap();
+    let letters = list["letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{list}");
+    assert_eq!(letters[0]["entity"], "deploychain-parked");
+    assert_eq!(letters[0]["eventType"], "dev.deploychain.push.v1");
+    assert_eq!(letters[0]["deliveryCount"], 1);
+    let id = letters[0]["messageId"].as_str().unwrap().to_string();
+    let one: Value = admin(http.get(format!("{url}/{id}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(one["body"], "{\"oops\": true}");
+    // A signed-in principal without the ops role is refused; bad requests change nothing.
+    let principal = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(r#"{"claims":[{"typ":"preferred_username","val":"dev@contoso.com"}]}"#)
+    };
+    let r = admin(http.get(&url)).header("x-ms-client-principal", principal).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = admin(http.post(&url)).json(&serde_json::json!({ "action": "purge", "all": true })).send().await.unwrap();
+    assert_eq!(r.status(), 400, "a purge needs confirm");
+    let r = admin(http.post(&url)).json(&serde_json::json!({ "action": "replay" })).send().await.unwrap();
+    assert_eq!(r.status(), 400, "say which");
+    assert_eq!(stack.broker.count(&parked).await.unwrap().active, 1, "nothing changed");
+    // The purge, confirmed, is audited.
+    let r: Value = admin(http.post(&url))
+        .json(&serde_json::json!({ "action": "purge", "ids": [id], "confirm": true }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["handled"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["by"], "admin key");
+    assert_eq!(stack.broker.count(&parked).await.unwrap().active, 0);
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let msgs = stack.broker.peek(&audit, 0, 1000).await.unwrap();
+    assert!(msgs.iter().any(|m| m.label.as_deref() == Some("dev.deploychain.deadletter.handled.v1")), "audited");
+    stack.stop().await;
+}

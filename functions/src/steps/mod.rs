@@ -15,6 +15,7 @@ pub mod on_approval_due;
 pub mod on_build_completed;
 pub mod on_image_ready;
 pub mod on_push;
+pub mod ops_deadletters;
 pub mod runs;
 pub mod watchdog;
 

@@ -168,6 +168,7 @@ impl Harness {
             baker: baker.clone(),
             compute: compute.clone(),
             notify: notify.clone(),
+            dead_letters: None,
         };
         Harness { router: app(state.clone()), state, publisher, builds, baker, compute, notify, delivered: 0, seq: 100 }
     }
