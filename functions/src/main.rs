@@ -38,16 +38,18 @@ async fn main() -> anyhow::Result<()> {
     let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
     let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());
     let port = config.port;
+    let policy = Arc::new(policy);
     let dead_letters = deploychain_functions::ops::DeadLetters::new(
         sb,
         &config.topic,
         deploychain_functions::ops::SUBSCRIPTIONS.iter().map(|s| s.to_string()).collect(),
         &config.parked_queue,
         http.clone(),
-    );
+    )
+    .with_policy(policy.clone());
     let state = AppState {
         config: Arc::new(config),
-        policy: Arc::new(policy),
+        policy,
         links: Arc::new(links),
         store: Arc::new(store),
         publisher: Arc::new(publisher),

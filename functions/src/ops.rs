@@ -97,6 +97,8 @@ pub struct DeadLetters {
     /// The subscriptions whose dead-letter queues are looked at.
     subscriptions: Vec<String>,
     parked: String,
+    /// To give a replayed parked event its session again (`app/stage`), as the handler would.
+    policy: Option<Arc<crate::policy::Policy>>,
 }
 
 /// Every response header, for the client's `custom_properties`.
@@ -137,7 +139,15 @@ impl DeadLetters {
             topic: topic.to_string(),
             subscriptions,
             parked: parked.to_string(),
+            policy: None,
         }
+    }
+
+    /// With the pipeline policy, a replayed event that lost its SessionId (parked messages do) gets
+    /// the one the handler gives it.
+    pub fn with_policy(mut self, policy: Arc<crate::policy::Policy>) -> DeadLetters {
+        self.policy = Some(policy);
+        self
     }
 
     /// Every entity looked at: each subscription's dead-letter queue, then the parking queue.
@@ -230,7 +240,7 @@ impl DeadLetters {
                     continue;
                 }
                 if let Some(id) = &new_id
-                    && let Err(e) = sender.send_message(&l.body, Some(replay_options(&l, id))).await
+                    && let Err(e) = sender.send_message(&l.body, Some(replay_options(&l, id, self.policy.as_deref()))).await
                 {
                     // Nothing is lost: it stays where it was; the rest are released too.
                     let _ = m.unlock_message().await;
@@ -263,19 +273,20 @@ impl DeadLetters {
 
 /// The original message again, under a new MessageId: its Label, SessionId and content type, and
 /// its CloudEvents properties (rebuilt from the body when it is a CloudEvent, else as they came).
-fn replay_options(l: &Letter, new_id: &str) -> SendMessageOptions {
-    let props: std::collections::HashMap<String, String> = match DeployEvent::from_json_bytes(l.body.as_bytes()) {
-        Ok(ev) => crate::adapters::Outbound::from_event(&ev, None).properties.into_iter().map(|(k, v)| (k, format!("\"{v}\""))).collect(),
-        Err(_) => {
-            l.properties.iter().filter(|(k, _)| k.starts_with("cloudevents_")).map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect()
-        }
+fn replay_options(l: &Letter, new_id: &str, policy: Option<&crate::policy::Policy>) -> SendMessageOptions {
+    let ev = DeployEvent::from_json_bytes(l.body.as_bytes()).ok();
+    let props: std::collections::HashMap<String, String> = match &ev {
+        Some(ev) => crate::adapters::Outbound::from_event(ev, None).properties.into_iter().map(|(k, v)| (k, format!("\"{v}\""))).collect(),
+        None => l.properties.iter().filter(|(k, _)| k.starts_with("cloudevents_")).map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect(),
     };
+    // A parked message lost its SessionId: the handler's rule gives it back.
+    let session_id = l.session_id.clone().or_else(|| crate::steps::session_for(ev.as_ref()?, policy?));
     SendMessageOptions {
         content_type: l.content_type.clone(),
         broker_properties: Some(SettableBrokerProperties {
             message_id: Some(new_id.to_string()),
             label: l.event_type.clone(),
-            session_id: l.session_id.clone(),
+            session_id,
             ..Default::default()
         }),
         custom_properties: Some(props),

@@ -190,7 +190,13 @@ async fn dlq(args: &Args, action: &str, rest: &[&str]) -> Result<()> {
     let topology = deploychain_bus::Topology::load(repo.join("infra/servicebus.json")).context("infra/servicebus.json")?;
     let topic = topology.topics.first().ok_or_else(|| anyhow!("infra/servicebus.json has no topic"))?;
     let subs = topic.subscriptions.iter().map(|s| s.name.clone()).collect();
-    let ops = DeadLetters::new(&conn, &topic.name, subs, "deploychain-parked", azure_core::new_http_client());
+    let mut ops = DeadLetters::new(&conn, &topic.name, subs, "deploychain-parked", azure_core::new_http_client());
+    let policy_path = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
+    if let Ok(text) = std::fs::read_to_string(&policy_path)
+        && let Ok(p) = deploychain_functions::policy::Policy::from_toml(&text)
+    {
+        ops = ops.with_policy(std::sync::Arc::new(p));
+    }
     let mut filter = Filter {
         ids: rest.iter().map(|s| s.to_string()).collect(),
         event_type: args.flags.get("type").cloned(),

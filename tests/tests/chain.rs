@@ -895,3 +895,97 @@ async fn operators_list_and_purge_parked_poison_through_the_admin_api() {
     assert!(msgs.iter().any(|m| m.label.as_deref() == Some("dev.deploychain.deadletter.handled.v1")), "audited");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_from_a_broken_policy_is_replayed_after_the_fix_and_each_effect_happens_once() {
+    use deploychain_functions::ops::{DeadLetters, Filter, SUBSCRIPTIONS};
+    let name = "ops-replay";
+    let stack = Stack::start(options(name)).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    let link = match wait_for(
+        &mut rx,
+        "an approval link",
+        |p| matches!(p, Progress::Approval { run: r, approver, .. } if *r == run && approver == "alice@contoso.com"),
+    )
+    .await
+    {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    stack.stop().await;
+
+    // Bad config for one app: the function app is redeployed with production renamed. The
+    // approval goes through, and the promotion it triggers is refused and parked.
+    let mut broken = options_keep(name);
+    broken.policy = broken.data_dir.join("broken-policy.toml");
+    let shipped = std::fs::read_to_string(repo().join("policy.toml")).unwrap();
+    std::fs::write(&broken.policy, shipped.replace("name = \"production\"", "name = \"prod\"")).unwrap();
+    let stack = Stack::start(broken).await.unwrap();
+    let link = link.replace(&url::Url::parse(&link).unwrap()[..url::Position::BeforePath], &base(&stack));
+    assert_eq!(client::decide(&link, "approve", None).await.unwrap().0, 200);
+    let parked: EntityPath = "deploychain-parked".parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.broker.count(&parked).await.unwrap().active == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stack.arm.model_updates(&target("production"), &run), 0, "nothing deployed by the broken app");
+    stack.stop().await;
+
+    // The fix: the right policy again. Then the operator replays what was parked.
+    let stack = Stack::start(options_keep(name)).await.unwrap();
+    let conn = deploychain_functions::adapters::servicebus::ConnectionString::parse(&format!(
+        "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
+        stack.bus_addr, stack.secrets.bus_key_name, stack.secrets.bus_key
+    ))
+    .unwrap();
+    let ops = DeadLetters::new(
+        &conn,
+        "deploychain-events",
+        SUBSCRIPTIONS.map(str::to_string).to_vec(),
+        "deploychain-parked",
+        azure_core::new_http_client(),
+    )
+    .with_policy(std::sync::Arc::new(policy()));
+    let letters = ops.list(&Filter::default()).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].reason.as_deref(), Some("Refused"));
+    assert_eq!(letters[0].event_type.as_deref(), Some("dev.deploychain.approval.decided.v1"));
+    assert_eq!(letters[0].run.as_deref(), Some(run.as_str()));
+    let done = ops.replay(&Filter { run: Some(run.clone()), ..Filter::default() }, false, 10.0, "ops@contoso.com").await.unwrap();
+    assert_eq!(done.len(), 1);
+    wait_status(&stack, &run, "succeeded").await;
+    assert_eq!(stack.arm.model_updates(&target("production"), &run), 1);
+    assert!(ops.list(&Filter::default()).await.unwrap().is_empty(), "nothing left set aside");
+
+    // Replaying the same event once more (its effect is applied): no second deployment.
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let decided = stack
+        .broker
+        .peek(&audit, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.message_id == format!("{run}.approval-decided.production"))
+        .unwrap();
+    stack
+        .broker
+        .send(
+            "deploychain-events",
+            NewMessage {
+                body: decided.body.clone(),
+                message_id: Some(format!("{}.replay-again", decided.message_id)),
+                session_id: Some("web/production".into()),
+                label: decided.label.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stack.arm.model_updates(&target("production"), &run), 1, "the step's idempotency holds across replays");
+    assert_eq!(run_json(&stack, &run).await["status"], "succeeded");
+    assert_eq!(stack.broker.count(&parked).await.unwrap().active, 0);
+    stack.stop().await;
+}
