@@ -128,6 +128,28 @@ fn deployed_stages(stack: &Stack, run: &str) -> Vec<String> {
         .collect()
 }
 
+/// Put a message that is not a chain event on the push subscription's label (poison).
+async fn send_poison(stack: &Stack, id: &str, body: &[u8]) {
+    let m = NewMessage {
+        body: body.to_vec(),
+        message_id: Some(id.into()),
+        session_id: Some("web".into()),
+        label: Some("dev.deploychain.push.v1".into()),
+        ..Default::default()
+    };
+    stack.broker.send("deploychain-events", m).await.unwrap();
+}
+
+/// Wait (bounded) until the parking queue holds something.
+async fn wait_parked(stack: &Stack) {
+    let parked: EntityPath = "deploychain-parked".parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.broker.count(&parked).await.unwrap().active == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_to_production_through_the_local_stack() {
     let stack = Stack::start(options("happy")).await.unwrap();
@@ -227,20 +249,7 @@ async fn a_killed_handler_is_restarted_and_the_run_completes_without_repeating_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_message_is_parked_at_once_and_other_runs_go_on() {
     let stack = Stack::start(options("poison")).await.unwrap();
-    stack
-        .broker
-        .send(
-            "deploychain-events",
-            NewMessage {
-                body: b"{\"this\": \"is not a CloudEvent\"}".to_vec(),
-                message_id: Some("poison-1".into()),
-                session_id: Some("web".into()),
-                label: Some("dev.deploychain.push.v1".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    send_poison(&stack, "poison-1", b"{\"this\": \"is not a CloudEvent\"}").await;
     let parked: EntityPath = "deploychain-parked".parse().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let m = loop {
@@ -831,26 +840,9 @@ async fn the_watchdog_timer_flags_a_run_whose_build_never_comes_back() {
 async fn operators_list_and_purge_parked_poison_through_the_admin_api() {
     let stack = Stack::start(options("ops-api")).await.unwrap();
     // Poison: not a CloudEvent, on the push subscription's label. The handler parks it at once.
-    stack
-        .broker
-        .send(
-            "deploychain-events",
-            NewMessage {
-                body: b"{\"oops\": true}".to_vec(),
-                message_id: Some("poison-ops".into()),
-                label: Some("dev.deploychain.push.v1".into()),
-                session_id: Some("web".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    send_poison(&stack, "poison-ops", b"{\"oops\": true}").await;
+    wait_parked(&stack).await;
     let parked: EntityPath = "deploychain-parked".parse().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stack.broker.count(&parked).await.unwrap().active == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "nothing parked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let url = format!("{}/api/ops/deadletters", base(&stack));
     let http = reqwest::Client::new();
     // The host's admin key is needed (the function key is not enough).
@@ -924,12 +916,8 @@ async fn poison_from_a_broken_policy_is_replayed_after_the_fix_and_each_effect_h
     let stack = Stack::start(broken).await.unwrap();
     let link = link.replace(&url::Url::parse(&link).unwrap()[..url::Position::BeforePath], &base(&stack));
     assert_eq!(client::decide(&link, "approve", None).await.unwrap().0, 200);
+    wait_parked(&stack).await;
     let parked: EntityPath = "deploychain-parked".parse().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stack.broker.count(&parked).await.unwrap().active == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "nothing parked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(stack.arm.model_updates(&target("production"), &run), 0, "nothing deployed by the broken app");
     stack.stop().await;
 
