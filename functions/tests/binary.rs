@@ -98,8 +98,8 @@ fn the_handler_answers_readiness_and_invocations_on_its_port() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
         .env_clear()
         .envs(base_env(&dir, port).iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -129,7 +129,11 @@ fn the_handler_answers_readiness_and_invocations_on_its_port() {
         buf
     });
     child.kill().unwrap();
-    let _ = child.wait();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The host logs stdout at Information and stderr as errors: ordinary logs go to stdout.
+    assert!(stdout.contains("deploychain handler listening"), "stdout: {stdout}");
+    assert!(!stderr.contains(" INFO "), "info lines on stderr would be errors in Azure: {stderr}");
     assert!(result.starts_with("HTTP/1.1 200"), "{result}");
     assert!(result.contains("content-type: application/json"), "{result}");
     assert!(result.contains("\"statusCode\":200") && result.contains("{\\\"runs\\\":[]}"), "{result}");
