@@ -199,7 +199,7 @@ async fn fire(
 ) {
     let envelope = timer_envelope(function, trigger, due, last, next);
     match worker.invoke(function, &envelope, timeout).await {
-        Ok(a) if (200..300).contains(&a.status) => tracing::info!(target: "host", function, "timer invocation done"),
+        Ok(a) if (200..300).contains(&a.status) => tracing::debug!(target: "host", function, "timer invocation done"),
         // Timers are not redelivered: a failure is logged.
         Ok(a) => tracing::warn!(target: "host", function, status = a.status, "timer invocation failed"),
         Err(e) => tracing::warn!(target: "host", function, "timer invocation failed: {e:?}"),
