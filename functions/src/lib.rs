@@ -13,6 +13,7 @@ pub mod links;
 pub mod ops;
 pub mod policy;
 pub mod steps;
+pub mod telemetry;
 
 use adapters::{BuildSystem, Compute, ImageBaker, Notify, Parked, Publish, Store};
 use axum::extract::{DefaultBodyLimit, State};
@@ -79,22 +80,28 @@ pub fn app(state: AppState) -> Router {
     let envelope_limit = state.config.max_body_bytes.saturating_mul(2).saturating_add(1 << 20);
     Router::new()
         .route("/", get(|| async { "deploychain handler ready" }))
-        .route("/github_webhook", post(|s, b| http_fn(s, b, "github_webhook", |s, r| Box::pin(steps::github_webhook::handle(s, r)))))
+        .route("/github_webhook", post(|s, h, b| http_fn(s, h, b, "github_webhook", |s, r| Box::pin(steps::github_webhook::handle(s, r)))))
         .route(
             "/azure_devops_webhook",
-            post(|s, b| http_fn(s, b, "azure_devops_webhook", |s, r| Box::pin(steps::azure_devops_webhook::handle(s, r)))),
+            post(|s, h, b| http_fn(s, h, b, "azure_devops_webhook", |s, r| Box::pin(steps::azure_devops_webhook::handle(s, r)))),
         )
-        .route("/approval", post(|s, b| http_fn(s, b, "approval", |s, r| Box::pin(steps::approval::handle(s, r)))))
-        .route("/runs", post(|s, b| http_fn(s, b, "runs", |s, r| Box::pin(steps::runs::handle(s, r)))))
-        .route("/ops_deadletters", post(|s, b| http_fn(s, b, "ops_deadletters", |s, r| Box::pin(steps::ops_deadletters::handle(s, r)))))
-        .route("/on_push", post(|s, b| bus_fn(s, b, "on_push", |s, m| Box::pin(steps::on_push::handle(s, m)))))
+        .route("/approval", post(|s, h, b| http_fn(s, h, b, "approval", |s, r| Box::pin(steps::approval::handle(s, r)))))
+        .route("/runs", post(|s, h, b| http_fn(s, h, b, "runs", |s, r| Box::pin(steps::runs::handle(s, r)))))
+        .route(
+            "/ops_deadletters",
+            post(|s, h, b| http_fn(s, h, b, "ops_deadletters", |s, r| Box::pin(steps::ops_deadletters::handle(s, r)))),
+        )
+        .route("/on_push", post(|s, h, b| bus_fn(s, h, b, "on_push", |s, m| Box::pin(steps::on_push::handle(s, m)))))
         .route(
             "/on_build_completed",
-            post(|s, b| bus_fn(s, b, "on_build_completed", |s, m| Box::pin(steps::on_build_completed::handle(s, m)))),
+            post(|s, h, b| bus_fn(s, h, b, "on_build_completed", |s, m| Box::pin(steps::on_build_completed::handle(s, m)))),
         )
-        .route("/on_image_ready", post(|s, b| bus_fn(s, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
-        .route("/on_approval", post(|s, b| bus_fn(s, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
-        .route("/on_approval_due", post(|s, b| bus_fn(s, b, "on_approval_due", |s, m| Box::pin(steps::on_approval_due::handle(s, m)))))
+        .route("/on_image_ready", post(|s, h, b| bus_fn(s, h, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
+        .route("/on_approval", post(|s, h, b| bus_fn(s, h, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
+        .route(
+            "/on_approval_due",
+            post(|s, h, b| bus_fn(s, h, b, "on_approval_due", |s, m| Box::pin(steps::on_approval_due::handle(s, m)))),
+        )
         .route("/watchdog", post(timer_fn))
         .layer(DefaultBodyLimit::max(envelope_limit))
         .with_state(state)
@@ -104,6 +111,7 @@ pub fn app(state: AppState) -> Router {
 /// caller's status in `Outputs.res` (a non-2xx to the host would reach the caller as an empty 500).
 async fn http_fn(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>,
     name: &'static str,
     f: HttpFn,
@@ -117,7 +125,17 @@ async fn http_fn(
         Err(e) => return Invocation::http(error_response(&Error::from(e))).into_response(HTTP_OUT).into_response(),
     };
     let method = http.method.clone();
-    let res = match f(state, http).await {
+    let mut attrs = vec![
+        opentelemetry::KeyValue::new("faas.trigger", "http"),
+        opentelemetry::KeyValue::new("faas.name", name),
+        opentelemetry::KeyValue::new("faas.invocation_id", invocation_id(&headers)),
+        opentelemetry::KeyValue::new("http.request.method", method.clone()),
+    ];
+    if let Some(route) = http.url.split('?').next().and_then(|u| url::Url::parse(u).ok()) {
+        attrs.push(opentelemetry::KeyValue::new("url.path", route.path().to_string()));
+    }
+    let traceparent = http.header("traceparent").map(str::to_string);
+    let res = match telemetry::invocation(name, opentelemetry::trace::SpanKind::Server, traceparent, attrs, f(state, http)).await {
         Ok(res) => {
             tracing::info!(function = name, method, status = res.status, "invocation");
             res
@@ -137,12 +155,21 @@ async fn http_fn(
 
 /// The timer-triggered watchdog. A failure is a non-2xx to the host, which only logs it (timers
 /// are not redelivered; the next tick looks again).
-async fn timer_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn timer_fn(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let name = "watchdog";
     if let Err(e) = body {
         return envelope_rejected(name, e);
     }
-    match steps::watchdog::handle(state).await {
+    let attrs = vec![
+        opentelemetry::KeyValue::new("faas.trigger", "timer"),
+        opentelemetry::KeyValue::new("faas.name", name),
+        opentelemetry::KeyValue::new("faas.invocation_id", invocation_id(&headers)),
+    ];
+    match telemetry::invocation(name, opentelemetry::trace::SpanKind::Internal, None, attrs, steps::watchdog::handle(state)).await {
         Ok(outcome) => {
             tracing::info!(function = name, outcome, "invocation");
             Invocation::default().log(format!("{name}: {outcome}")).into_response(HTTP_OUT).into_response()
@@ -152,6 +179,11 @@ async fn timer_fn(State(state): State<AppState>, body: Result<Json<InvokeRequest
             failed(name, &e)
         }
     }
+}
+
+/// The host's `X-Azure-Functions-InvocationId`.
+fn invocation_id(h: &axum::http::HeaderMap) -> String {
+    h.get("x-azure-functions-invocationid").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 pub fn error_response(e: &Error) -> HttpResponse {
@@ -167,6 +199,7 @@ pub fn error_response(e: &Error) -> HttpResponse {
 /// succeed, so the host completes the original instead of retrying it MaxDeliveryCount times.
 async fn bus_fn(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<InvokeRequest>, axum::extract::rejection::JsonRejection>,
     name: &'static str,
     f: BusFn,
@@ -197,7 +230,24 @@ async fn bus_fn(
         }),
         original_subject: msg.subject.clone(),
     };
-    match f(state.clone(), msg).await {
+    let event = deploychain_events::DeployEvent::from_json_bytes(&msg.body).ok();
+    let mut attrs = vec![
+        opentelemetry::KeyValue::new("faas.trigger", "pubsub"),
+        opentelemetry::KeyValue::new("faas.name", name),
+        opentelemetry::KeyValue::new("faas.invocation_id", invocation_id(&headers)),
+        opentelemetry::KeyValue::new("messaging.system", "servicebus"),
+        opentelemetry::KeyValue::new("messaging.operation.type", "process"),
+        opentelemetry::KeyValue::new("messaging.message.id", message_id.clone()),
+        opentelemetry::KeyValue::new("messaging.servicebus.message.delivery_count", i64::from(delivery)),
+    ];
+    if let Some(s) = &msg.subject {
+        attrs.push(opentelemetry::KeyValue::new("messaging.destination.subscription.name", s.clone()));
+    }
+    if let Some(ev) = &event {
+        attrs.extend(telemetry::event_attributes(ev, name));
+    }
+    let traceparent = event.as_ref().and_then(|e| e.trace.traceparent.clone());
+    match telemetry::invocation(name, opentelemetry::trace::SpanKind::Consumer, traceparent, attrs, f(state.clone(), msg)).await {
         Ok(outcome) => {
             tracing::info!(function = name, message_id, delivery, outcome, "invocation");
             Invocation::default().log(format!("{name} {message_id}: {outcome}")).into_response(HTTP_OUT).into_response()

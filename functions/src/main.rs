@@ -10,14 +10,7 @@ use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // The Functions host logs the handler's stdout at Information and its stderr as errors: only
-    // errors go to stderr.
-    use tracing_subscriber::fmt::writer::MakeWriterExt;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr.with_max_level(tracing::Level::ERROR).or_else(std::io::stdout))
-        .with_ansi(false)
-        .init();
+    let telemetry = deploychain_functions::telemetry::init()?;
     let config = Config::from_env().map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
     let text = std::fs::read_to_string(&config.policy_path)
         .with_context(|| format!("reading the pipeline policy {}", config.policy_path.display()))?;
@@ -72,5 +65,6 @@ async fn main() -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    telemetry.shutdown().await;
     Ok(())
 }

@@ -101,6 +101,8 @@ async fn up(args: &Args) -> Result<()> {
         sim: local.sim,
         arm: local.arm,
         watchdog: local.watchdog,
+        // The handler exports spans when the developer's shell names a collector.
+        extra_settings: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
     };
     let stack = Stack::start(opts).await?;
     let mut rx = stack.progress.subscribe();

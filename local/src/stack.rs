@@ -37,6 +37,8 @@ pub struct StackOptions {
     pub sim: SimConfig,
     pub arm: ArmSimConfig,
     pub watchdog: crate::config::WatchdogConfig,
+    /// More app settings for the handler (`OTEL_EXPORTER_OTLP_ENDPOINT`, …).
+    pub extra_settings: Vec<(String, String)>,
 }
 
 pub struct Stack {
@@ -118,6 +120,10 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<Pat
         "APPROVAL_SIGNING_KEY": secrets.approval_signing_key,
         "RUST_LOG": std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     });
+    let mut values = values;
+    for (k, v) in &opts.extra_settings {
+        values[k.as_str()] = serde_json::Value::String(v.clone());
+    }
     std::fs::write(
         app.join("local.settings.json"),
         serde_json::to_vec_pretty(&serde_json::json!({ "IsEncrypted": false, "Values": values }))?,

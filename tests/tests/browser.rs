@@ -147,6 +147,7 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
             ..ArmSimConfig::default()
         },
         watchdog: deploychain::config::WatchdogConfig::default(),
+        extra_settings: Vec::new(),
     };
     let stack = Stack::start(opts).await.unwrap();
     let mut rx = stack.progress.subscribe();

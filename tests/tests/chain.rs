@@ -61,6 +61,7 @@ fn options_keep(name: &str) -> StackOptions {
             ..ArmSimConfig::default()
         },
         watchdog: deploychain::config::WatchdogConfig::default(),
+        extra_settings: Vec::new(),
     }
 }
 
@@ -975,5 +976,139 @@ async fn poison_from_a_broken_policy_is_replayed_after_the_fix_and_each_effect_h
     assert_eq!(stack.arm.model_updates(&target("production"), &run), 1, "the step's idempotency holds across replays");
     assert_eq!(run_json(&stack, &run).await["status"], "succeeded");
     assert_eq!(stack.broker.count(&parked).await.unwrap().active, 0);
+    stack.stop().await;
+}
+
+/// One span as the OTLP receiver decoded it.
+#[derive(Debug, Clone)]
+struct Received {
+    name: String,
+    trace: String,
+    span: String,
+    parent: String,
+    attributes: std::collections::BTreeMap<String, String>,
+    resource: std::collections::BTreeMap<String, String>,
+}
+
+/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) that keeps every span it gets.
+async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).unwrap();
+                let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| {
+                    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+                    match v.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(V::StringValue(s)) => s.clone(),
+                        Some(V::IntValue(i)) => i.to_string(),
+                        Some(V::BoolValue(b)) => b.to_string(),
+                        other => format!("{other:?}"),
+                    }
+                };
+                for rs in req.resource_spans {
+                    let resource: std::collections::BTreeMap<String, String> =
+                        rs.resource.iter().flat_map(|r| r.attributes.iter()).map(|kv| (kv.key.clone(), text(&kv.value))).collect();
+                    for ss in rs.scope_spans {
+                        for sp in ss.spans {
+                            keep.lock().unwrap().push(Received {
+                                name: sp.name.clone(),
+                                trace: hex_of(&sp.trace_id),
+                                span: hex_of(&sp.span_id),
+                                parent: hex_of(&sp.parent_span_id),
+                                attributes: sp.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect(),
+                                resource: resource.clone(),
+                            });
+                        }
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (base, got)
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_in_order() {
+    let (collector, spans) = otlp_receiver().await;
+    let mut opts = options("telemetry");
+    opts.extra_settings = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ("OTEL_SERVICE_NAME".into(), "handler".into()),
+    ];
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    client::decide(&link, "approve", None).await.unwrap();
+    wait_status(&stack, &run, "succeeded").await;
+
+    // Every step's span of this run, once exported.
+    let steps = ["on_push", "on_build_completed", "on_image_ready", "on_approval"];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mine = loop {
+        let all = spans.lock().unwrap().clone();
+        let mine: Vec<Received> = all.iter().filter(|s| s.attributes.get("cicd.pipeline.run.id") == Some(&run)).cloned().collect();
+        if steps.iter().all(|n| mine.iter().any(|s| s.name == *n)) {
+            break (mine, all);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "spans so far: {:?}", all.iter().map(|s| &s.name).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (mine, all) = mine;
+    let by = |n: &str| mine.iter().find(|s| s.name == n).unwrap().clone();
+    let trace = by("on_push").trace.clone();
+    assert!(mine.iter().all(|s| s.trace == trace), "one trace id across the run: {mine:#?}");
+    // The parent chain: the push webhook → on_push → on_build_completed → on_image_ready → on_approval.
+    let webhook =
+        all.iter().find(|s| s.name == "github_webhook" && s.span == by("on_push").parent).expect("the push webhook's span is the root");
+    assert_eq!(webhook.trace, trace);
+    assert_eq!(by("on_build_completed").parent, by("on_push").span);
+    assert_eq!(by("on_image_ready").parent, by("on_build_completed").span);
+    assert_eq!(by("on_approval").parent, by("on_image_ready").span);
+    // Semantic-convention attributes.
+    let s = by("on_image_ready");
+    for (k, v) in [
+        ("faas.trigger", "pubsub"),
+        ("messaging.system", "servicebus"),
+        ("cicd.pipeline.name", "web"),
+        ("cloudevents.event_type", "dev.deploychain.image.ready.v1"),
+    ] {
+        assert_eq!(s.attributes.get(k).map(String::as_str), Some(v), "{k}: {s:#?}");
+    }
+    assert!(s.attributes.get("faas.invocation_id").is_some_and(|i| !i.is_empty()), "{s:#?}");
+    assert_eq!(s.resource.get("service.name").map(String::as_str), Some("handler"));
+    assert_eq!(s.resource.get("service.namespace").map(String::as_str), Some("deploychain"));
+    assert_eq!(webhook.attributes.get("faas.trigger").map(String::as_str), Some("http"));
+    // No secret in any attribute.
+    let secrets = [
+        &stack.secrets.github_webhook,
+        &stack.secrets.approval_signing_key,
+        &stack.secrets.bus_key,
+        &stack.secrets.arm_token,
+        &stack.secrets.function_key,
+    ];
+    for sp in &all {
+        for v in sp.attributes.values().chain(sp.resource.values()) {
+            assert!(!secrets.iter().any(|s| v.contains(s.as_str())), "a secret in {} {v}", sp.name);
+        }
+    }
     stack.stop().await;
 }

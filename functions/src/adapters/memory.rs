@@ -103,6 +103,12 @@ impl Store for MemoryStore {
     async fn run(&self, id: &str) -> Result<Option<Run>> {
         Ok(lock(&self.state).runs.get(id).cloned())
     }
+    async fn set_traceparent(&self, run_id: &str, traceparent: &str) -> Result<()> {
+        if let Some(r) = lock(&self.state).runs.get_mut(run_id) {
+            r.traceparent = Some(traceparent.to_string());
+        }
+        Ok(())
+    }
     async fn runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
         let st = lock(&self.state);
         let mut v: Vec<Run> = st

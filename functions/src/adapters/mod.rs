@@ -418,6 +418,9 @@ pub trait Store: Send + Sync {
     async fn commit_step(&self, c: &StepCommit) -> Result<bool>;
     async fn step(&self, run_id: &str, key: &str) -> Result<Option<StepRecord>>;
     async fn mark_published(&self, run_id: &str, key: &str) -> Result<()>;
+    /// Record the span of the run's latest step (`traceparent`), which its next edge event
+    /// (a CI build or an approval coming back) continues.
+    async fn set_traceparent(&self, run_id: &str, traceparent: &str) -> Result<()>;
     async fn run(&self, id: &str) -> Result<Option<Run>>;
     /// Newest first.
     async fn runs(&self, q: &RunQuery) -> Result<Vec<Run>>;

@@ -193,6 +193,19 @@ impl Store for SqliteStore {
         self.with(move |c| load_run(c, &id)).await
     }
 
+    async fn set_traceparent(&self, run_id: &str, traceparent: &str) -> Result<()> {
+        let (id, tp) = (run_id.to_string(), traceparent.to_string());
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            if let Some(mut run) = load_run(&tx, &id)? {
+                run.traceparent = Some(tp);
+                tx.execute("UPDATE runs SET doc = ?2 WHERE id = ?1", params![id, to_json(&run)?]).map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
     async fn runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
         let q = q.clone();
         self.with(move |c| {

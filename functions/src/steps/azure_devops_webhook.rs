@@ -93,7 +93,11 @@ async fn git_push(state: &AppState, p: &Value) -> Result<HttpResponse> {
             id: event_id(&rid, "push"),
             source: format!("/azure-devops/{}", s(r, &["repository", "project", "name"]).unwrap_or("project")),
             time: Utc::now(),
-            trace: TraceContext { traceparent: Some(root_traceparent(&rid)), tracestate: None },
+            // The webhook's own span is the release's root (a derived root without recorded spans).
+            trace: TraceContext {
+                traceparent: Some(crate::telemetry::current_traceparent().unwrap_or_else(|| root_traceparent(&rid))),
+                tracestate: None,
+            },
             run_id: rid,
             data: EventData::Push(Push {
                 app: app.name.clone(),

@@ -81,7 +81,7 @@ pub async fn run_trace(state: &AppState, run_id: &str, event_id: &str) -> Result
         .store
         .run(run_id)
         .await?
-        .map(|r| TraceContext { traceparent: r.traceparent.as_deref().map(|tp| child_traceparent(tp, event_id)), tracestate: None }))
+        .map(|r| TraceContext { traceparent: event_traceparent(r.traceparent.as_deref(), event_id), tracestate: None }))
 }
 
 async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<HttpResponse> {
@@ -112,7 +112,11 @@ async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<H
     let ev = DeployEvent {
         source: format!("/github/{repo}"),
         time: Utc::now(),
-        trace: TraceContext { traceparent: Some(root_traceparent(&rid)), tracestate: None },
+        // The webhook's own span is the release's root (a derived root without recorded spans).
+        trace: TraceContext {
+            traceparent: Some(crate::telemetry::current_traceparent().unwrap_or_else(|| root_traceparent(&rid))),
+            tracestate: None,
+        },
         run_id: rid,
         id,
         data: EventData::Push(Push {

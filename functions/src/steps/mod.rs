@@ -73,6 +73,14 @@ where
         return Ok(StepDone::Ignored("nothing to change".into()));
     };
     let outbox = if state.store.commit_step(&commit).await? {
+        // With spans recorded, the run remembers its latest step's span for the edges to continue.
+        if let Some(tp) = crate::telemetry::current_traceparent() {
+            let run_trace =
+                state.store.run(run_id).await?.and_then(|r| r.traceparent).and_then(|t| t.split('-').nth(1).map(str::to_string));
+            if run_trace.is_none_or(|t| tp.split('-').nth(1) == Some(t.as_str())) {
+                state.store.set_traceparent(run_id, &tp).await?;
+            }
+        }
         commit.outbox
     } else {
         // A concurrent delivery committed first: publish what it committed, not ours.
@@ -113,7 +121,7 @@ pub fn emit(state: &AppState, run: &RunRef, step: &str, function: &str, data: Ev
         source: format!("/deploychain/{}/{}", data.app(), function),
         time: Utc::now(),
         run_id: run.id.clone(),
-        trace: TraceContext { traceparent: run.traceparent.as_deref().map(|tp| child_traceparent(tp, &id)), tracestate: None },
+        trace: TraceContext { traceparent: event_traceparent(run.traceparent.as_deref(), &id), tracestate: None },
         data,
     };
     let session = session_for(&ev, &state.policy);
@@ -131,6 +139,19 @@ pub struct RunRef {
 impl From<&Run> for RunRef {
     fn from(r: &Run) -> Self {
         RunRef { id: r.id.clone(), traceparent: r.traceparent.clone() }
+    }
+}
+
+/// The parent an event of a run names. With spans recorded: the running invocation's span when it
+/// is in the run's trace, else (an edge such as a CI webhook or an approval, whose own span starts a
+/// trace of its own) the run's latest step's span — so the release is one trace with its parent
+/// chain in order. Without spans: a child id derived from the event id, which keeps the trace.
+pub fn event_traceparent(run_traceparent: Option<&str>, event_id: &str) -> Option<String> {
+    let run_trace = run_traceparent.and_then(|t| t.split('-').nth(1));
+    match crate::telemetry::current_traceparent() {
+        Some(cur) if run_trace.is_none_or(|rt| cur.split('-').nth(1) == Some(rt)) => Some(cur),
+        Some(_) => run_traceparent.map(str::to_string),
+        None => run_traceparent.map(|tp| child_traceparent(tp, event_id)),
     }
 }
 

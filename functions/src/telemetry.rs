@@ -1,0 +1,146 @@
+//! Telemetry: logs always (stdout, errors on stderr, as the Functions host reads them); spans to an
+//! OTLP/HTTP collector when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` settings are present. The role name is
+//! `service.namespace` = `deploychain` with `service.name` (`OTEL_SERVICE_NAME`, default `handler`).
+//! Spans are exported in batches off the request path (an invocation never waits for export) and
+//! flushed when the handler stops.
+//!
+//! One span per invocation, named after the function, continues the release's trace from the
+//! event's `traceparent`, and the events a step publishes carry that span as their parent
+//! ([`current_traceparent`]), so push → build → bake → staging → approval → production is one trace
+//! with its parent chain in order.
+
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::collections::HashMap;
+
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// Whether spans are exported (an OTLP endpoint is configured).
+pub fn otlp_configured() -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()))
+}
+
+/// Logs always; spans when OTLP is configured. Call once, before serving.
+pub fn init() -> anyhow::Result<Telemetry> {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr.with_max_level(tracing::Level::ERROR).or_else(std::io::stdout))
+        .with_ansi(false)
+        .init();
+    if !otlp_configured() {
+        return Ok(Telemetry { provider: None });
+    }
+    // The exporter reads the OTEL_EXPORTER_OTLP_* settings itself (endpoint, headers, timeout).
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .build()
+        .map_err(|e| anyhow::anyhow!("OTLP exporter: {e}"))?;
+    let name = std::env::var("OTEL_SERVICE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "handler".into());
+    let instance = std::env::var("WEBSITE_INSTANCE_ID").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "local".into());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(name)
+        .with_attribute(KeyValue::new("service.namespace", "deploychain"))
+        .with_attribute(KeyValue::new("service.instance.id", instance))
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    let provider = SdkTracerProvider::builder().with_resource(resource).with_batch_exporter(exporter).build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    tracing::info!("spans are exported over OTLP/HTTP");
+    Ok(Telemetry { provider: Some(provider) })
+}
+
+impl Telemetry {
+    /// Flush what is buffered (off the async workers: the SDK blocks).
+    pub async fn shutdown(self) {
+        if let Some(p) = self.provider {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+            })
+            .await;
+        }
+    }
+}
+
+/// The invocation's span context, for the events it publishes.
+#[derive(Clone)]
+pub struct Invocation(Context);
+
+tokio::task_local! {
+    static CURRENT: Invocation;
+}
+
+/// `00-<trace>-<span>-<flags>` of the running invocation's span, when spans are recorded.
+pub fn current_traceparent() -> Option<String> {
+    CURRENT
+        .try_with(|c| {
+            let sc = c.0.span().span_context().clone();
+            sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+        })
+        .ok()
+        .flatten()
+}
+
+/// The parent of an invocation: the W3C trace context in `traceparent` (and `tracestate`).
+fn parent(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
+    use opentelemetry::propagation::TextMapPropagator;
+    let mut carrier = HashMap::new();
+    if let Some(tp) = traceparent {
+        carrier.insert("traceparent".to_string(), tp.to_string());
+    }
+    if let Some(ts) = tracestate {
+        carrier.insert("tracestate".to_string(), ts.to_string());
+    }
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier)
+}
+
+/// Run `f` as one invocation span named `name`, child of `traceparent`, with `attributes`; the
+/// outcome sets the span's status (`error.type` = transient or permanent on failure).
+pub async fn invocation<T, F>(
+    name: &'static str,
+    kind: SpanKind,
+    traceparent: Option<String>,
+    attributes: Vec<KeyValue>,
+    f: F,
+) -> crate::error::Result<T>
+where
+    F: std::future::Future<Output = crate::error::Result<T>>,
+{
+    let tracer = opentelemetry::global::tracer_provider().tracer("deploychain");
+    let parent = parent(traceparent.as_deref(), None);
+    let span = tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(&tracer, &parent);
+    let cx = parent.with_span(span);
+    let result = CURRENT.scope(Invocation(cx.clone()), f).await;
+    let span = cx.span();
+    match &result {
+        Ok(_) => span.set_status(Status::Ok),
+        Err(e) => {
+            span.set_attribute(KeyValue::new("error.type", if e.is_transient() { "transient" } else { "permanent" }));
+            span.set_status(Status::error(e.to_string()));
+        }
+    }
+    span.end();
+    result
+}
+
+/// Attributes of a run-scoped event (`cicd.*`, `cloudevents.*`).
+pub fn event_attributes(ev: &deploychain_events::DeployEvent, function: &str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("cicd.pipeline.name", ev.data.app().to_string()),
+        KeyValue::new("cicd.pipeline.run.id", ev.run_id.clone()),
+        KeyValue::new("cicd.pipeline.task.name", function.to_string()),
+        KeyValue::new("cloudevents.event_id", ev.id.clone()),
+        KeyValue::new("cloudevents.event_type", ev.event_type().as_str().to_string()),
+        KeyValue::new("cloudevents.event_source", ev.source.clone()),
+        KeyValue::new("cloudevents.event_subject", ev.run_id.clone()),
+    ]
+}
