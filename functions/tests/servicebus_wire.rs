@@ -203,7 +203,9 @@ async fn publish_sends_message_id_label_session_and_cloudevents_properties_on_th
     assert_eq!(req.header("cloudevents_type"), "\"dev.deploychain.deployment.started.v1\"");
     let sent: BTreeSet<&str> = req.headers.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("cloudevents_")).collect();
     assert_eq!(sent, expected.keys().copied().collect::<BTreeSet<_>>(), "no other cloudevents_ properties");
-    assert_eq!(out.properties.len(), expected.len());
+    // The Azure SDKs' and the Functions host's parent-span property carries the same traceparent.
+    assert_eq!(req.header("diagnostic-id"), format!("\"{TRACEPARENT}\""));
+    assert_eq!(out.properties.len(), expected.len() + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

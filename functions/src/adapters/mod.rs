@@ -53,6 +53,11 @@ impl Outbound {
         properties.insert(format!("cloudEvents_{}", deploychain_events::RUN_ID_EXTENSION), ev.run_id.clone());
         if let Some(tp) = &ev.trace.traceparent {
             properties.insert("cloudEvents_traceparent".into(), tp.clone());
+            // What the Azure SDKs and the Functions host read as the message's parent span.
+            properties.insert("Diagnostic-Id".into(), tp.clone());
+        }
+        if let Some(ts) = &ev.trace.tracestate {
+            properties.insert("cloudEvents_tracestate".into(), ts.clone());
         }
         Outbound {
             message_id: ev.id.clone(),
