@@ -1,6 +1,7 @@
 //! Telemetry: logs always (stdout, errors on stderr, as the Functions host reads them); spans to an
 //! OTLP/HTTP collector when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` settings are present. The role name is
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` settings are present, and to Application Insights when
+//! `APPLICATIONINSIGHTS_CONNECTION_STRING` is (its cloud role is `deploychain.<service.name>`). The role name is
 //! `service.namespace` = `deploychain` with `service.name` (`OTEL_SERVICE_NAME`, default `handler`).
 //! Spans are exported in batches off the request path (an invocation never waits for export) and
 //! flushed when the handler stops.
@@ -27,6 +28,35 @@ pub fn otlp_configured() -> bool {
         .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()))
 }
 
+/// The Application Insights connection string, when set.
+fn app_insights_connection_string() -> Option<String> {
+    std::env::var("APPLICATIONINSIGHTS_CONNECTION_STRING").ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The exporter that sends Application Insights envelopes (`{IngestionEndpoint}/v2/track`). The
+/// crate insists on https; a plain-http ingestion endpoint (a local receiver) is set directly.
+fn app_insights_exporter(cs: &str) -> anyhow::Result<opentelemetry_application_insights::Exporter<reqwest_013::Client>> {
+    let field = |name: &str| {
+        cs.split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let client = reqwest_013::Client::new();
+    match (field("InstrumentationKey"), field("IngestionEndpoint")) {
+        (Some(ikey), Some(ep)) if ep.starts_with("http://") => {
+            #[allow(deprecated)]
+            let e = opentelemetry_application_insights::Exporter::new(ikey, client)
+                .with_endpoint(&ep)
+                .map_err(|e| anyhow::anyhow!("APPLICATIONINSIGHTS_CONNECTION_STRING: bad IngestionEndpoint: {e}"))?;
+            Ok(e)
+        }
+        // The error names the problem, never the string (it holds the instrumentation key).
+        _ => opentelemetry_application_insights::Exporter::new_from_connection_string(cs, client)
+            .map_err(|e| anyhow::anyhow!("APPLICATIONINSIGHTS_CONNECTION_STRING is not a connection string: {e}")),
+    }
+}
+
 /// Logs always; spans when OTLP is configured. Call once, before serving.
 pub fn init() -> anyhow::Result<Telemetry> {
     use tracing_subscriber::fmt::writer::MakeWriterExt;
@@ -35,15 +65,10 @@ pub fn init() -> anyhow::Result<Telemetry> {
         .with_writer(std::io::stderr.with_max_level(tracing::Level::ERROR).or_else(std::io::stdout))
         .with_ansi(false)
         .init();
-    if !otlp_configured() {
+    let app_insights = app_insights_connection_string();
+    if !otlp_configured() && app_insights.is_none() {
         return Ok(Telemetry { provider: None });
     }
-    // The exporter reads the OTEL_EXPORTER_OTLP_* settings itself (endpoint, headers, timeout).
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .build()
-        .map_err(|e| anyhow::anyhow!("OTLP exporter: {e}"))?;
     let name = std::env::var("OTEL_SERVICE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "handler".into());
     let instance = std::env::var("WEBSITE_INSTANCE_ID").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "local".into());
     let resource = opentelemetry_sdk::Resource::builder()
@@ -52,9 +77,26 @@ pub fn init() -> anyhow::Result<Telemetry> {
         .with_attribute(KeyValue::new("service.instance.id", instance))
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
         .build();
-    let provider = SdkTracerProvider::builder().with_resource(resource).with_batch_exporter(exporter).build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if otlp_configured() {
+        // The exporter reads the OTEL_EXPORTER_OTLP_* settings itself (endpoint, headers, timeout).
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()
+            .map_err(|e| anyhow::anyhow!("OTLP exporter: {e}"))?;
+        builder = builder.with_batch_exporter(exporter);
+        tracing::info!("spans are exported over OTLP/HTTP");
+    }
+    if let Some(cs) = app_insights {
+        // Its retries sleep on the async runtime, so it runs on the tokio batch processor.
+        use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+        let exporter = app_insights_exporter(&cs)?;
+        builder = builder.with_span_processor(BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build());
+        tracing::info!("spans are exported to Application Insights");
+    }
+    let provider = builder.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-    tracing::info!("spans are exported over OTLP/HTTP");
     Ok(Telemetry { provider: Some(provider) })
 }
 

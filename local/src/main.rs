@@ -102,7 +102,7 @@ async fn up(args: &Args) -> Result<()> {
         arm: local.arm,
         watchdog: local.watchdog,
         // The handler exports spans when the developer's shell names a collector.
-        extra_settings: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
+        extra_settings: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_") || k == "APPLICATIONINSIGHTS_CONNECTION_STRING").collect(),
     };
     let stack = Stack::start(opts).await?;
     let mut rx = stack.progress.subscribe();

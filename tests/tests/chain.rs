@@ -1112,3 +1112,99 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
     }
     stack.stop().await;
 }
+
+/// An Application Insights ingestion endpoint (`POST /v2/track`, gzip JSON envelopes) that keeps
+/// every envelope it gets.
+async fn app_insights_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use std::io::Read;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/v2/track",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let mut json = Vec::new();
+                if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+                    flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut json).unwrap();
+                } else {
+                    json = body.to_vec();
+                }
+                let envelopes: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
+                let n = envelopes.len();
+                keep.lock().unwrap().extend(envelopes);
+                axum::Json(serde_json::json!({"itemsReceived": n, "itemsAccepted": n, "errors": []}))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (base, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_insights_gets_one_operation_per_release_under_the_handlers_role_name() {
+    let (ingestion, envelopes) = app_insights_receiver().await;
+    let ikey = "00000000-0000-0000-0000-0000000000a1";
+    let mut opts = options("appinsights");
+    opts.extra_settings = vec![
+        ("APPLICATIONINSIGHTS_CONNECTION_STRING".into(), format!("InstrumentationKey={ikey};IngestionEndpoint={ingestion}")),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let stack = Stack::start(opts).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    client::decide(&link, "approve", None).await.unwrap();
+    wait_status(&stack, &run, "succeeded").await;
+
+    let steps = ["on_push", "on_build_completed", "on_image_ready", "on_approval"];
+    // The function each request envelope is for (App Insights names HTTP requests by their method).
+    let name = |e: &serde_json::Value| e["data"]["baseData"]["properties"]["faas.name"].as_str().unwrap_or_default().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mine, all) = loop {
+        let all = envelopes.lock().unwrap().clone();
+        let mine: Vec<serde_json::Value> =
+            all.iter().filter(|e| e["data"]["baseData"]["properties"]["cicd.pipeline.run.id"] == run.as_str()).cloned().collect();
+        let root = mine.iter().find(|e| name(e) == "on_push").map(|e| e["tags"]["ai.operation.parentId"].clone());
+        let webhook_seen = root.is_some_and(|r| all.iter().any(|e| name(e) == "github_webhook" && e["data"]["baseData"]["id"] == r));
+        if webhook_seen && steps.iter().all(|n| mine.iter().any(|e| name(e) == *n)) {
+            break (mine, all);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "envelopes so far: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let by = |n: &str| mine.iter().find(|e| name(e) == n).unwrap().clone();
+    let operation = by("on_push")["tags"]["ai.operation.id"].as_str().unwrap().to_string();
+    assert_eq!(operation.len(), 32, "the operation id is the W3C trace id: {operation}");
+    for e in &mine {
+        assert_eq!(e["iKey"], ikey, "{e:#}");
+        assert_eq!(e["tags"]["ai.cloud.role"], "deploychain.handler", "{e:#}");
+        assert_eq!(e["tags"]["ai.operation.id"], operation.as_str(), "one operation across the release: {e:#}");
+        assert_eq!(e["data"]["baseType"], "RequestData", "an invocation is a request: {e:#}");
+    }
+    // The parent chain, as App Insights links it: each step's parent is the step before.
+    let id = |n: &str| by(n)["data"]["baseData"]["id"].as_str().unwrap().to_string();
+    let parent = |n: &str| by(n)["tags"]["ai.operation.parentId"].as_str().unwrap().to_string();
+    assert_eq!(parent("on_build_completed"), id("on_push"));
+    assert_eq!(parent("on_image_ready"), id("on_build_completed"));
+    assert_eq!(parent("on_approval"), id("on_image_ready"));
+    let webhook = all.iter().find(|e| name(e) == "github_webhook" && e["data"]["baseData"]["id"] == parent("on_push").as_str());
+    assert!(webhook.is_some(), "the push webhook's request is the operation's root");
+    // No secret in any envelope.
+    let text = serde_json::to_string(&all).unwrap();
+    for s in [
+        &stack.secrets.github_webhook,
+        &stack.secrets.approval_signing_key,
+        &stack.secrets.bus_key,
+        &stack.secrets.arm_token,
+        &stack.secrets.function_key,
+    ] {
+        assert!(!text.contains(s.as_str()), "a secret reached Application Insights");
+    }
+    stack.stop().await;
+}
