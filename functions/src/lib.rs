@@ -135,7 +135,16 @@ async fn http_fn(
         attrs.push(opentelemetry::KeyValue::new("url.path", route.path().to_string()));
     }
     let traceparent = http.header("traceparent").map(str::to_string);
-    let res = match telemetry::invocation(name, opentelemetry::trace::SpanKind::Server, traceparent, attrs, f(state, http)).await {
+    let handled = async move {
+        let r = f(state, http).await;
+        let code = match &r {
+            Ok(res) => res.status,
+            Err(e) => e.status(),
+        };
+        telemetry::annotate(opentelemetry::KeyValue::new("http.response.status_code", i64::from(code)));
+        r
+    };
+    let res = match telemetry::invocation(name, opentelemetry::trace::SpanKind::Server, traceparent, attrs, handled).await {
         Ok(res) => {
             tracing::info!(function = name, method, status = res.status, "invocation");
             res

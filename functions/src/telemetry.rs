@@ -132,6 +132,11 @@ pub fn current_traceparent() -> Option<String> {
         .flatten()
 }
 
+/// Add an attribute to the running invocation's span (a no-op outside one).
+pub fn annotate(kv: KeyValue) {
+    let _ = CURRENT.try_with(|c| c.0.span().set_attribute(kv));
+}
+
 /// The parent of an invocation: the W3C trace context in `traceparent` (and `tracestate`).
 fn parent(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
     use opentelemetry::propagation::TextMapPropagator;

@@ -1195,6 +1195,7 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     assert_eq!(parent("on_approval"), id("on_image_ready"));
     let webhook = all.iter().find(|e| name(e) == "github_webhook" && e["data"]["baseData"]["id"] == parent("on_push").as_str());
     assert!(webhook.is_some(), "the push webhook's request is the operation's root");
+    assert_eq!(webhook.unwrap()["data"]["baseData"]["responseCode"], "202", "{webhook:#?}");
     // No secret in any envelope.
     let text = serde_json::to_string(&all).unwrap();
     for s in [
