@@ -132,6 +132,13 @@ pub fn current_traceparent() -> Option<String> {
         .flatten()
 }
 
+/// A client span (an ARM request, say) under the running invocation's span; ended by the caller.
+pub fn client_span(name: String, attributes: Vec<KeyValue>) -> opentelemetry::global::BoxedSpan {
+    let tracer = opentelemetry::global::tracer_provider().tracer("deploychain");
+    let parent = CURRENT.try_with(|c| c.0.clone()).unwrap_or_else(|_| Context::new());
+    tracer.span_builder(name).with_kind(SpanKind::Client).with_attributes(attributes).start_with_context(&tracer, &parent)
+}
+
 /// Add an attribute to the running invocation's span (a no-op outside one).
 pub fn annotate(kv: KeyValue) {
     let _ = CURRENT.try_with(|c| c.0.span().set_attribute(kv));

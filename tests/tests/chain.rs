@@ -1083,6 +1083,14 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
     assert_eq!(by("on_build_completed").parent, by("on_push").span);
     assert_eq!(by("on_image_ready").parent, by("on_build_completed").span);
     assert_eq!(by("on_approval").parent, by("on_image_ready").span);
+    // The staging rollout's ARM calls are client spans under the step that made them.
+    let arm: Vec<&Received> = all.iter().filter(|s| s.parent == by("on_image_ready").span).collect();
+    let patch = arm.iter().find(|s| s.attributes.get("http.request.method").map(String::as_str) == Some("PATCH"));
+    let patch = patch.unwrap_or_else(|| panic!("no ARM PATCH under on_image_ready: {arm:#?}"));
+    assert!(patch.name.starts_with("PATCH /subscriptions/"), "{patch:#?}");
+    assert_eq!(patch.trace, trace);
+    assert!(patch.attributes.get("http.response.status_code").is_some_and(|c| c.starts_with('2')), "{patch:#?}");
+    assert!(patch.attributes.contains_key("server.address"), "{patch:#?}");
     // Semantic-convention attributes.
     let s = by("on_image_ready");
     for (k, v) in [

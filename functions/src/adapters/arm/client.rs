@@ -15,6 +15,8 @@
 //!   never sent anywhere else. Error texts never contain the token.
 
 use super::credential::{ARM_SCOPE, TokenSource};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::Span as _;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -155,7 +157,34 @@ impl ArmClient {
             if let Some(b) = body {
                 req = req.json(b);
             }
-            let (retryable, wait, err) = match req.send().await {
+            // One client span per attempt, as the HTTP conventions have it.
+            let mut span = crate::telemetry::client_span(
+                format!("{method} {}", url.path()),
+                vec![
+                    KeyValue::new("http.request.method", method.to_string()),
+                    KeyValue::new("server.address", url.host_str().unwrap_or_default().to_string()),
+                    KeyValue::new("url.full", url.to_string()),
+                    KeyValue::new("http.request.resend_count", i64::from(attempt - 1)),
+                    KeyValue::new("az.namespace", "Microsoft.Compute"),
+                ],
+            );
+            let sent = req.send().await;
+            match &sent {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+                    if status >= 400 {
+                        span.set_attribute(KeyValue::new("error.type", status.to_string()));
+                        span.set_status(opentelemetry::trace::Status::error(status.to_string()));
+                    }
+                }
+                Err(_) => {
+                    span.set_attribute(KeyValue::new("error.type", "transport"));
+                    span.set_status(opentelemetry::trace::Status::error("transport error"));
+                }
+            }
+            span.end();
+            let (retryable, wait, err) = match sent {
                 Err(e) => (true, None, ArmError::Transient(format!("{what}: {}", e.without_url()))),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
