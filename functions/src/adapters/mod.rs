@@ -204,6 +204,31 @@ pub struct StepCommit {
     pub outbox: Vec<Outbound>,
 }
 
+impl StepCommit {
+    /// A step of an existing run that neither changes its image nor its stage: the run stays
+    /// `status`, waiting for `waiting_for`.
+    pub fn of_run(
+        run_id: &str,
+        key: &str,
+        entries: Vec<StepEntry>,
+        status: RunStatus,
+        waiting_for: Option<String>,
+        outbox: Vec<Outbound>,
+    ) -> StepCommit {
+        StepCommit {
+            run_id: run_id.to_string(),
+            key: key.to_string(),
+            new_run: None,
+            entries,
+            status,
+            waiting_for,
+            image: None,
+            stage: None,
+            outbox,
+        }
+    }
+}
+
 /// A committed step: what it must have published, and whether it is known to have been.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {

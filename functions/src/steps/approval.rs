@@ -243,17 +243,7 @@ async fn decide(
         entries.push(entry(&key, format!("approval of {stage} decided: {}", word(o)), Some(format!("by {}", by.join(", ")))));
     }
     let waiting = if outcome.is_none() { waiting_for_approval(&record) } else { format!("promotion to {stage}") };
-    let commit = StepCommit {
-        run_id: run.id.clone(),
-        key: key.clone(),
-        new_run: None,
-        entries,
-        status: RunStatus::Waiting,
-        waiting_for: Some(waiting),
-        image: None,
-        stage: None,
-        outbox,
-    };
+    let commit = StepCommit::of_run(&run.id, &key, entries, RunStatus::Waiting, Some(waiting), outbox);
     run_step(state, &run.id, &key, || async { Ok(Some(commit)) }).await?;
     Ok(page(state, &record, approver, token, Some(form.decision), wants_json))
 }

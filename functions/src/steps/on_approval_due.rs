@@ -84,30 +84,15 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                     ))
                     .await?;
                 let ev = changed(ApprovalChange::Reminded, waiting.clone(), detail.clone());
-                Ok(Some(StepCommit {
-                    run_id: run.id.clone(),
-                    key: key.clone(),
-                    new_run: None,
-                    entries: vec![entry(
-                        &key,
-                        format!("approvers of {} reminded", stage.name),
-                        Some(format!("{}; {detail}", waiting.join(", "))),
-                    )],
-                    status: RunStatus::Waiting,
-                    waiting_for: Some(waiting_for_approval(&record)),
-                    image: None,
-                    stage: None,
-                    outbox: vec![
-                        emit(
-                            &state,
-                            &rr,
-                            &format!("approval-changed.{}.reminded.{}.{}", stage.name, due.round, short_digest(&[&due.at])),
-                            NAME,
-                            ev,
-                        )
-                        .1,
-                    ],
-                }))
+                let reminded = format!("approval-changed.{}.reminded.{}.{}", stage.name, due.round, short_digest(&[&due.at]));
+                Ok(Some(StepCommit::of_run(
+                    &run.id,
+                    &key,
+                    vec![entry(&key, format!("approvers of {} reminded", stage.name), Some(format!("{}; {detail}", waiting.join(", "))))],
+                    RunStatus::Waiting,
+                    Some(waiting_for_approval(&record)),
+                    vec![emit(&state, &rr, &reminded, NAME, ev).1],
+                )))
             })
             .await?
         }
@@ -147,21 +132,14 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                         .1,
                     ];
                     outbox.extend(approval_timers(&state, &rr, &rec, policy, NAME));
-                    return Ok(Some(StepCommit {
-                        run_id: run.id.clone(),
-                        key: key.clone(),
-                        new_run: None,
-                        entries: vec![entry(
-                            &key,
-                            format!("approval of {} escalated", stage.name),
-                            Some(format!("to {}; {detail}", to.join(", "))),
-                        )],
-                        status: RunStatus::Waiting,
-                        waiting_for: Some(waiting_for_approval(&rec)),
-                        image: None,
-                        stage: None,
+                    return Ok(Some(StepCommit::of_run(
+                        &run.id,
+                        &key,
+                        vec![entry(&key, format!("approval of {} escalated", stage.name), Some(format!("to {}; {detail}", to.join(", "))))],
+                        RunStatus::Waiting,
+                        Some(waiting_for_approval(&rec)),
                         outbox,
-                    }));
+                    )));
                 }
                 let word = action.as_str();
                 let (rec, _) = state
@@ -200,17 +178,14 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                     )
                     .1,
                 ];
-                Ok(Some(StepCommit {
-                    run_id: run.id.clone(),
-                    key: key.clone(),
-                    new_run: None,
-                    entries: vec![entry(&key, format!("approval of {} timed out", stage.name), Some(detail))],
-                    status: RunStatus::Waiting,
-                    waiting_for: Some(format!("promotion to {}", stage.name)),
-                    image: None,
-                    stage: None,
+                Ok(Some(StepCommit::of_run(
+                    &run.id,
+                    &key,
+                    vec![entry(&key, format!("approval of {} timed out", stage.name), Some(detail))],
+                    RunStatus::Waiting,
+                    Some(format!("promotion to {}", stage.name)),
                     outbox,
-                }))
+                )))
             })
             .await?
         }

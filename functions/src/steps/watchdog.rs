@@ -42,26 +42,15 @@ pub async fn handle(state: AppState) -> Result<String> {
         };
         let done = run_step(&state, &run.id, &key, || async {
             state.notify.run_stuck(&notice).await?;
-            Ok(Some(StepCommit {
-                run_id: run.id.clone(),
-                key: key.clone(),
-                new_run: None,
-                entries: vec![entry(
-                    &key,
-                    format!("stuck at {}", w.kind),
-                    Some(format!(
-                        "no progress for over {} (since {}): {}",
-                        super::runs::human(threshold),
-                        w.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        w.what
-                    )),
-                )],
-                status: run.status,
-                waiting_for: run.waiting_for.clone(),
-                image: None,
-                stage: None,
-                outbox: Vec::new(),
-            }))
+            let detail = format!(
+                "no progress for over {} (since {}): {}",
+                super::runs::human(threshold),
+                w.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                w.what
+            );
+            // A note on the run; its status and what it waits for stay as they are.
+            let note = vec![entry(&key, format!("stuck at {}", w.kind), Some(detail))];
+            Ok(Some(StepCommit::of_run(&run.id, &key, note, run.status, run.waiting_for.clone(), Vec::new())))
         })
         .await?;
         if done == StepDone::Done {
