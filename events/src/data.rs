@@ -88,6 +88,9 @@ pub struct CommitInfo {
     /// The author's account (GitHub login), when known.
     #[serde(default, rename = "authorLogin", skip_serializing_if = "Option::is_none")]
     pub author_login: Option<String>,
+    /// When the commit was authored: the earliest commit of a release starts its lead time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -286,6 +286,7 @@ fn data_for(ty: EventType, full: bool) -> EventData {
                     author: Some("Jane Doe".into()),
                     author_email: Some("jane@contoso.com".into()),
                     author_login: Some("jdoe".into()),
+                    timestamp: chrono::DateTime::from_timestamp(1_780_000_000, 0),
                 }]
             } else {
                 Vec::new()

@@ -86,6 +86,7 @@ fn notice(kind: NoticeKind) -> ApprovalNotice {
                 author: Some("Mona Lisa".into()),
                 author_email: Some("mona@octo-org.example".into()),
                 author_login: Some("monalisa".into()),
+                timestamp: None,
             }],
             previous: Some(StageEvidence {
                 stage: "staging".into(),

@@ -124,6 +124,9 @@ async fn git_push(state: &AppState, p: &Value) -> Result<HttpResponse> {
                             author: s(c, &["author", "name"]).map(str::to_string),
                             author_email: s(c, &["author", "email"]).map(str::to_string),
                             author_login: None,
+                            timestamp: s(c, &["author", "date"])
+                                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                                .map(|t| t.with_timezone(&chrono::Utc)),
                         })
                     })
                     .take(MAX_PUSH_COMMITS)

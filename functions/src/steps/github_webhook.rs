@@ -142,6 +142,9 @@ async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<H
                         author: s(c, &["author", "name"]).map(str::to_string),
                         author_email: s(c, &["author", "email"]).map(str::to_string),
                         author_login: s(c, &["author", "username"]).map(str::to_string),
+                        timestamp: s(c, &["timestamp"])
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .map(|t| t.with_timezone(&chrono::Utc)),
                     })
                 })
                 .take(MAX_PUSH_COMMITS)
