@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod invoke;
 pub mod links;
+pub mod metrics;
 pub mod ops;
 pub mod policy;
 pub mod steps;
@@ -269,6 +270,7 @@ async fn bus_fn(
             let parked = Parked { reason: e.park_reason().to_string(), description: e.detail().to_string(), ..parked };
             match state.publisher.park(&parked).await {
                 Ok(()) => {
+                    metrics::dead_letter(name, &parked.reason);
                     tracing::warn!(function = name, message_id, reason = parked.reason, error = %e, "message parked");
                     Invocation::default()
                         .log(format!("{name} {message_id}: parked ({}): {}", parked.reason, parked.description))

@@ -1,10 +1,12 @@
-//! Telemetry: logs always (stdout, errors on stderr, as the Functions host reads them); spans to an
-//! OTLP/HTTP collector when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` settings are present, and to Application Insights when
-//! `APPLICATIONINSIGHTS_CONNECTION_STRING` is (its cloud role is `deploychain.<service.name>`). The role name is
-//! `service.namespace` = `deploychain` with `service.name` (`OTEL_SERVICE_NAME`, default `handler`).
-//! Spans are exported in batches off the request path (an invocation never waits for export) and
-//! flushed when the handler stops.
+//! Telemetry: logs always (stdout, errors on stderr, as the Functions host reads them); spans and
+//! metrics ([`crate::metrics`]) to an OTLP/HTTP collector when the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `_TRACES_ENDPOINT` / `_METRICS_ENDPOINT`) settings are
+//! present, and to Application Insights when `APPLICATIONINSIGHTS_CONNECTION_STRING` is (requests
+//! and dependencies, and `customMetrics`). The cloud role is `service.namespace` = `deploychain`
+//! with `service.name` (`OTEL_SERVICE_NAME`, default `handler`): `deploychain.handler`.
+//! Spans are exported in batches and metrics every `OTEL_METRIC_EXPORT_INTERVAL` (default 60 s),
+//! off the request path (an invocation never waits for export), and both are flushed when the
+//! handler stops.
 //!
 //! One span per invocation, named after the function, continues the release's trace from the
 //! event's `traceparent`, and the events a step publishes carry that span as their parent
@@ -14,18 +16,27 @@
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::collections::HashMap;
 
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
-/// Whether spans are exported (an OTLP endpoint is configured).
-pub fn otlp_configured() -> bool {
-    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()))
+fn set(k: &str) -> bool {
+    std::env::var(k).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// Whether spans go to an OTLP endpoint.
+pub fn otlp_traces() -> bool {
+    set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+}
+
+/// Whether metrics go to an OTLP endpoint.
+pub fn otlp_metrics() -> bool {
+    set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 }
 
 /// The Application Insights connection string, when set.
@@ -36,13 +47,24 @@ fn app_insights_connection_string() -> Option<String> {
 /// The exporter that sends Application Insights envelopes (`{IngestionEndpoint}/v2/track`). The
 /// crate insists on https; a plain-http ingestion endpoint (a local receiver) is set directly.
 fn app_insights_exporter(cs: &str) -> anyhow::Result<opentelemetry_application_insights::Exporter<reqwest_013::Client>> {
+    app_insights_exporter_with(cs, reqwest_013::Client::new())
+}
+
+/// The metric exporter: the same envelopes, sent with a blocking client from the reader's thread.
+fn app_insights_metric_exporter(cs: &str) -> anyhow::Result<opentelemetry_application_insights::Exporter<reqwest_013::blocking::Client>> {
+    app_insights_exporter_with(cs, reqwest_013::blocking::Client::new())
+}
+
+fn app_insights_exporter_with<C: opentelemetry_http::HttpClient + 'static>(
+    cs: &str,
+    client: C,
+) -> anyhow::Result<opentelemetry_application_insights::Exporter<C>> {
     let field = |name: &str| {
         cs.split(';')
             .filter_map(|kv| kv.split_once('='))
             .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
             .map(|(_, v)| v.trim().to_string())
     };
-    let client = reqwest_013::Client::new();
     match (field("InstrumentationKey"), field("IngestionEndpoint")) {
         (Some(ikey), Some(ep)) if ep.starts_with("http://") => {
             #[allow(deprecated)]
@@ -66,8 +88,8 @@ pub fn init() -> anyhow::Result<Telemetry> {
         .with_ansi(false)
         .init();
     let app_insights = app_insights_connection_string();
-    if !otlp_configured() && app_insights.is_none() {
-        return Ok(Telemetry { provider: None });
+    if !otlp_traces() && !otlp_metrics() && app_insights.is_none() {
+        return Ok(Telemetry { provider: None, meters: None });
     }
     let name = std::env::var("OTEL_SERVICE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "handler".into());
     let instance = std::env::var("WEBSITE_INSTANCE_ID").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "local".into());
@@ -77,8 +99,11 @@ pub fn init() -> anyhow::Result<Telemetry> {
         .with_attribute(KeyValue::new("service.instance.id", instance))
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
         .build();
-    let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if otlp_configured() {
+    // Built first: a bad connection string stops the handler before anything is exported.
+    let app_insights = app_insights.map(|cs| app_insights_exporter(&cs).map(|e| (cs, e))).transpose()?;
+
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.clone());
+    if otlp_traces() {
         // The exporter reads the OTEL_EXPORTER_OTLP_* settings itself (endpoint, headers, timeout).
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -88,28 +113,51 @@ pub fn init() -> anyhow::Result<Telemetry> {
         builder = builder.with_batch_exporter(exporter);
         tracing::info!("spans are exported over OTLP/HTTP");
     }
-    if let Some(cs) = app_insights {
+    let mut meters = SdkMeterProvider::builder().with_resource(resource);
+    if otlp_metrics() {
+        // Cumulative temporality (the OTLP default); the interval is OTEL_METRIC_EXPORT_INTERVAL.
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()
+            .map_err(|e| anyhow::anyhow!("OTLP metric exporter: {e}"))?;
+        meters = meters.with_reader(PeriodicReader::builder(exporter).build());
+        tracing::info!("metrics are exported over OTLP/HTTP");
+    }
+    if let Some((cs, exporter)) = app_insights {
         // Its retries sleep on the async runtime, so it runs on the tokio batch processor.
         use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-        let exporter = app_insights_exporter(&cs)?;
         builder = builder.with_span_processor(BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build());
-        tracing::info!("spans are exported to Application Insights");
+        // Metrics (delta temporality, as Application Insights wants) on the periodic reader's own
+        // thread, with a blocking client made off the runtime (it owns one inside).
+        let metric_exporter = std::thread::spawn(move || app_insights_metric_exporter(&cs))
+            .join()
+            .map_err(|_| anyhow::anyhow!("APPLICATIONINSIGHTS_CONNECTION_STRING: the metric exporter could not be built"))??;
+        meters = meters.with_reader(PeriodicReader::builder(metric_exporter).build());
+        tracing::info!("spans and metrics are exported to Application Insights");
     }
     let provider = builder.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-    Ok(Telemetry { provider: Some(provider) })
+    let meters = meters.build();
+    opentelemetry::global::set_meter_provider(meters.clone());
+    Ok(Telemetry { provider: Some(provider), meters: Some(meters) })
 }
 
 impl Telemetry {
     /// Flush what is buffered (off the async workers: the SDK blocks).
     pub async fn shutdown(self) {
-        if let Some(p) = self.provider {
-            let _ = tokio::task::spawn_blocking(move || {
+        let (spans, meters) = (self.provider, self.meters);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(p) = spans {
                 let _ = p.force_flush();
                 let _ = p.shutdown();
-            })
-            .await;
-        }
+            }
+            if let Some(m) = meters {
+                let _ = m.force_flush();
+                let _ = m.shutdown();
+            }
+        })
+        .await;
     }
 }
 
@@ -169,6 +217,9 @@ pub async fn invocation<T, F>(
 where
     F: std::future::Future<Output = crate::error::Result<T>>,
 {
+    let trigger =
+        attributes.iter().find(|kv| kv.key.as_str() == "faas.trigger").map(|kv| kv.value.as_str().into_owned()).unwrap_or_default();
+    let started = std::time::Instant::now();
     let tracer = opentelemetry::global::tracer_provider().tracer("deploychain");
     let parent = parent(traceparent.as_deref(), None);
     let span = tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(&tracer, &parent);
@@ -183,6 +234,12 @@ where
         }
     }
     span.end();
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) if e.is_transient() => "transient",
+        Err(_) => "permanent",
+    };
+    crate::metrics::step_duration(name, &trigger, outcome, started.elapsed().as_secs_f64());
     result
 }
 

@@ -990,51 +990,109 @@ struct Received {
     resource: std::collections::BTreeMap<String, String>,
 }
 
-/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) that keeps every span it gets.
-async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+/// One metric data point as the OTLP receiver decoded it: a sum's value, or a histogram's count
+/// and sum.
+#[derive(Debug, Clone)]
+struct Point {
+    name: String,
+    attributes: std::collections::BTreeMap<String, String>,
+    value: f64,
+    count: u64,
+    time: u64,
+}
+
+type Keep<T> = std::sync::Arc<std::sync::Mutex<Vec<T>>>;
+
+fn any_text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(V::StringValue(s)) => s.clone(),
+        Some(V::IntValue(i)) => i.to_string(),
+        Some(V::BoolValue(b)) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn attrs_of(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> std::collections::BTreeMap<String, String> {
+    kvs.iter().map(|kv| (kv.key.clone(), any_text(&kv.value))).collect()
+}
+
+/// An OTLP/HTTP receiver (`POST /v1/traces` and `/v1/metrics`, protobuf) that keeps every span and
+/// metric data point it gets.
+async fn otlp_receiver() -> (String, Keep<Received>, Keep<Point>) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value as N};
     use prost::Message;
-    let got: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
-    let keep = got.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let keep = keep.clone();
-            async move {
-                let req = ExportTraceServiceRequest::decode(body).unwrap();
-                let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| {
-                    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
-                    match v.as_ref().and_then(|v| v.value.as_ref()) {
-                        Some(V::StringValue(s)) => s.clone(),
-                        Some(V::IntValue(i)) => i.to_string(),
-                        Some(V::BoolValue(b)) => b.to_string(),
-                        other => format!("{other:?}"),
-                    }
-                };
-                for rs in req.resource_spans {
-                    let resource: std::collections::BTreeMap<String, String> =
-                        rs.resource.iter().flat_map(|r| r.attributes.iter()).map(|kv| (kv.key.clone(), text(&kv.value))).collect();
-                    for ss in rs.scope_spans {
-                        for sp in ss.spans {
-                            keep.lock().unwrap().push(Received {
-                                name: sp.name.clone(),
-                                trace: hex_of(&sp.trace_id),
-                                span: hex_of(&sp.span_id),
-                                parent: hex_of(&sp.parent_span_id),
-                                attributes: sp.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect(),
-                                resource: resource.clone(),
-                            });
+    let got: Keep<Received> = Default::default();
+    let points: Keep<Point> = Default::default();
+    let (keep, keep_points) = (got.clone(), points.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let keep = keep.clone();
+                async move {
+                    let req = ExportTraceServiceRequest::decode(body).unwrap();
+                    for rs in req.resource_spans {
+                        let resource = rs.resource.as_ref().map(|r| attrs_of(&r.attributes)).unwrap_or_default();
+                        for ss in rs.scope_spans {
+                            for sp in ss.spans {
+                                keep.lock().unwrap().push(Received {
+                                    name: sp.name.clone(),
+                                    trace: hex_of(&sp.trace_id),
+                                    span: hex_of(&sp.span_id),
+                                    parent: hex_of(&sp.parent_span_id),
+                                    attributes: attrs_of(&sp.attributes),
+                                    resource: resource.clone(),
+                                });
+                            }
                         }
                     }
+                    axum::http::StatusCode::OK
                 }
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/v1/metrics",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let keep = keep_points.clone();
+                async move {
+                    let req = ExportMetricsServiceRequest::decode(body).unwrap();
+                    let mut got = keep.lock().unwrap();
+                    for rm in req.resource_metrics {
+                        for sm in rm.scope_metrics {
+                            for m in sm.metrics {
+                                let point = |attributes, value, count, time| Point { name: m.name.clone(), attributes, value, count, time };
+                                match &m.data {
+                                    Some(Data::Sum(sum)) => {
+                                        for p in &sum.data_points {
+                                            let v = match p.value {
+                                                Some(N::AsInt(i)) => i as f64,
+                                                Some(N::AsDouble(d)) => d,
+                                                None => f64::NAN,
+                                            };
+                                            got.push(point(attrs_of(&p.attributes), v, 0, p.time_unix_nano));
+                                        }
+                                    }
+                                    Some(Data::Histogram(h)) => {
+                                        for p in &h.data_points {
+                                            got.push(point(attrs_of(&p.attributes), p.sum.unwrap_or(f64::NAN), p.count, p.time_unix_nano));
+                                        }
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    (base, got)
+    (base, got, points)
 }
 
 fn hex_of(b: &[u8]) -> String {
@@ -1043,7 +1101,7 @@ fn hex_of(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_in_order() {
-    let (collector, spans) = otlp_receiver().await;
+    let (collector, spans, _) = otlp_receiver().await;
     let mut opts = options("telemetry");
     opts.extra_settings = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector),
@@ -1159,6 +1217,7 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     opts.extra_settings = vec![
         ("APPLICATIONINSIGHTS_CONNECTION_STRING".into(), format!("InstrumentationKey={ikey};IngestionEndpoint={ingestion}")),
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ("OTEL_METRIC_EXPORT_INTERVAL".into(), "200".into()),
     ];
     let stack = Stack::start(opts).await.unwrap();
     let mut rx = stack.progress.subscribe();
@@ -1204,6 +1263,35 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     let webhook = all.iter().find(|e| name(e) == "github_webhook" && e["data"]["baseData"]["id"] == parent("on_push").as_str());
     assert!(webhook.is_some(), "the push webhook's request is the operation's root");
     assert_eq!(webhook.unwrap()["data"]["baseData"]["responseCode"], "202", "{webhook:#?}");
+    // The delivery metrics are customMetrics under the same role: one production deployment,
+    // succeeded (Application Insights takes deltas, so the envelopes add up to it).
+    let production = |all: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        all.iter()
+            .filter(|e| e["name"] == "Microsoft.ApplicationInsights.Metric")
+            .filter(|e| e["data"]["baseData"]["metrics"][0]["name"] == "deploychain.deployments")
+            .filter(|e| e["data"]["baseData"]["properties"]["deployment.environment.name"] == "production")
+            .cloned()
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while production(&envelopes.lock().unwrap()).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no deployment metric: {:#?}", envelopes.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few more export intervals: later deltas must not add to it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let all = envelopes.lock().unwrap().clone();
+    let deployments = production(&all);
+    let total: f64 = deployments.iter().map(|e| e["data"]["baseData"]["metrics"][0]["value"].as_f64().unwrap()).sum();
+    assert_eq!(total, 1.0, "{deployments:#?}");
+    for e in &deployments {
+        assert_eq!(e["tags"]["ai.cloud.role"], "deploychain.handler", "{e:#}");
+        assert_eq!(e["iKey"], ikey);
+        assert_eq!(e["data"]["baseData"]["properties"]["deployment.status"], "succeeded", "{e:#}");
+        assert_eq!(e["data"]["baseData"]["properties"]["cicd.pipeline.name"], "web", "{e:#}");
+    }
+    let lead = all.iter().find(|e| e["data"]["baseData"]["metrics"][0]["name"] == "deploychain.lead_time");
+    assert!(lead.is_some_and(|e| e["data"]["baseData"]["metrics"][0]["count"] == 1), "the lead time is an aggregated metric: {lead:#?}");
     // No secret in any envelope.
     let text = serde_json::to_string(&all).unwrap();
     for s in [
@@ -1215,5 +1303,152 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     ] {
         assert!(!text.contains(s.as_str()), "a secret reached Application Insights");
     }
+    stack.stop().await;
+}
+
+/// The latest value of each (metric, attributes) series the receiver got (the OTLP exporter sends
+/// cumulative totals), for the series whose attributes include every pair of `with`.
+fn latest(points: &[Point], name: &str, with: &[(&str, &str)]) -> Vec<Point> {
+    let mut last: std::collections::BTreeMap<String, Point> = Default::default();
+    for p in points.iter().filter(|p| p.name == name && with.iter().all(|(k, v)| p.attributes.get(*k).map(String::as_str) == Some(*v))) {
+        let key = format!("{:?}", p.attributes);
+        if last.get(&key).is_none_or(|q| q.time <= p.time) {
+            last.insert(key, p.clone());
+        }
+    }
+    last.into_values().collect()
+}
+
+/// Push a commit that was authored `age` ago.
+async fn push_authored(stack: &Stack, age: chrono::Duration) -> String {
+    let mut body: Value = serde_json::from_slice(&client::sample_push(&repo().join("policy.toml"), None, None).unwrap()).unwrap();
+    body["commits"][0]["timestamp"] = (chrono::Utc::now() - age).to_rfc3339().into();
+    let body = serde_json::to_vec(&body).unwrap();
+    let (status, text) = client::send_github(&base(stack), &stack.secrets, "push", &body).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
+}
+
+/// Push, approve production, and wait for the run to end `status`.
+async fn release(stack: &Stack, age: chrono::Duration, status: &str) -> String {
+    let mut rx = stack.progress.subscribe();
+    let run = push_authored(stack, age).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    client::decide(&link, "approve", None).await.unwrap();
+    wait_status(stack, &run, status).await;
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_metrics_are_right_for_a_failure_a_rollback_and_a_success_in_production() {
+    use deploychain::arm::{Fault, FaultAction};
+    let (collector, _, points) = otlp_receiver().await;
+    let mut opts = options("dora");
+    opts.extra_settings = vec![
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT".into(), format!("{collector}/v1/metrics")),
+        ("OTEL_METRIC_EXPORT_INTERVAL".into(), "200".into()),
+    ];
+    // Production refuses the first release's model update (it fails and stays failed), and the
+    // second's rolling upgrade fails (it is rolled back); the third goes through.
+    opts.arm.faults = vec![
+        Fault::error("PATCH", "/web-prod", 403, "AuthorizationFailed", "the client may not write web-prod"),
+        Fault::new(
+            "PATCH",
+            "/web-prod",
+            FaultAction::FailOperation(serde_json::json!({ "code": "OSProvisioningTimedOut", "message": "the instances did not start" })),
+        ),
+    ];
+    let stack = Stack::start(opts).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let hour = chrono::Duration::hours(1);
+
+    let failed = release(&stack, hour, "failed").await;
+    let failure_seen = tokio::time::Instant::now();
+    assert!(run_json(&stack, &failed).await.to_string().contains("deployment to production failed"));
+    let rolled_back = release(&stack, hour, "failed").await;
+    assert!(run_json(&stack, &rolled_back).await.to_string().contains("deployment to production rolled back"));
+    let mut rx = stack.progress.subscribe();
+    let run = push_authored(&stack, chrono::Duration::hours(2)).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    let approving = tokio::time::Instant::now();
+    client::decide(&link, "approve", None).await.unwrap();
+    wait_status(&stack, &run, "succeeded").await;
+    let succeeded_seen = tokio::time::Instant::now();
+    send_poison(&stack, "dora-poison", b"{\"not\": \"an event\"}").await;
+    wait_parked(&stack).await;
+
+    // Wait (bounded) until the exports have caught up with the last facts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let got = points.lock().unwrap().clone();
+        let prod_ok =
+            latest(&got, "deploychain.deployments", &[("deployment.environment.name", "production"), ("deployment.status", "succeeded")]);
+        let dead = latest(&got, "deploychain.dead_letters", &[]);
+        if prod_ok.first().is_some_and(|p| p.value == 1.0) && dead.first().is_some_and(|p| p.value == 1.0) {
+            break got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "metrics so far: {:#?}", latest(&got, "deploychain.deployments", &[]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Deployment frequency and change failure rate: three production deployments, two failed.
+    let deployments = |stage: &str, status: &str| {
+        let p = latest(&got, "deploychain.deployments", &[("deployment.environment.name", stage), ("deployment.status", status)]);
+        assert!(p.len() <= 1, "{p:#?}");
+        p.first().map(|p| p.value).unwrap_or(0.0)
+    };
+    assert_eq!(deployments("production", "succeeded"), 1.0);
+    assert_eq!(deployments("production", "failed"), 1.0);
+    assert_eq!(deployments("production", "rolled_back"), 1.0);
+    assert_eq!(deployments("staging", "succeeded"), 3.0);
+    assert_eq!(deployments("staging", "failed") + deployments("staging", "rolled_back"), 0.0);
+    let prod = latest(&got, "deploychain.deployments", &[("deployment.environment.name", "production")]);
+    assert!(prod.iter().all(|p| p.attributes.get("deploychain.stage.final").map(String::as_str) == Some("true")), "{prod:#?}");
+    assert!(prod.iter().all(|p| p.attributes.get("cicd.pipeline.name").map(String::as_str) == Some("web")), "{prod:#?}");
+    let failures: f64 = prod.iter().filter(|p| p.attributes["deployment.status"] != "succeeded").map(|p| p.value).sum();
+    let total: f64 = prod.iter().map(|p| p.value).sum();
+    assert!((failures / total - 2.0 / 3.0).abs() < 1e-9, "change failure rate {failures}/{total}");
+
+    // Lead time: only the release that reached production, from its commit two hours ago.
+    let lead = latest(&got, "deploychain.lead_time", &[]);
+    assert_eq!(lead.len(), 1, "{lead:#?}");
+    assert_eq!(lead[0].count, 1);
+    assert_eq!(lead[0].attributes.get("deploychain.lead_time.from").map(String::as_str), Some("commit"));
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(lead[0].value >= 7200.0 && lead[0].value <= 7200.0 + elapsed + 1.0, "lead time {}", lead[0].value);
+
+    // Time to restore: production failed with the first release and stayed failed through the
+    // rolled-back second (a rollback restores what ran before: the failed state); the third
+    // release restored it.
+    let recovery = latest(&got, "deploychain.recovery_time", &[]);
+    assert_eq!(recovery.len(), 1, "one recovery, by redeploying: {recovery:#?}");
+    assert_eq!(recovery[0].count, 1);
+    assert_eq!(recovery[0].attributes.get("deploychain.recovery").map(String::as_str), Some("redeploy"));
+    assert_eq!(recovery[0].attributes.get("deployment.environment.name").map(String::as_str), Some("production"));
+    let (low, high) = ((approving - failure_seen).as_secs_f64(), (succeeded_seen - started).as_secs_f64());
+    assert!(recovery[0].value >= low && recovery[0].value <= high, "recovery {} not within [{low}, {high}]", recovery[0].value);
+
+    // Approval wait: three production approvals, each decided.
+    let waits = latest(&got, "deploychain.approval.wait", &[("deployment.environment.name", "production")]);
+    assert_eq!(waits.iter().map(|p| p.count).sum::<u64>(), 3, "{waits:#?}");
+    assert!(waits.iter().all(|p| p.attributes["deploychain.approval.decision"] == "approved" && p.value >= 0.0 && p.value <= elapsed));
+
+    // Step duration for every step function, and the one parked message.
+    for f in ["on_push", "on_build_completed", "on_image_ready", "on_approval", "github_webhook", "approval"] {
+        let d = latest(&got, "deploychain.step.duration", &[("faas.name", f)]);
+        assert!(d.iter().map(|p| p.count).sum::<u64>() >= 3, "{f}: {d:#?}");
+    }
+    let ok = latest(&got, "deploychain.step.duration", &[("faas.name", "on_approval"), ("deploychain.outcome", "ok")]);
+    assert_eq!(ok.iter().map(|p| p.count).sum::<u64>(), 3, "each promotion once: {ok:#?}");
+    let dead = latest(&got, "deploychain.dead_letters", &[]);
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].attributes.get("faas.name").map(String::as_str), Some("on_push"));
+    assert_eq!(dead[0].attributes.get("deploychain.dead_letter.reason").map(String::as_str), Some("MalformedEvent"));
     stack.stop().await;
 }

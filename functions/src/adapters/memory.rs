@@ -61,6 +61,7 @@ struct StoreState {
     steps: HashMap<(String, String), StepRecord>,
     approvals: HashMap<String, ApprovalRecord>,
     sequences: HashMap<String, i64>,
+    stage_failures: HashMap<(String, String), StageFailure>,
 }
 
 /// A `Store` with the same semantics as the SQLite one, for tests.
@@ -88,6 +89,15 @@ impl Store for MemoryStore {
         }
         let run = st.runs.get_mut(&c.run_id).ok_or_else(|| Error::NotFound(format!("run `{}`", c.run_id)))?;
         apply(run, c);
+        match &c.stage_health {
+            Some(StageHealth::Failed(f)) => {
+                st.stage_failures.entry((f.app.clone(), f.stage.clone())).or_insert_with(|| f.clone());
+            }
+            Some(StageHealth::Recovered { app, stage }) => {
+                st.stage_failures.remove(&(app.clone(), stage.clone()));
+            }
+            None => {}
+        }
         st.steps.insert(key, StepRecord { outbox: c.outbox.clone(), published: false });
         Ok(true)
     }
@@ -150,6 +160,9 @@ impl Store for MemoryStore {
     async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>> {
         let st = lock(&self.state);
         Ok(st.approvals.values().filter(|a| a.app == app && a.stage == stage && a.why_closed().is_none()).cloned().collect())
+    }
+    async fn stage_failure(&self, app: &str, stage: &str) -> Result<Option<StageFailure>> {
+        Ok(lock(&self.state).stage_failures.get(&(app.to_string(), stage.to_string())).cloned())
     }
 }
 

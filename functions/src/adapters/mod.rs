@@ -202,6 +202,28 @@ pub struct StepCommit {
     pub image: Option<ImageRef>,
     pub stage: Option<String>,
     pub outbox: Vec<Outbound>,
+    /// A deployment that left its stage failed, or one that recovered it.
+    pub stage_health: Option<StageHealth>,
+}
+
+/// A stage whose last deployment failed and was not rolled back: it is unrecovered since `since`
+/// (the first such failure), until a deployment to it succeeds. Its recovery time is a DORA metric.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageFailure {
+    pub app: String,
+    pub stage: String,
+    pub since: DateTime<Utc>,
+    /// The run whose deployment failed first.
+    pub run_id: String,
+}
+
+/// What a step's deployment did to its stage's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageHealth {
+    /// The stage is failed; an earlier unrecovered failure keeps its time.
+    Failed(StageFailure),
+    /// A deployment to the stage succeeded: it is no longer failed.
+    Recovered { app: String, stage: String },
 }
 
 impl StepCommit {
@@ -225,6 +247,7 @@ impl StepCommit {
             image: None,
             stage: None,
             outbox,
+            stage_health: None,
         }
     }
 }
@@ -466,6 +489,8 @@ pub trait Store: Send + Sync {
     async fn update_approval(&self, id: &str, u: &ApprovalUpdate) -> Result<(ApprovalRecord, bool)>;
     /// The approvals of `app`'s `stage` that are still open (neither decided nor closed).
     async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>>;
+    /// The stage's unrecovered failure, if its last deployment failed (committed with a step).
+    async fn stage_failure(&self, app: &str, stage: &str) -> Result<Option<StageFailure>>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

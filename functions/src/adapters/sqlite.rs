@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS sequences (
   app TEXT PRIMARY KEY,
   last INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stage_failures (
+  app TEXT NOT NULL,
+  stage TEXT NOT NULL,
+  doc TEXT NOT NULL,
+  PRIMARY KEY (app, stage)
+);
 ";
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -159,6 +165,19 @@ impl Store for SqliteStore {
             .map_err(db_err)?;
             tx.execute("INSERT INTO steps(run_id, key, outbox) VALUES (?1, ?2, ?3)", params![c.run_id, c.key, to_json(&c.outbox)?])
                 .map_err(db_err)?;
+            match &c.stage_health {
+                // The first unrecovered failure keeps its time.
+                Some(StageHealth::Failed(f)) => tx
+                    .execute(
+                        "INSERT INTO stage_failures(app, stage, doc) VALUES (?1, ?2, ?3) ON CONFLICT(app, stage) DO NOTHING",
+                        params![f.app, f.stage, to_json(f)?],
+                    )
+                    .map_err(db_err)?,
+                Some(StageHealth::Recovered { app, stage }) => {
+                    tx.execute("DELETE FROM stage_failures WHERE app = ?1 AND stage = ?2", params![app, stage]).map_err(db_err)?
+                }
+                None => 0,
+            };
             tx.commit().map_err(db_err)?;
             Ok(true)
         })
@@ -279,6 +298,18 @@ impl Store for SqliteStore {
                 .map_err(db_err)?;
             let all: Vec<ApprovalRecord> = docs.iter().map(|d| from_json(d)).collect::<Result<_>>()?;
             Ok(all.into_iter().filter(|a| a.app == app && a.stage == stage && a.why_closed().is_none()).collect())
+        })
+        .await
+    }
+
+    async fn stage_failure(&self, app: &str, stage: &str) -> Result<Option<StageFailure>> {
+        let (app, stage) = (app.to_string(), stage.to_string());
+        self.with(move |c| {
+            let doc: Option<String> = c
+                .query_row("SELECT doc FROM stage_failures WHERE app = ?1 AND stage = ?2", params![app, stage], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            doc.map(|d| from_json(&d)).transpose()
         })
         .await
     }

@@ -22,7 +22,7 @@ pub mod watchdog;
 use crate::AppState;
 use crate::adapters::{
     ApprovalNotice, ApprovalRecord, ApprovalUpdate, AuditEntry, Closed, DeployOutcome, DeployRequest, Evidence, Excluded, NoticeKind,
-    Outbound, Run, RunStatus, StageEvidence, StepCommit, StepEntry,
+    Outbound, Run, RunStatus, StageEvidence, StageFailure, StageHealth, StepCommit, StepEntry,
 };
 use crate::error::{Error, Result};
 use crate::policy::{App, Approval, Policy};
@@ -69,10 +69,13 @@ where
         state.store.mark_published(run_id, key).await?;
         return Ok(StepDone::Republished);
     }
-    let Some(commit) = work().await? else {
+    // The measures the step notes count once: only if its commit is the one that lands.
+    let (work, measures) = crate::metrics::gather(work()).await;
+    let Some(commit) = work? else {
         return Ok(StepDone::Ignored("nothing to change".into()));
     };
     let outbox = if state.store.commit_step(&commit).await? {
+        crate::metrics::record(measures);
         // With spans recorded, the run remembers its latest step's span for the edges to continue.
         if let Some(tp) = crate::telemetry::current_traceparent() {
             let run_trace =
@@ -209,6 +212,7 @@ pub struct Deployed {
     pub outbox: Vec<Outbound>,
     pub status: RunStatus,
     pub waiting_for: Option<String>,
+    pub stage_health: Option<StageHealth>,
 }
 
 /// Deploy `image` to stage `idx` of `app` for `run`, and decide what comes next.
@@ -232,6 +236,7 @@ pub async fn deploy_stage(
         reason,
         restored,
     };
+    let started_at = Utc::now();
     let mut outbox = Vec::new();
     let mut entries = vec![entry(key, format!("deploying to {}", stage.name), Some(format!("{} → {}", image.id, stage.target)))];
     let started =
@@ -275,11 +280,12 @@ pub async fn deploy_stage(
         );
     };
 
+    let stage_health = settle_stage_health(state, run, app, idx, &outcome, started_at).await?;
     match outcome {
         DeployOutcome::Stale { reason } => {
             let reason = format!("not deployed to {}: {reason}", stage.name);
             finish(&mut outbox, &mut entries, RunOutcome::Superseded, reason);
-            Ok(Deployed { entries, outbox, status: RunStatus::Superseded, waiting_for: None })
+            Ok(Deployed { entries, outbox, status: RunStatus::Superseded, waiting_for: None, stage_health: None })
         }
         DeployOutcome::Failed { reason } => {
             outbox.push(
@@ -294,7 +300,7 @@ pub async fn deploy_stage(
             );
             entries.push(entry(key, format!("deployment to {} failed", stage.name), Some(reason.clone())));
             finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} failed: {reason}", stage.name));
-            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None })
+            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None, stage_health })
         }
         DeployOutcome::RolledBack { reason, restored } => {
             outbox.push(
@@ -310,7 +316,7 @@ pub async fn deploy_stage(
             let back_to = restored.map(|r| r.id).unwrap_or_else(|| "its previous state".into());
             entries.push(entry(key, format!("deployment to {} rolled back", stage.name), Some(format!("{reason}; restored {back_to}"))));
             finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} rolled back: {reason}", stage.name));
-            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None })
+            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None, stage_health })
         }
         DeployOutcome::Succeeded => {
             outbox.push(
@@ -326,7 +332,7 @@ pub async fn deploy_stage(
             entries.push(entry(key, format!("deployed to {}", stage.name), Some(image.id.clone())));
             let Some(next) = app.stages.get(idx + 1) else {
                 finish(&mut outbox, &mut entries, RunOutcome::Succeeded, format!("deployed to {}", stage.name));
-                return Ok(Deployed { entries, outbox, status: RunStatus::Succeeded, waiting_for: None });
+                return Ok(Deployed { entries, outbox, status: RunStatus::Succeeded, waiting_for: None, stage_health });
             };
             let approval_id = format!("{}.{}", run.id, next.name);
             match &next.approval {
@@ -351,7 +357,13 @@ pub async fn deploy_stage(
                         .1,
                     );
                     entries.push(entry(key, format!("promotion to {} approved by policy", next.name), None));
-                    Ok(Deployed { entries, outbox, status: RunStatus::Running, waiting_for: Some(format!("deployment to {}", next.name)) })
+                    Ok(Deployed {
+                        entries,
+                        outbox,
+                        status: RunStatus::Running,
+                        waiting_for: Some(format!("deployment to {}", next.name)),
+                        stage_health,
+                    })
                 }
                 Some(policy) => {
                     let expires_at = Utc::now() + chrono::Duration::from_std(policy.expiry()).unwrap_or(chrono::Duration::hours(24));
@@ -420,11 +432,65 @@ pub async fn deploy_stage(
                     outbox.extend(approval_timers(state, &rr, &record, policy, function));
                     let waiting = waiting_for_approval(&record);
                     entries.push(entry(key, format!("approval of {} requested", next.name), Some(waiting.clone())));
-                    Ok(Deployed { entries, outbox, status: RunStatus::Waiting, waiting_for: Some(waiting) })
+                    Ok(Deployed { entries, outbox, status: RunStatus::Waiting, waiting_for: Some(waiting), stage_health })
                 }
             }
         }
     }
+}
+
+/// What a deployment's outcome does to its stage's health, noting the DORA measures it settles
+/// (they count when the step commits): the deployment and its status; the lead time when the last
+/// stage got the release; the recovery time when the stage is healthy again after a failure.
+async fn settle_stage_health(
+    state: &AppState,
+    run: &Run,
+    app: &App,
+    idx: usize,
+    outcome: &DeployOutcome,
+    started_at: DateTime<Utc>,
+) -> Result<Option<StageHealth>> {
+    use crate::metrics::{DeploymentStatus, Measure, Recovery, note, seconds_between};
+    let stage = &app.stages[idx];
+    let last_stage = idx + 1 == app.stages.len();
+    let status = match outcome {
+        DeployOutcome::Stale { .. } => return Ok(None),
+        DeployOutcome::Succeeded => DeploymentStatus::Succeeded,
+        DeployOutcome::Failed { .. } => DeploymentStatus::Failed,
+        DeployOutcome::RolledBack { .. } => DeploymentStatus::RolledBack,
+    };
+    let (app_name, stage_name) = (app.name.clone(), stage.name.clone());
+    note(Measure::Deployment { app: app_name.clone(), stage: stage_name.clone(), last_stage, status });
+    // Deploys to one stage are serialized (sessions), so what is read here is still true at commit.
+    let failed_before = state.store.stage_failure(&app.name, &stage.name).await?;
+    let now = Utc::now();
+    let recovery = |seconds, how| Measure::Recovery { app: app_name.clone(), stage: stage_name.clone(), last_stage, seconds, how };
+    Ok(match (status, failed_before) {
+        (DeploymentStatus::Succeeded, failed) => {
+            if last_stage {
+                let (from, kind) = crate::metrics::lead_time_start(run);
+                note(Measure::LeadTime {
+                    app: app_name.clone(),
+                    stage: stage_name.clone(),
+                    seconds: seconds_between(from, now),
+                    from: kind,
+                });
+            }
+            failed.map(|f| {
+                note(recovery(seconds_between(f.since, now), Recovery::Redeploy));
+                StageHealth::Recovered { app: app_name.clone(), stage: stage_name.clone() }
+            })
+        }
+        // Rolled back to what ran before: healthy again, unless it was failed already.
+        (DeploymentStatus::RolledBack, None) => {
+            note(recovery(seconds_between(started_at, now), Recovery::Rollback));
+            None
+        }
+        (DeploymentStatus::RolledBack, Some(_)) => None,
+        (DeploymentStatus::Failed, _) => {
+            Some(StageHealth::Failed(StageFailure { app: app_name.clone(), stage: stage_name.clone(), since: now, run_id: run.id.clone() }))
+        }
+    })
 }
 
 /// A check as approvers read it: `GET http://web-staging.internal/healthz → 200` (no query: it may
@@ -618,6 +684,7 @@ pub fn finish_run(
         image: None,
         stage,
         outbox: vec![out],
+        stage_health: None,
     }
 }
 
@@ -633,6 +700,7 @@ pub fn commit(run: &Run, key: &str, d: Deployed, image: Option<ImageRef>, stage:
         image,
         stage,
         outbox: d.outbox,
+        stage_health: d.stage_health,
     }
 }
 

@@ -37,6 +37,7 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
     }
     // A human decision must match the approval record the votes made; a policy decision needs a
     // stage without an approval rule.
+    let mut wait = None;
     if decided.decided_by == ["policy"] {
         if stage.approval.is_some() {
             return Err(Error::Refused(format!("stage `{}` needs approval by people; a policy decision cannot promote it", stage.name)));
@@ -50,9 +51,20 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
         if record.outcome() != Some(decided.decision) || record.run_id != run.id || record.stage != stage.name {
             return Err(Error::Refused(format!("approval `{}` does not record this decision", decided.approval_id)));
         }
+        // From the request to the decision this event reports (the quorum's last vote, or a timeout).
+        let requested = record.audit.iter().find(|a| a.what == "requested").map(|a| a.at).unwrap_or(record.expires_at);
+        wait = Some(crate::metrics::Measure::ApprovalWait {
+            app: app.name.clone(),
+            stage: stage.name.clone(),
+            decision: decision_word(decided.decision).into(),
+            seconds: crate::metrics::seconds_between(requested, ev.time),
+        });
     }
     let key = format!("promote.{}", stage.name);
     let done = run_step(&state, &run.id, &key, || async {
+        if let Some(w) = wait {
+            crate::metrics::note(w);
+        }
         let by = decided.decided_by.join(", ");
         if decided.decision == Decision::Rejected {
             let comment = decided.comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
@@ -66,4 +78,11 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
     })
     .await?;
     Ok(done.describe())
+}
+
+fn decision_word(d: Decision) -> &'static str {
+    match d {
+        Decision::Approved => "approved",
+        Decision::Rejected => "rejected",
+    }
 }

@@ -100,6 +100,7 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
             image: None,
             stage: None,
             outbox: vec![out],
+            stage_health: None,
         }))
     })
     .await?;
