@@ -60,11 +60,31 @@ async fn main() -> anyhow::Result<()> {
     // The host calls http://127.0.0.1:{port}: listen on IPv4 loopback.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;
     tracing::info!(port, "deploychain handler listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    axum::serve(listener, app(state)).with_graceful_shutdown(stopping()).await?;
     telemetry.shutdown().await;
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what the Functions host and a container runtime send): stop taking
+/// invocations, finish the running ones, then flush telemetry.
+async fn stopping() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("stopping: finishing running invocations, then flushing telemetry");
 }

@@ -228,6 +228,27 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
     }
 }
 
+/// How long a stopping handler may take to finish its invocations and flush its telemetry.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`].
+async fn stop_gracefully(child: &mut Child, pid: u32) {
+    #[cfg(unix)]
+    if pid != 0
+        && std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        && tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok()
+    {
+        return;
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 /// Handler failures (exits, kills after a timeout) the host tolerates within [`ERROR_WINDOW`]
 /// (`HttpFunctionInvocationDispatcher.ErrorEventsThreshold`).
 pub const ERROR_THRESHOLD: usize = 3;
@@ -258,8 +279,7 @@ async fn supervise(
             }
             _ = stop.notified() => {
                 live_tx.send_replace(None);
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                stop_gracefully(&mut child, live.pid).await;
                 return;
             }
         };
