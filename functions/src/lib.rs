@@ -135,7 +135,10 @@ async fn http_fn(
     if let Some(route) = http.url.split('?').next().and_then(|u| url::Url::parse(u).ok()) {
         attrs.push(opentelemetry::KeyValue::new("url.path", route.path().to_string()));
     }
-    let traceparent = http.header("traceparent").map(str::to_string);
+    let mut traceparent = http.header("traceparent").map(str::to_string);
+    if name == steps::approval::NAME {
+        traceparent = steps::approval::trace_parent(&state, &http).await.or(traceparent);
+    }
     let handled = async move {
         let r = f(state, http).await;
         let code = match &r {

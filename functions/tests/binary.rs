@@ -138,3 +138,50 @@ fn the_handler_answers_readiness_and_invocations_on_its_port() {
     assert!(result.contains("content-type: application/json"), "{result}");
     assert!(result.contains("\"statusCode\":200") && result.contains("{\\\"runs\\\":[]}"), "{result}");
 }
+
+#[test]
+fn a_malformed_application_insights_connection_string_stops_start_up_without_printing_it() {
+    let dir = tempdir("appinsights");
+    for bad in
+        ["InstrumentationKey-no-equals-sign-ikey-secret-value", "IngestionEndpoint=https://ingest.example/;Authorization=ikey-secret-value"]
+    {
+        let mut env = base_env(&dir, free_port());
+        env.push(("APPLICATIONINSIGHTS_CONNECTION_STRING", bad.into()));
+        let (code, err) = run_to_exit(&env);
+        assert_ne!(code, Some(0), "{bad}");
+        assert!(err.contains("APPLICATIONINSIGHTS_CONNECTION_STRING"), "the setting is named:\n{err}");
+        assert!(!err.contains("ikey-secret-value"), "the connection string is printed:\n{err}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_the_handler_cleanly() {
+    let dir = tempdir("sigterm");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .env_clear()
+        .envs(base_env(&dir, port).iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no readiness");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "SIGTERM did not stop the handler");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "a clean stop");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.contains("stopping: finishing running invocations"), "{out}");
+}

@@ -98,8 +98,11 @@ fn notice(kind: NoticeKind) -> ApprovalNotice {
         },
         votes: vec![Vote { approver: "carol@contoso.com".into(), decision: Decision::Approved, at: chrono::Utc::now(), comment: None }],
         quorum: 2,
+        traceparent: Some(TRACEPARENT.into()),
     }
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn notifier(targets: Vec<NotifyTarget>) -> WebhookNotify {
     WebhookNotify::new(targets, azure_core::new_http_client()).with_retries(3, Duration::from_millis(10))
@@ -119,6 +122,9 @@ async fn each_approver_gets_one_message_per_channel_with_only_their_own_link() {
         assert!(!text.contains(theirs), "{path}: another approver's link leaked");
         assert!(headers["content-type"].to_str().unwrap().starts_with("application/json"));
         assert!(headers["x-deploychain-notice-id"].to_str().unwrap().starts_with("web-738a951d2f3e.production.request."));
+        // The release's trace: propagated with the request, and shown for finding it.
+        assert_eq!(headers["traceparent"].to_str().unwrap(), TRACEPARENT, "{path}");
+        assert!(text.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{path}: the trace id is shown: {text}");
         // The evidence travels: the commit, its author, what staging passed, the votes so far.
         for fact in ["Mona Lisa", "staging: healthy", "1 of 2", "738a951d2f3e", "versions/1.0.42"] {
             assert!(text.contains(fact), "{path} lacks {fact}: {text}");
@@ -127,6 +133,7 @@ async fn each_approver_gets_one_message_per_channel_with_only_their_own_link() {
     let webhook = seen.iter().find(|(p, _, b)| p == "webhook" && b["to"] == "alice@contoso.com").unwrap();
     assert_eq!(webhook.2["link"], ALICE);
     assert_eq!(webhook.2["subject"], "Approve web 738a951d2f3e to production?");
+    assert_eq!(webhook.2["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
 }
 
 /// Every `$ref`-free check the published Adaptive Card schema makes on our card.

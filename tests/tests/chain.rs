@@ -1107,6 +1107,8 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
         ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector),
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
         ("OTEL_SERVICE_NAME".into(), "handler".into()),
+        // The most the handler (and the crates under it) ever logs.
+        ("RUST_LOG".into(), "debug".into()),
     ];
     let stack = Stack::start(opts).await.unwrap();
     let mut rx = stack.progress.subscribe();
@@ -1115,6 +1117,9 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
         Progress::Approval { link, .. } => link,
         _ => unreachable!(),
     };
+    // The approval page names the release's trace.
+    let page: Value = reqwest::Client::new().get(&link).header("accept", "application/json").send().await.unwrap().json().await.unwrap();
+    let page_trace = page["traceId"].as_str().unwrap_or_default().to_string();
     client::decide(&link, "approve", None).await.unwrap();
     wait_status(&stack, &run, "succeeded").await;
 
@@ -1140,7 +1145,21 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
     assert_eq!(webhook.trace, trace);
     assert_eq!(by("on_build_completed").parent, by("on_push").span);
     assert_eq!(by("on_image_ready").parent, by("on_build_completed").span);
-    assert_eq!(by("on_approval").parent, by("on_image_ready").span);
+    // The approval's page views and its decision are spans of the release too: the decision's
+    // span (under the staging step) is the promotion's parent.
+    let decision = all
+        .iter()
+        .find(|s| s.name == "approval" && s.span == by("on_approval").parent)
+        .unwrap_or_else(|| panic!("the promotion's parent is the approval decision: {all:#?}"));
+    assert_eq!(decision.trace, trace);
+    assert_eq!(decision.parent, by("on_image_ready").span);
+    assert_eq!(decision.attributes.get("http.request.method").map(String::as_str), Some("POST"));
+    assert!(
+        all.iter().any(|s| s.name == "approval"
+            && s.trace == trace
+            && s.attributes.get("http.request.method").map(String::as_str) == Some("GET"))
+    );
+    assert_eq!(page_trace, trace, "the approval page shows the release's trace id");
     // The staging rollout's ARM calls are client spans under the step that made them.
     let arm: Vec<&Received> = all.iter().filter(|s| s.parent == by("on_image_ready").span).collect();
     let patch = arm.iter().find(|s| s.attributes.get("http.request.method").map(String::as_str) == Some("PATCH"));
@@ -1175,6 +1194,18 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
         for v in sp.attributes.values().chain(sp.resource.values()) {
             assert!(!secrets.iter().any(|s| v.contains(s.as_str())), "a secret in {} {v}", sp.name);
         }
+    }
+    // Nor in any line the handler logged, at debug level; nor the approver's link (a capability).
+    let token = url::Url::parse(&link).unwrap().query_pairs().find(|(k, _)| k == "t").unwrap().1.to_string();
+    let mut secrets = secrets.to_vec();
+    secrets.push(&token);
+    for sp in &all {
+        assert!(!sp.attributes.values().any(|v| v.contains(&token)), "the link's token in {}", sp.name);
+    }
+    let log = stack.host.handler_log();
+    assert!(log.iter().any(|l| l.contains("invocation") && l.contains("on_approval")), "the handler's log was kept: {log:#?}");
+    for line in &log {
+        assert!(!secrets.iter().any(|s| line.contains(s.as_str())), "a secret in the handler's log: {line}");
     }
     stack.stop().await;
 }
@@ -1259,7 +1290,11 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     let parent = |n: &str| by(n)["tags"]["ai.operation.parentId"].as_str().unwrap().to_string();
     assert_eq!(parent("on_build_completed"), id("on_push"));
     assert_eq!(parent("on_image_ready"), id("on_build_completed"));
-    assert_eq!(parent("on_approval"), id("on_image_ready"));
+    // on_image_ready → the approval decision (a request in the same operation) → on_approval.
+    let decision = all.iter().find(|e| name(e) == "approval" && e["data"]["baseData"]["id"] == parent("on_approval").as_str());
+    let decision = decision.unwrap_or_else(|| panic!("the promotion's parent is the approval decision: {all:#?}"));
+    assert_eq!(decision["tags"]["ai.operation.parentId"], id("on_image_ready").as_str());
+    assert_eq!(decision["tags"]["ai.operation.id"], operation.as_str());
     let webhook = all.iter().find(|e| name(e) == "github_webhook" && e["data"]["baseData"]["id"] == parent("on_push").as_str());
     assert!(webhook.is_some(), "the push webhook's request is the operation's root");
     assert_eq!(webhook.unwrap()["data"]["baseData"]["responseCode"], "202", "{webhook:#?}");

@@ -582,6 +582,16 @@ pub struct ApprovalNotice {
     /// Who decided so far.
     pub votes: Vec<Vote>,
     pub quorum: u32,
+    /// The release's trace (W3C `traceparent` of the step that sends the notice): sent as the
+    /// request's `traceparent`, and its trace id shown, so a notice is found in the release's trace.
+    pub traceparent: Option<String>,
+}
+
+impl ApprovalNotice {
+    /// The release's trace id (its Application Insights operation id).
+    pub fn trace_id(&self) -> Option<&str> {
+        self.traceparent.as_deref().and_then(|tp| tp.split('-').nth(1))
+    }
 }
 
 /// Why approvers are told.

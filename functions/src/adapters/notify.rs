@@ -57,13 +57,16 @@ impl WebhookNotify {
         self
     }
 
-    async fn post(&self, channel: Channel, url: &url::Url, body: &Value, notice_id: &str) -> Result<()> {
+    async fn post(&self, channel: Channel, url: &url::Url, body: &Value, notice_id: &str, traceparent: Option<&str>) -> Result<()> {
         let mut last = String::new();
         for attempt in 1..=self.attempts {
             let mut req = azure_core::Request::new(url.clone(), azure_core::Method::Post);
             req.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
             // A receiver can drop repeats of the same notice (retries, redelivery) by this key.
             req.insert_header("x-deploychain-notice-id", notice_id.to_string());
+            if let Some(tp) = traceparent {
+                req.insert_header("traceparent", tp.to_string());
+            }
             req.set_body(body.to_string());
             let wait = match self.http.execute_request(&req).await {
                 // Never echo the request: it carries a signed link.
@@ -127,6 +130,9 @@ fn facts(n: &ApprovalNotice, approver: &str) -> Vec<(&'static str, String)> {
     f.push(("Approvals", format!("{approved} of {}", n.quorum)));
     f.push(("Expires", n.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
     f.push(("For", approver.to_string()));
+    if let Some(t) = n.trace_id() {
+        f.push(("Trace", t.to_string()));
+    }
     f
 }
 
@@ -166,6 +172,7 @@ pub fn webhook_body(n: &ApprovalNotice, approver: &str, link: &str) -> Value {
         "expiresAt": n.expires_at.to_rfc3339(),
         "facts": facts(n, approver).into_iter().map(|(k, v)| json!({ "name": k, "value": v })).collect::<Vec<_>>(),
         "commits": n.evidence.commits,
+        "traceId": n.trace_id(),
     })
 }
 
@@ -287,7 +294,7 @@ impl Notify for WebhookNotify {
     async fn run_stuck(&self, n: &StuckNotice) -> Result<()> {
         let id = format!("{}.stuck.{}", n.run_id, n.since.timestamp());
         for t in &self.targets {
-            self.post(t.channel, &t.url, &stuck_body(t.channel, n), &id).await?;
+            self.post(t.channel, &t.url, &stuck_body(t.channel, n), &id, None).await?;
         }
         Ok(())
     }
@@ -301,7 +308,7 @@ impl Notify for WebhookNotify {
                     Channel::Teams => teams_body(n, approver, link),
                     Channel::Slack => slack_body(n, approver, link),
                 };
-                self.post(t.channel, &t.url, &body, &id).await?;
+                self.post(t.channel, &t.url, &body, &id, n.traceparent.as_deref()).await?;
             }
         }
         Ok(())

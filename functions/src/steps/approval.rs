@@ -43,9 +43,10 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     let approver = may_decide(&claims, &record)?;
     signed_in_as(&state, &req, &approver)?;
     let wants_json = req.header("accept").is_some_and(|a| a.contains("application/json"));
+    let view = View { approver: &approver, token: &token, wants_json, trace: release_trace(&state, &record.run_id).await? };
     match req.method.as_str() {
-        "GET" | "HEAD" => Ok(page(&state, &record, &approver, &token, None, wants_json)),
-        "POST" => decide(&state, &req, record, &approver, &token, wants_json).await,
+        "GET" | "HEAD" => Ok(page(&state, &record, &view, None)),
+        "POST" => decide(&state, &req, record, &view).await,
         m => Err(Error::Malformed(format!("{m} is not supported; use GET to view and POST to decide"))),
     }
 }
@@ -152,14 +153,30 @@ fn parse_form(req: &HttpRequest) -> Result<Form> {
     Ok(Form { decision, comment, csrf })
 }
 
-async fn decide(
-    state: &AppState,
-    req: &HttpRequest,
-    record: ApprovalRecord,
-    approver: &str,
-    token: &str,
+/// Who sees the page, through which link, in which form, and the release's trace id.
+struct View<'a> {
+    approver: &'a str,
+    token: &'a str,
     wants_json: bool,
-) -> Result<HttpResponse> {
+    trace: Option<String>,
+}
+
+/// The trace id of the release the approval is part of (its Application Insights operation id).
+async fn release_trace(state: &AppState, run_id: &str) -> Result<Option<String>> {
+    let run = state.store.run(run_id).await?;
+    Ok(run.and_then(|r| r.traceparent).and_then(|tp| tp.split('-').nth(1).map(str::to_string)))
+}
+
+/// The parent of an approval request's span: with a valid link, the latest step of the run it
+/// decides, so viewing and deciding are spans of the release's trace. A link that does not verify
+/// joins nothing (and costs no store read).
+pub async fn trace_parent(state: &AppState, req: &HttpRequest) -> Option<String> {
+    let claims = state.links.verify(req.query.get("t")?, Utc::now()).ok()?;
+    state.store.run(&claims.run).await.ok().flatten()?.traceparent
+}
+
+async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, view: &View<'_>) -> Result<HttpResponse> {
+    let (approver, token) = (view.approver, view.token);
     // A browser says where a form post comes from; only the approval page itself may post.
     if let Some(site) = req.header("sec-fetch-site").filter(|s| !matches!(*s, "same-origin" | "none")) {
         return Err(Error::Forbidden(format!("a decision cannot be posted from another site (Sec-Fetch-Site: {site})")));
@@ -184,7 +201,7 @@ async fn decide(
         // made went out, should a crash have cut the first request short).
         VoteResult::Repeated(_) => {
             run_step(state, &run.id, &vote_key(&record.stage, approver), || async { Ok(None) }).await?;
-            return Ok(page(state, &record, approver, token, Some(form.decision), wants_json));
+            return Ok(page(state, &record, view, Some(form.decision)));
         }
         VoteResult::Contradicts(v) => {
             return Err(Error::Conflict(format!(
@@ -245,7 +262,7 @@ async fn decide(
     let waiting = if outcome.is_none() { waiting_for_approval(&record) } else { format!("promotion to {stage}") };
     let commit = StepCommit::of_run(&run.id, &key, entries, RunStatus::Waiting, Some(waiting), outbox);
     run_step(state, &run.id, &key, || async { Ok(Some(commit)) }).await?;
-    Ok(page(state, &record, approver, token, Some(form.decision), wants_json))
+    Ok(page(state, &record, view, Some(form.decision)))
 }
 
 /// One run entry per approver's vote (idempotent per approver).
@@ -281,7 +298,8 @@ form{margin-top:1.5rem;display:flex;gap:.6rem;align-items:center;flex-wrap:wrap}
 button{padding:.5rem 1.2rem;border-radius:6px;border:1px solid #8c959f;font-weight:600;cursor:pointer}\
 #approve{background:#1f883d;color:#fff;border-color:#1a7f37}#reject{background:#fff;color:#cf222e}";
 
-fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just: Option<Decision>, wants_json: bool) -> HttpResponse {
+fn page(state: &AppState, a: &ApprovalRecord, view: &View<'_>, just: Option<Decision>) -> HttpResponse {
+    let (approver, token, wants_json) = (view.approver, view.token, view.wants_json);
     let now = Utc::now();
     let outcome = a.outcome();
     let closed = a.why_closed();
@@ -305,7 +323,7 @@ fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just:
                 "image": a.image, "approvers": a.approvers, "quorum": a.quorum, "expiresAt": a.expires_at,
                 "timeLeft": time_left(a.expires_at, now), "votes": a.votes, "state": state_word, "closed": closed,
                 "excluded": a.excluded, "evidence": a.evidence, "you": approver, "yourVote": mine.map(|v| v.decision),
-                "csrf": csrf,
+                "csrf": csrf, "traceId": view.trace,
             }),
         );
     }
@@ -385,7 +403,7 @@ fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just:
              <dt>Time left</dt><dd>{left} (until {exp})</dd>\
              <dt>Artifact</dt><dd><code id=\"artifact\">{image}</code></dd>\
              <dt>Release</dt><dd>{repo} <code>{branch}</code> at <code>{commit}</code>, pushed by {pusher}; run <code>{run}</code></dd>\
-             <dt>You</dt><dd>{me}</dd></dl>\
+             <dt>You</dt><dd>{me}</dd>{trace}</dl>\
              <h2>Commits</h2><ul id=\"commits\">{commits}</ul>{previous}\
              <h2>Decisions</h2><ul id=\"votes\">{votes}{excluded}</ul>{form}</body></html>",
             app = esc(&a.app),
@@ -402,6 +420,14 @@ fn page(state: &AppState, a: &ApprovalRecord, approver: &str, token: &str, just:
             pusher = esc(ev.pusher.as_deref().unwrap_or("someone")),
             run = esc(&a.run_id),
             me = esc(approver),
+            trace = view
+                .trace
+                .as_deref()
+                .map(|t| format!(
+                    "<dt>Trace</dt><dd><code id=\"trace\">{}</code> (the release's operation id in Application Insights)</dd>",
+                    esc(t)
+                ))
+                .unwrap_or_default(),
         ),
     )
 }

@@ -606,6 +606,7 @@ pub fn notice(state: &AppState, record: &ApprovalRecord, to: &[String], kind: No
         evidence: record.evidence.clone(),
         votes: record.votes.clone(),
         quorum: record.quorum,
+        traceparent: crate::telemetry::current_traceparent(),
     }
 }
 

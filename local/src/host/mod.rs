@@ -95,6 +95,11 @@ impl LocalHost {
         Ok(LocalHost { app, worker, http_addr, stop, tasks })
     }
 
+    /// The handler's recent output lines (its logs), oldest first.
+    pub fn handler_log(&self) -> Vec<String> {
+        self.worker.log()
+    }
+
     /// Stop receiving, let in-flight invocations settle, then stop the handler.
     pub async fn stop(self) {
         let _ = self.stop.send(true);

@@ -32,6 +32,22 @@ pub struct Worker {
     http: reqwest::Client,
     restarts: Arc<AtomicU32>,
     stop: Arc<tokio::sync::Notify>,
+    log: HandlerLog,
+}
+
+/// The handler's recent output lines (stdout and stderr, across restarts), as the host keeps
+/// them for its log stream.
+pub type HandlerLog = Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+
+/// How many lines of handler output the host keeps.
+pub const LOG_LINES: usize = 20_000;
+
+fn keep_line(log: &HandlerLog, line: &str) {
+    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+    if l.len() >= LOG_LINES {
+        l.pop_front();
+    }
+    l.push_back(line.to_string());
 }
 
 /// Why an invocation did not produce an answer.
@@ -99,12 +115,13 @@ impl Worker {
         let (kill_tx, kill_rx) = mpsc::unbounded_channel();
         let restarts = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(tokio::sync::Notify::new());
-        let spec = Spec { app: app.clone(), env };
+        let log = HandlerLog::default();
+        let spec = Spec { app: app.clone(), env, log: log.clone() };
         let first = spawn_ready(&spec, 1).await?;
         live_tx.send_replace(Some(first.0));
         tokio::spawn(supervise(spec, first, live_tx.clone(), kill_rx, restarts.clone(), stop.clone()));
         let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).build()?;
-        Ok(Worker { live: live_rx, live_tx, kill: kill_tx, http, restarts, stop })
+        Ok(Worker { live: live_rx, live_tx, kill: kill_tx, http, restarts, stop, log })
     }
 
     /// The live handler, waiting up to `wait` for one (e.g. during a restart).
@@ -162,6 +179,11 @@ impl Worker {
         }
     }
 
+    /// The handler's recent output, oldest first.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
     /// Stop the handler for good.
     pub fn shutdown(&self) {
         self.stop.notify_one();
@@ -171,6 +193,7 @@ impl Worker {
 struct Spec {
     app: FunctionApp,
     env: Vec<(String, String)>,
+    log: HandlerLog,
 }
 
 async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
@@ -195,17 +218,21 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
     let pid = child.id().unwrap_or_default();
     // The host logs the handler's output; stderr lines as errors.
     if let Some(out) = child.stdout.take() {
+        let log = spec.log.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(l)) = lines.next_line().await {
+                keep_line(&log, &l);
                 tracing::info!(target: "handler", "{l}");
             }
         });
     }
     if let Some(err) = child.stderr.take() {
+        let log = spec.log.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(err).lines();
             while let Ok(Some(l)) = lines.next_line().await {
+                keep_line(&log, &l);
                 tracing::error!(target: "handler", "{l}");
             }
         });
