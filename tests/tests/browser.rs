@@ -183,7 +183,10 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
     assert_eq!(heading, "Promote web to production?");
     // The evidence: what is released, by whom, what staging passed, the artifact, who may decide.
     let commit = client::runs(&base, &stack.secrets, Some(&run), None).await.unwrap();
-    let commit = serde_json::from_str::<Value>(&commit).unwrap()["commit"].as_str().unwrap().to_string();
+    let run_doc = serde_json::from_str::<Value>(&commit).unwrap();
+    let commit = run_doc["commit"].as_str().unwrap().to_string();
+    let trace = run_doc["traceparent"].as_str().unwrap().split('-').nth(1).unwrap().to_string();
+    assert_eq!(session.text("#trace").await, trace, "the page names the release's trace");
     let commits = session.text("#commits").await;
     assert!(commits.contains(&commit[..12]) && commits.contains("A change, pushed with deploychain send"), "{commits}");
     let previous = session.text("#previous").await;
