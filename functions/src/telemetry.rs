@@ -143,11 +143,21 @@ pub fn init() -> anyhow::Result<Telemetry> {
     Ok(Telemetry { provider: Some(provider), meters: Some(meters) })
 }
 
+/// The longest the handler waits at shutdown for buffered telemetry to go out: a collector that
+/// hangs must not hold the process past its host's patience.
+pub const SHUTDOWN_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Telemetry {
-    /// Flush what is buffered (off the async workers: the SDK blocks).
+    /// Flush what is buffered, for at most [`SHUTDOWN_BUDGET`]. The SDK blocks, so the flush runs
+    /// on a thread of its own (not the runtime's blocking pool, which would hold the runtime's
+    /// shutdown for as long as an export hangs); what is not out by then is dropped.
     pub async fn shutdown(self) {
         let (spans, meters) = (self.provider, self.meters);
-        let _ = tokio::task::spawn_blocking(move || {
+        if spans.is_none() && meters.is_none() {
+            return;
+        }
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("telemetry-flush".into()).spawn(move || {
             if let Some(p) = spans {
                 let _ = p.force_flush();
                 let _ = p.shutdown();
@@ -156,8 +166,11 @@ impl Telemetry {
                 let _ = m.force_flush();
                 let _ = m.shutdown();
             }
-        })
-        .await;
+            let _ = done.send(());
+        });
+        if spawned.is_ok() && tokio::time::timeout(SHUTDOWN_BUDGET, flushed).await.is_err() {
+            tracing::warn!(budget_s = SHUTDOWN_BUDGET.as_secs(), "telemetry not flushed in time at shutdown: the rest is dropped");
+        }
     }
 }
 
