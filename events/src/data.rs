@@ -100,6 +100,19 @@ pub enum BuildProvider {
     GithubActions,
     /// Azure Pipelines: reports `build.complete` through a service hook.
     AzurePipelines,
+    /// Jenkins: a parameterized job, reporting through the Notification plugin.
+    Jenkins,
+}
+
+impl BuildProvider {
+    /// The provider as people name it.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            BuildProvider::GithubActions => "GitHub Actions",
+            BuildProvider::AzurePipelines => "Azure Pipelines",
+            BuildProvider::Jenkins => "Jenkins",
+        }
+    }
 }
 
 /// deploychain asked for (or is waiting on) a CI build of the pushed commit.

@@ -137,6 +137,116 @@ impl ArmCredential {
     }
 }
 
+/// The CI systems builds are started on (each `None` when not configured).
+#[derive(Debug, Clone, Default)]
+pub struct CiConfig {
+    pub github: Option<GitHubCi>,
+    pub azure_pipelines: Option<AzurePipelinesCi>,
+    pub jenkins: Option<JenkinsCi>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GitHubCi {
+    /// `GITHUB_API_URL` (default `https://api.github.com`; GitHub Enterprise Server: `https://HOST/api/v3`).
+    pub api: url::Url,
+    pub auth: GitHubCredential,
+}
+
+#[derive(Debug, Clone)]
+pub enum GitHubCredential {
+    /// `GITHUB_TOKEN`: a fine-grained token with `actions:write`.
+    Token(Secret),
+    /// `GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` (PEM), `GITHUB_APP_INSTALLATION_ID`.
+    App { app_id: String, private_key: Secret, installation_id: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct AzurePipelinesCi {
+    /// `AZURE_DEVOPS_ORG_URL`: `https://dev.azure.com/{organization}`.
+    pub org: url::Url,
+    /// `AZURE_DEVOPS_PROJECT`: for apps whose repository is not in Azure Repos.
+    pub project: Option<String>,
+    /// `AZURE_DEVOPS_CREDENTIAL`: `managed-identity` (default), `workload-identity`, `azure-cli`,
+    /// or `pat` with `AZURE_DEVOPS_PAT`.
+    pub credential: DevOpsCredential,
+}
+
+#[derive(Debug, Clone)]
+pub enum DevOpsCredential {
+    Entra(ArmCredential),
+    Pat(Secret),
+}
+
+#[derive(Debug, Clone)]
+pub struct JenkinsCi {
+    /// `JENKINS_URL`.
+    pub url: url::Url,
+    /// `JENKINS_USER` and `JENKINS_API_TOKEN`.
+    pub user: String,
+    pub token: Secret,
+}
+
+/// A base URL setting: http(s), no user info (never echoed: a mistaken value could hold a credential).
+fn base_url(get: &dyn Fn(&str) -> Option<String>, errs: &mut Vec<String>, setting: &str) -> Option<url::Url> {
+    match get(setting).map(|u| url::Url::parse(&u)) {
+        None => None,
+        Some(Ok(u)) if matches!(u.scheme(), "http" | "https") && u.has_host() && u.username().is_empty() && u.password().is_none() => {
+            Some(u)
+        }
+        Some(_) => {
+            errs.push(format!("{setting}: not an http(s) URL without user info"));
+            None
+        }
+    }
+}
+
+fn ci_config(get: &dyn Fn(&str) -> Option<String>, errs: &mut Vec<String>) -> CiConfig {
+    let mut ci = CiConfig::default();
+    let app = (get("GITHUB_APP_ID"), get("GITHUB_APP_PRIVATE_KEY"), get("GITHUB_APP_INSTALLATION_ID"));
+    // A GitHub App when all three of its settings are set; else a token; a partial App is an error.
+    let github_auth = match (app, get("GITHUB_TOKEN")) {
+        ((Some(app_id), Some(key), Some(installation_id)), _) => {
+            Some(GitHubCredential::App { app_id, private_key: Secret::new(key), installation_id })
+        }
+        ((None, None, None), token) => token.map(|t| GitHubCredential::Token(Secret::new(t))),
+        (_, _) => {
+            errs.push("GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY, GITHUB_APP_INSTALLATION_ID: a GitHub App needs all three".into());
+            None
+        }
+    };
+    let api = base_url(get, errs, "GITHUB_API_URL");
+    if let Some(auth) = github_auth {
+        let api = api.unwrap_or_else(|| url::Url::parse("https://api.github.com").unwrap_or_else(|_| placeholder_url()));
+        ci.github = Some(GitHubCi { api, auth });
+    }
+    if let Some(org) = base_url(get, errs, "AZURE_DEVOPS_ORG_URL") {
+        let credential = match get("AZURE_DEVOPS_CREDENTIAL").as_deref().unwrap_or("managed-identity") {
+            "managed-identity" => DevOpsCredential::Entra(ArmCredential::ManagedIdentity { client_id: get("AZURE_CLIENT_ID") }),
+            "workload-identity" => DevOpsCredential::Entra(ArmCredential::WorkloadIdentity),
+            "azure-cli" => DevOpsCredential::Entra(ArmCredential::AzureCli),
+            "pat" => match get("AZURE_DEVOPS_PAT") {
+                Some(p) => DevOpsCredential::Pat(Secret::new(p)),
+                None => {
+                    errs.push("AZURE_DEVOPS_PAT: not set, but AZURE_DEVOPS_CREDENTIAL is `pat`".into());
+                    DevOpsCredential::Pat(Secret::new(""))
+                }
+            },
+            other => {
+                errs.push(format!("AZURE_DEVOPS_CREDENTIAL: `{other}` is not one of managed-identity, workload-identity, azure-cli, pat"));
+                DevOpsCredential::Pat(Secret::new(""))
+            }
+        };
+        ci.azure_pipelines = Some(AzurePipelinesCi { org, project: get("AZURE_DEVOPS_PROJECT"), credential });
+    }
+    if let Some(url) = base_url(get, errs, "JENKINS_URL") {
+        match (get("JENKINS_USER"), get("JENKINS_API_TOKEN")) {
+            (Some(user), Some(token)) => ci.jenkins = Some(JenkinsCi { url, user, token: Secret::new(token) }),
+            _ => errs.push("JENKINS_USER, JENKINS_API_TOKEN: both are needed with JENKINS_URL".into()),
+        }
+    }
+    ci
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub port: u16,
@@ -157,6 +267,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Where and how rollouts reach VM scale sets.
     pub arm: ArmConfig,
+    /// Where builds are started.
+    pub ci: CiConfig,
     /// Where approval notices go: a generic webhook, Teams, Slack (any of them).
     pub notify: Vec<NotifyTarget>,
     /// When the watchdog flags a run as stuck.
@@ -234,6 +346,7 @@ impl Config {
             },
         };
         let arm = arm_config(get, &mut errs);
+        let ci = ci_config(get, &mut errs);
         // Webhook URLs are secrets of their own (Slack's and Teams' carry a key): never echoed.
         let mut notify = Vec::new();
         for (setting, channel) in [
@@ -277,6 +390,7 @@ impl Config {
             parked_queue: get("DEPLOYCHAIN_PARKED_QUEUE").unwrap_or_else(|| "deploychain-parked".into()),
             store,
             arm,
+            ci,
             notify,
             stuck_after,
             max_body_bytes,
@@ -298,6 +412,24 @@ impl Config {
             && self.azure_devops_secret.is_none()
         {
             errs.push("AZURE_DEVOPS_WEBHOOK_SECRET: not set, but the policy has Azure DevOps repositories or pipelines".into());
+        }
+        for app in policy.apps.iter().filter(|a| a.build.trigger == crate::policy::BuildTrigger::Dispatch) {
+            use deploychain_events::BuildProvider as P;
+            let missing = match app.build.provider {
+                P::GithubActions if self.ci.github.is_none() => {
+                    Some("GITHUB_TOKEN (or GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY, GITHUB_APP_INSTALLATION_ID)")
+                }
+                P::AzurePipelines if self.ci.azure_pipelines.is_none() => Some("AZURE_DEVOPS_ORG_URL"),
+                P::Jenkins if self.ci.jenkins.is_none() => Some("JENKINS_URL"),
+                _ => None,
+            };
+            if let Some(settings) = missing {
+                errs.push(format!(
+                    "{settings}: not set, but app `{}` has its builds started in {} (or set its build `trigger = \"push\"` when the repository starts them)",
+                    app.name,
+                    app.build.provider.display_name()
+                ));
+            }
         }
         if policy.apps.iter().flat_map(|a| &a.stages).any(|s| s.approval.is_some()) && self.notify.is_empty() {
             errs.push(

@@ -48,6 +48,7 @@ pub struct AppState {
 pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("github_webhook", Trigger::Http),
     ("azure_devops_webhook", Trigger::Http),
+    ("jenkins_webhook", Trigger::Http),
     ("approval", Trigger::Http),
     ("runs", Trigger::Http),
     ("ops_deadletters", Trigger::Http),
@@ -85,6 +86,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/azure_devops_webhook",
             post(|s, h, b| http_fn(s, h, b, "azure_devops_webhook", |s, r| Box::pin(steps::azure_devops_webhook::handle(s, r)))),
+        )
+        .route(
+            "/jenkins_webhook",
+            post(|s, h, b| http_fn(s, h, b, "jenkins_webhook", |s, r| Box::pin(steps::jenkins_webhook::handle(s, r)))),
         )
         .route("/approval", post(|s, h, b| http_fn(s, h, b, "approval", |s, r| Box::pin(steps::approval::handle(s, r)))))
         .route("/runs", post(|s, h, b| http_fn(s, h, b, "runs", |s, r| Box::pin(steps::runs::handle(s, r)))))

@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
     let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());
+    let builds = Arc::new(deploychain_functions::adapters::ci::CiBuilds::from_config(&config.ci).map_err(anyhow::Error::msg)?);
     let port = config.port;
     let policy = Arc::new(policy);
     let dead_letters = deploychain_functions::ops::DeadLetters::new(
@@ -49,9 +50,8 @@ async fn main() -> anyhow::Result<()> {
         links: Arc::new(links),
         store: Arc::new(store),
         publisher: Arc::new(publisher),
-        // CI and image builds here are started by the repository itself (workflow on push, registry
-        // publish) and report back through webhooks; dispatching them is the CI adapters' job.
-        builds: Arc::new(deploychain_functions::adapters::WebhookReported),
+        builds,
+        // Images here are published by the repository's CI (registry) or reported on the bus.
         baker: Arc::new(deploychain_functions::adapters::WebhookReported),
         compute,
         notify,

@@ -48,8 +48,22 @@ pub struct Source {
 pub struct Build {
     pub provider: BuildProvider,
     /// GitHub: workflow file name (`build.yml`) or name; matched against `workflow_run`. Azure
-    /// Pipelines: definition name or id; matched against `build.complete`.
+    /// Pipelines: pipeline (definition) name or id; matched against `build.complete`. Jenkins: the
+    /// job's full name (`team/web`).
     pub pipeline: Option<String>,
+    /// Who starts the build: deploychain (`dispatch`, the default: GitHub `workflow_dispatch`, the
+    /// Azure Pipelines Runs API, Jenkins `buildWithParameters`) or the repository's own CI trigger
+    /// on the push (`push`); either way the build's report continues the run.
+    #[serde(default)]
+    pub trigger: BuildTrigger,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildTrigger {
+    #[default]
+    Dispatch,
+    Push,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -341,6 +355,15 @@ impl Policy {
             if let (BuildProvider::GithubActions, false) = (app.build.provider, app.source.github.is_some()) {
                 return Err(invalid(k("build.provider"), "github-actions builds need a `source.github` repository"));
             }
+            if app.build.provider == BuildProvider::Jenkins && app.build.pipeline.as_deref().is_none_or(|p| p.trim().is_empty()) {
+                return Err(invalid(k("build.pipeline"), "jenkins builds need the job's full name (`team/web`)"));
+            }
+            if app.build.provider == BuildProvider::AzurePipelines
+                && app.build.trigger == BuildTrigger::Dispatch
+                && app.build.pipeline.as_deref().is_none_or(|p| p.trim().is_empty())
+            {
+                return Err(invalid(k("build.pipeline"), "azure-pipelines builds started by deploychain need the pipeline's name or id"));
+            }
             if app.image.destination.trim().is_empty() {
                 return Err(invalid(k("image.destination"), "must not be empty"));
             }
@@ -574,9 +597,9 @@ approval = { approvers = ["alice@example.com", "bob@example.com"], quorum = 1, e
         let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("app[0].stage[1].approval.quorum"), "{err}");
 
-        let bad = SAMPLE.replace("provider = \"github-actions\"", "provider = \"jenkins\"");
+        let bad = SAMPLE.replace("provider = \"github-actions\"", "provider = \"bamboo\"");
         let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("provider") && err.contains("jenkins"), "{err}");
+        assert!(err.contains("provider") && err.contains("bamboo"), "{err}");
 
         let bad = SAMPLE.replace("checks = [", "chekcs = [");
         let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();

@@ -27,6 +27,7 @@ fn base_env(dir: &std::path::Path, port: u16) -> Vec<(&'static str, String)> {
         ("DEPLOYCHAIN_ARM_TOKEN", "arm-token-value".into()),
         ("DEPLOYCHAIN_NOTIFY_URL", "http://127.0.0.1:9/notify".into()),
         ("GITHUB_WEBHOOK_SECRET", "github-secret-value".into()),
+        ("GITHUB_TOKEN", "github-token-value".into()),
     ]
 }
 
@@ -75,6 +76,26 @@ fn bad_settings_stop_start_up_with_every_setting_named_and_no_secret_printed() {
     for secret in ["too-short-secret", "bus-key-value", "github-secret-value"] {
         assert!(!err.contains(secret), "secret printed:\n{err}");
     }
+}
+
+#[test]
+fn a_policy_whose_builds_cannot_be_started_stops_start_up_naming_the_settings() {
+    let dir = tempdir("ci");
+    let mut env = base_env(&dir, free_port());
+    env.retain(|(k, _)| *k != "GITHUB_TOKEN");
+    let (code, err) = run_to_exit(&env);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("GITHUB_TOKEN") && err.contains("app `web`") && err.contains("GitHub Actions"), "{err}");
+    env.push(("GITHUB_APP_ID", "12345".into()));
+    let (code, err) = run_to_exit(&env);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("a GitHub App needs all three"), "{err}");
+    env.push(("GITHUB_APP_PRIVATE_KEY", "not-a-pem-private-key-value".into()));
+    env.push(("GITHUB_APP_INSTALLATION_ID", "678".into()));
+    let (code, err) = run_to_exit(&env);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("GITHUB_APP_PRIVATE_KEY: not a PEM private key"), "{err}");
+    assert!(!err.contains("not-a-pem-private-key-value"), "the key is not printed: {err}");
 }
 
 #[test]

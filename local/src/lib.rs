@@ -6,6 +6,7 @@
 //! Nothing here is linked into the deployed handler; the handler cannot tell this stack from Azure.
 
 pub mod arm;
+pub mod ci;
 pub mod client;
 pub mod config;
 pub mod host;

@@ -20,7 +20,14 @@ pub struct Secrets {
     /// The bearer token the local ARM endpoint accepts (the handler's `DEPLOYCHAIN_ARM_TOKEN`).
     #[serde(default = "random")]
     pub arm_token: String,
+    /// What the local CI service takes: the GitHub token, the Azure DevOps PAT, the Jenkins API
+    /// token of [`CI_USER`].
+    #[serde(default = "random")]
+    pub ci_token: String,
 }
+
+/// The Jenkins user the local CI service knows.
+pub const CI_USER: &str = "deploychain";
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,6 +54,7 @@ impl Secrets {
             master_key: random(),
             function_key: random(),
             arm_token: random(),
+            ci_token: random(),
         };
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;

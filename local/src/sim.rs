@@ -1,8 +1,9 @@
 //! Simulators for what the Azure-side systems do, so the whole chain runs on one machine:
 //!
-//! - **CI**: on `build.requested`, after `build_delay`, GitHub Actions answers with a signed
-//!   `workflow_run` (completed) webhook, Azure Pipelines with a `build.complete` service hook,
-//!   both posted to the local front door exactly as the real services would;
+//! - **CI started on the push** (`trigger = "push"`): on `build.requested`, after `build_delay`,
+//!   GitHub Actions answers with a signed `workflow_run` (completed) webhook, Azure Pipelines with a
+//!   `build.complete` service hook, both posted to the local front door exactly as the real
+//!   services would (builds deploychain dispatches go to the local CI service, [`crate::ci`]);
 //! - **images**: on `image.requested`, after `image_delay`, a `registry` source publishes a signed
 //!   `registry_package` webhook carrying the commit in the OCI revision label; an `image-builder`
 //!   source publishes `image.ready` on the bus (as the image bake adapter will in Azure).
@@ -131,7 +132,11 @@ impl Simulators {
 
     async fn answer(&self, ev: DeployEvent) -> Result<()> {
         match &ev.data {
-            EventData::BuildRequested(b) => {
+            // Builds deploychain dispatches go through the CI adapters to the local CI service;
+            // here only those the repository's own CI starts on the push (`trigger = "push"`).
+            EventData::BuildRequested(b)
+                if self.policy.app(&b.app).is_some_and(|a| a.build.trigger == deploychain_functions::policy::BuildTrigger::Push) =>
+            {
                 tokio::time::sleep(self.config.build_delay).await;
                 let fail = self.config.failing_builds.iter().any(|p| !p.is_empty() && b.commit.starts_with(p.as_str()));
                 self.build_completed(b, fail).await
@@ -194,6 +199,7 @@ impl Simulators {
                 });
                 self.post_github("workflow_run", payload).await
             }
+            BuildProvider::Jenkins => anyhow::bail!("Jenkins builds are always dispatched (the local CI service reports them)"),
             BuildProvider::AzurePipelines => {
                 let pipeline = b.pipeline.clone().unwrap_or_default();
                 let payload = json!({

@@ -51,6 +51,8 @@ pub struct Stack {
     /// The applications' network (the handler's HTTP proxy for acceptance checks).
     pub apps_addr: SocketAddr,
     pub arm: LocalArm,
+    /// The local CI service builds are started on.
+    pub ci: crate::ci::LocalCi,
     pub broker: Broker,
     pub secrets: Secrets,
     pub host: LocalHost,
@@ -68,7 +70,7 @@ pub fn find_repo(start: &Path) -> Option<PathBuf> {
 /// Lay out the app root as Azure would see it: host.json, one folder per function, the handler,
 /// and local.settings.json with the local endpoints and secrets as app settings.
 fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<PathBuf> {
-    let Addrs { http, bus, notify, arm, apps } = addrs;
+    let Addrs { http, bus, notify, arm, apps, ci } = addrs;
     let app = opts.data_dir.join("app");
     if app.exists() {
         std::fs::remove_dir_all(&app).with_context(|| format!("clearing {}", app.display()))?;
@@ -118,6 +120,16 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<Pat
         "AZURE_DEVOPS_WEBHOOK_USER": secrets.azure_devops_user,
         "AZURE_DEVOPS_WEBHOOK_SECRET": secrets.azure_devops_webhook,
         "APPROVAL_SIGNING_KEY": secrets.approval_signing_key,
+        // Builds are started on the local CI service, through the same adapters as in Azure.
+        "GITHUB_API_URL": format!("http://{ci}/github"),
+        "GITHUB_TOKEN": secrets.ci_token,
+        "AZURE_DEVOPS_ORG_URL": format!("http://{ci}/azdo/local"),
+        "AZURE_DEVOPS_PROJECT": "local",
+        "AZURE_DEVOPS_CREDENTIAL": "pat",
+        "AZURE_DEVOPS_PAT": secrets.ci_token,
+        "JENKINS_URL": format!("http://{ci}/jenkins"),
+        "JENKINS_USER": crate::secrets::CI_USER,
+        "JENKINS_API_TOKEN": secrets.ci_token,
         "RUST_LOG": std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     });
     let mut values = values;
@@ -138,6 +150,7 @@ struct Addrs {
     notify: SocketAddr,
     arm: SocketAddr,
     apps: SocketAddr,
+    ci: SocketAddr,
 }
 
 /// Serve `router` on `listener` until `stop` turns true.
@@ -203,7 +216,18 @@ impl Stack {
 
         let http_listener = bind(opts.http_port).await?;
         let http_addr = http_listener.local_addr()?;
-        let addrs = Addrs { http: http_addr, bus: bus_addr, notify: notify_addr, arm: arm_addr, apps: apps_addr };
+        let ci = crate::ci::LocalCi::open(
+            opts.data_dir.join("ci-builds.json"),
+            policy.clone(),
+            secrets.clone(),
+            opts.sim.clone(),
+            format!("http://{http_addr}"),
+            stop_rx.clone(),
+        );
+        let ci_listener = bind(0).await?;
+        let ci_addr = ci_listener.local_addr()?;
+        tasks.push(serve(ci_listener, ci.router(), stop_rx.clone()));
+        let addrs = Addrs { http: http_addr, bus: bus_addr, notify: notify_addr, arm: arm_addr, apps: apps_addr, ci: ci_addr };
         let app_root = stage_app(&opts, &secrets, addrs)?;
         let app = crate::host::app::FunctionApp::load(&app_root)?;
         let host_keys = Keys { master: secrets.master_key.clone(), function: secrets.function_key.clone() };
@@ -244,6 +268,7 @@ impl Stack {
             status_addr,
             apps_addr,
             arm,
+            ci,
             broker,
             secrets,
             host,

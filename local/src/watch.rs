@@ -92,10 +92,7 @@ pub fn describe(ev: &DeployEvent) -> String {
 }
 
 fn provider(p: BuildProvider) -> &'static str {
-    match p {
-        BuildProvider::GithubActions => "GitHub Actions",
-        BuildProvider::AzurePipelines => "Azure Pipelines",
-    }
+    p.display_name()
 }
 
 pub async fn watch_events(broker: Broker, topic: String, tx: broadcast::Sender<Progress>, mut stop: watch::Receiver<bool>) {

@@ -188,6 +188,23 @@ async fn push_to_production_through_the_local_stack() {
     }
     assert!(done["steps"].as_array().unwrap().iter().all(|s| s["at"].is_string()));
     assert_eq!(deployed_stages(&stack, &run), ["staging", "production"]);
+    // The build was dispatched through the GitHub Actions adapter: one workflow_dispatch with the
+    // token, the branch and the run's inputs; the run links to the workflow run GitHub created.
+    let dispatches: Vec<_> = stack.ci.received().into_iter().filter(|r| r.path.ends_with("/dispatches")).collect();
+    assert_eq!(dispatches.len(), 1, "{dispatches:#?}");
+    let d = &dispatches[0];
+    assert_eq!(
+        (d.method.as_str(), d.path.as_str(), d.status),
+        ("POST", "/github/repos/octo-org/web/actions/workflows/build.yml/dispatches", 200)
+    );
+    assert_eq!(d.authorization.as_deref(), Some(format!("Bearer {}", stack.secrets.ci_token).as_str()));
+    let body: Value = serde_json::from_str(&d.body).unwrap();
+    assert_eq!(body["ref"], "main");
+    assert_eq!(body["inputs"]["deploychain_run"], run.as_str());
+    assert_eq!(body["inputs"]["commit"], done["commit"]);
+    assert_eq!(body["return_run_details"], true);
+    let requested = done["steps"].as_array().unwrap().iter().find(|s| s["what"] == "build requested").unwrap();
+    assert!(requested["detail"].as_str().unwrap().contains("/actions/runs/"), "{requested}");
     stack.stop().await;
 }
 
@@ -806,6 +823,19 @@ async fn an_azure_repos_push_built_by_azure_pipelines_reaches_production() {
     let done = wait_status(&stack, run, "succeeded").await;
     let steps = done["steps"].to_string();
     assert!(steps.contains("Azure Pipelines"), "the build went to Azure Pipelines: {steps}");
+    // Queued through the Runs API with the PAT: the pipeline's id looked up by its name, then one
+    // run of exactly the pushed commit, with the run as a template parameter.
+    let received = stack.ci.received();
+    let basic =
+        format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!(":{}", stack.secrets.ci_token)));
+    assert!(received.iter().all(|r| r.authorization.as_deref() == Some(basic.as_str())), "{received:#?}");
+    assert_eq!(received[0].path, "/azdo/local/GoodCompany/_apis/pipelines", "the project of the Azure Repos clone URL");
+    let runs: Vec<_> = received.iter().filter(|r| r.path.ends_with("/runs")).collect();
+    assert_eq!(runs.len(), 1, "{received:#?}");
+    assert_eq!(runs[0].status, 200);
+    let body: Value = serde_json::from_str(&runs[0].body).unwrap();
+    assert_eq!(body["templateParameters"]["deploychainRun"], run);
+    assert_eq!(body["resources"]["repositories"]["self"]["version"], done["commit"]);
     for stage in ["staging", "production"] {
         let id = policy_target(AZURE_DEVOPS_POLICY, stage);
         assert_eq!(stack.arm.model_updates(&id, run), 1, "{stage}");

@@ -190,12 +190,12 @@ pub struct MemoryBuilds {
 
 #[async_trait]
 impl BuildSystem for MemoryBuilds {
-    async fn request_build(&self, req: &BuildRequest) -> Result<()> {
+    async fn request_build(&self, req: &BuildRequest) -> Result<BuildStarted> {
         let mut r = lock(&self.requests);
         if !r.iter().any(|x| x.run_id == req.run_id) {
             r.push(req.clone());
         }
-        Ok(())
+        Ok(BuildStarted::default())
     }
 }
 

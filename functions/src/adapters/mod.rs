@@ -4,6 +4,7 @@
 //! `memory` backs step and router tests; `servicebus` and `sqlite` are the real publisher and store.
 
 pub mod arm;
+pub mod ci;
 pub mod memory;
 pub mod notify;
 pub mod servicebus;
@@ -502,12 +503,23 @@ pub struct BuildRequest {
     pub repository: String,
     pub branch: String,
     pub commit: String,
+    /// Whether deploychain starts the build (policy `trigger = "dispatch"`, the default) or the
+    /// repository's own CI trigger does (`trigger = "push"`).
+    pub dispatch: bool,
 }
 
-/// Starts CI builds. Implementations must be idempotent per `run_id` (a redelivered push asks again).
+/// What starting a build gave: the provider's id and page of it, when it tells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildStarted {
+    pub build_id: Option<String>,
+    pub url: Option<String>,
+}
+
+/// Starts CI builds. A redelivered push asks again; a build started twice reports twice, and the
+/// second report is dropped by the broker (the same `build.completed` MessageId).
 #[async_trait]
 pub trait BuildSystem: Send + Sync {
-    async fn request_build(&self, req: &BuildRequest) -> Result<()>;
+    async fn request_build(&self, req: &BuildRequest) -> Result<BuildStarted>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -632,9 +644,9 @@ pub struct WebhookReported;
 
 #[async_trait]
 impl BuildSystem for WebhookReported {
-    async fn request_build(&self, req: &BuildRequest) -> Result<()> {
+    async fn request_build(&self, req: &BuildRequest) -> Result<BuildStarted> {
         tracing::info!(run = req.run_id, app = req.app, "waiting for the CI build reported by webhook");
-        Ok(())
+        Ok(BuildStarted::default())
     }
 }
 

@@ -3,7 +3,8 @@
 //! - Auth: `X-Hub-Signature-256` = `sha256=` HMAC-SHA256(secret, raw body), compared in constant
 //!   time against `GITHUB_WEBHOOK_SECRET`. Missing or forged → 401, nothing published.
 //! - `ping` → 200. `push` to a configured branch → `push` (a run starts); tag pushes and branch
-//!   deletions → 202 ignored with the reason. `workflow_run` completed → `build.completed`.
+//!   deletions → 202 ignored with the reason. `workflow_run` completed → `build.completed` (for the run its
+//!   `display_title` names when deploychain dispatched it, else the run of its `head_sha`).
 //!   `registry_package` / `package` published (container) → `image.ready`. Anything else → 202 ignored.
 //! - Events are published before the 2xx answer: if the bus is down the caller gets 503 and GitHub
 //!   can redeliver; nothing accepted is lost. Redeliveries map to the same MessageIds.
@@ -175,7 +176,20 @@ async fn workflow_run(state: &AppState, p: &Value) -> Result<HttpResponse> {
             return Ok(ignored(format!("workflow `{name}` ({path}) is not the build pipeline `{want}` of app `{}`", app.name)));
         }
     }
-    let rid = run_id(&app.name, &sha);
+    // A dispatched run is named after its deploychain run (`run-name: deploychain ${{ inputs.deploychain_run }}`):
+    // that names the run even when the branch moved on between the dispatch and the checkout.
+    let title = s(wr, &["display_title"]).unwrap_or_default();
+    let mut named = None;
+    for t in title.split(|c: char| c.is_whitespace() || c == ',' || c == ':').filter(|t| t.starts_with(&format!("{}-", app.name))) {
+        if let Some(r) = state.store.run(t).await?.filter(|r| r.app == app.name) {
+            named = Some(r);
+            break;
+        }
+    }
+    let (rid, sha) = match named {
+        Some(r) => (r.id, r.commit),
+        None => (run_id(&app.name, &sha), sha),
+    };
     let id = event_id(&rid, "build-completed");
     let Some(trace) = run_trace(state, &rid, &id).await? else {
         return Ok(ignored(format!("no run for commit {sha} of app `{}`", app.name)));

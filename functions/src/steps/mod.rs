@@ -1,5 +1,5 @@
 //! One file per function. Service Bus steps (`on_…`) advance a run by one step; HTTP functions
-//! (`github_webhook`, `azure_devops_webhook`, `approval`, `runs`) are the chain's edges.
+//! (`github_webhook`, `azure_devops_webhook`, `jenkins_webhook`, `approval`, `runs`) are the chain's edges.
 //!
 //! Every step goes through [`run_step`], the exactly-once machinery: a step's effects are
 //! idempotent desired-state calls keyed by run, its state change and outgoing events are committed
@@ -10,6 +10,7 @@
 pub mod approval;
 pub mod azure_devops_webhook;
 pub mod github_webhook;
+pub mod jenkins_webhook;
 pub mod on_approval;
 pub mod on_approval_due;
 pub mod on_build_completed;

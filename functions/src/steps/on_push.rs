@@ -51,7 +51,20 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
         },
     };
     let done = run_step(&state, &run.id.clone(), KEY, || async {
-        state
+        let received = StepEntry {
+            key: KEY.into(),
+            name: "push received".into(),
+            at: ev.time,
+            detail: Some(format!(
+                "{} {}{}",
+                push.branch,
+                run.commit,
+                push.pusher.as_deref().map(|p| format!(" by {p}")).unwrap_or_default()
+            )),
+        };
+        let provider = app.build.provider.display_name();
+        let pipeline = app.build.pipeline.as_deref().map(|p| format!(" `{p}`")).unwrap_or_default();
+        let started = state
             .builds
             .request_build(&BuildRequest {
                 run_id: run.id.clone(),
@@ -61,13 +74,23 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 repository: push.repository.clone(),
                 branch: push.branch.clone(),
                 commit: run.commit.clone(),
+                dispatch: app.build.trigger == crate::policy::BuildTrigger::Dispatch,
             })
-            .await?;
-        let provider = match app.build.provider {
-            BuildProvider::GithubActions => "GitHub Actions",
-            BuildProvider::AzurePipelines => "Azure Pipelines",
+            .await;
+        let started = match started {
+            Ok(s) => s,
+            // Refused by the CI system (credentials, no such pipeline, inputs it does not take):
+            // the run ends with its message instead of waiting for a build that never comes.
+            Err(e) if !e.is_transient() => {
+                let reason = format!("the build could not be started in {provider}{pipeline}: {}", e.detail());
+                let what = entry(KEY, "build not started", Some(e.detail().to_string()));
+                let mut c = finish_run(&state, &run, KEY, NAME, what, RunOutcome::Failed, reason, None);
+                c.entries.insert(0, received);
+                c.new_run = Some(run.clone());
+                return Ok(Some(c));
+            }
+            Err(e) => return Err(e),
         };
-        let pipeline = app.build.pipeline.as_deref().map(|p| format!(" `{p}`")).unwrap_or_default();
         let (_, out) = emit(
             &state,
             &RunRef::from(&run),
@@ -81,20 +104,17 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 pipeline: app.build.pipeline.clone(),
             }),
         );
-        let who = push.pusher.as_deref().map(|p| format!(" by {p}")).unwrap_or_default();
+        let how = match (&started.build_id, &started.url) {
+            (_, Some(url)) => format!(": {url}"),
+            (Some(id), None) => format!(": build {id}"),
+            (None, None) if app.build.trigger == crate::policy::BuildTrigger::Push => " (started by the repository on the push)".into(),
+            (None, None) => String::new(),
+        };
         Ok(Some(StepCommit {
             run_id: run.id.clone(),
             key: KEY.into(),
             new_run: Some(run.clone()),
-            entries: vec![
-                StepEntry {
-                    key: KEY.into(),
-                    name: "push received".into(),
-                    at: ev.time,
-                    detail: Some(format!("{} {}{who}", push.branch, run.commit)),
-                },
-                entry(KEY, "build requested", Some(format!("{provider}{pipeline}"))),
-            ],
+            entries: vec![received, entry(KEY, "build requested", Some(format!("{provider}{pipeline}{how}")))],
             status: RunStatus::Running,
             waiting_for: Some(format!("build of {} in {provider}{pipeline}", &run.commit[..run.commit.len().min(12)])),
             image: None,

@@ -124,10 +124,7 @@ pub async fn waiting(state: &AppState, r: &Run) -> Result<Option<Waiting>> {
         }
     }
     let (kind, on) = if what.starts_with("build of") {
-        let provider = app.map(|a| match a.build.provider {
-            BuildProvider::GithubActions => "GitHub Actions",
-            BuildProvider::AzurePipelines => "Azure Pipelines",
-        });
+        let provider = app.map(|a| a.build.provider.display_name());
         ("build", provider.map(str::to_string).into_iter().collect())
     } else if what.starts_with("image") {
         ("image", app.map(|a| a.image.source.as_str().to_string()).into_iter().collect())

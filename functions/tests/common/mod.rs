@@ -115,6 +115,14 @@ pub fn config(max_body: usize) -> Config {
         ("AZURE_DEVOPS_WEBHOOK_SECRET", ADO_SECRET.to_string()),
         ("DEPLOYCHAIN_NOTIFY_URL", "http://127.0.0.1:1/notify".to_string()),
         ("DEPLOYCHAIN_MAX_BODY_BYTES", max_body.to_string()),
+        // The CI systems builds are started on (the harness's MemoryBuilds stands in for them).
+        ("GITHUB_TOKEN", "github-token-value".to_string()),
+        ("AZURE_DEVOPS_ORG_URL", "https://dev.azure.com/contoso".to_string()),
+        ("AZURE_DEVOPS_CREDENTIAL", "pat".to_string()),
+        ("AZURE_DEVOPS_PAT", "azure-devops-pat-value".to_string()),
+        ("JENKINS_URL", "https://jenkins.contoso.example".to_string()),
+        ("JENKINS_USER", "deploychain".to_string()),
+        ("JENKINS_API_TOKEN", "jenkins-token-value".to_string()),
         // Builds are "stuck" after a second (the watchdog tests); the rest as shipped.
         ("DEPLOYCHAIN_STUCK_AFTER", "2h,build=1s".to_string()),
     ]);

@@ -111,17 +111,22 @@ impl ArmCompute {
 impl ArmCompute {
     /// The production wiring: options and credential from the app settings.
     pub fn from_config(c: &crate::config::ArmConfig) -> std::result::Result<ArmCompute, String> {
-        use crate::config::ArmCredential;
-        let tokens: Arc<dyn TokenSource> = match &c.credential {
-            ArmCredential::ManagedIdentity { client_id } => Arc::new(AzureIdentity::managed_identity(client_id.clone())?),
-            ArmCredential::WorkloadIdentity => Arc::new(AzureIdentity::workload_identity()?),
-            ArmCredential::AzureCli => Arc::new(AzureIdentity::azure_cli()?),
-            ArmCredential::Static(token) => Arc::new(StaticToken::new(token.clone())),
-        };
+        let tokens = token_source(&c.credential)?;
         let options =
             ArmOptions { poll_interval: c.poll_interval, health_timeout: c.health_timeout, ..ArmOptions::new(c.endpoint.clone()) };
         ArmCompute::new(options, tokens)
     }
+}
+
+/// The token source a credential setting names (one per use: each caches its own scope).
+pub fn token_source(c: &crate::config::ArmCredential) -> std::result::Result<Arc<dyn TokenSource>, String> {
+    use crate::config::ArmCredential;
+    Ok(match c {
+        ArmCredential::ManagedIdentity { client_id } => Arc::new(AzureIdentity::managed_identity(client_id.clone())?),
+        ArmCredential::WorkloadIdentity => Arc::new(AzureIdentity::workload_identity()?),
+        ArmCredential::AzureCli => Arc::new(AzureIdentity::azure_cli()?),
+        ArmCredential::Static(token) => Arc::new(StaticToken::new(token.clone())),
+    })
 }
 
 #[async_trait]
