@@ -1517,3 +1517,44 @@ async fn delivery_metrics_are_right_for_a_failure_a_rollback_and_a_success_in_pr
     assert_eq!(dead[0].attributes.get("deploychain.dead_letter.reason").map(String::as_str), Some("MalformedEvent"));
     stack.stop().await;
 }
+
+const JENKINS_POLICY: &str = r#"
+[[app]]
+name = "svc"
+source = { github = "octo-org/svc" }
+branches = ["main"]
+build = { provider = "jenkins", pipeline = "team/svc" }
+image = { source = "image-builder", destination = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/images/svc" }
+
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-svc/providers/Microsoft.Compute/virtualMachineScaleSets/svc-staging"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jenkins_job_builds_the_release_and_its_notification_continues_the_run() {
+    let mut opts = options("jenkins");
+    std::fs::create_dir_all(&opts.data_dir).unwrap();
+    opts.policy = opts.data_dir.join("policy.toml");
+    std::fs::write(&opts.policy, JENKINS_POLICY).unwrap();
+    let stack = Stack::start(opts.clone()).await.unwrap();
+    let body = client::sample_push(&opts.policy, None, None).unwrap();
+    let (status, text) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    let run = serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string();
+    let done = wait_status(&stack, &run, "succeeded").await;
+    // A crumb, then one buildWithParameters of the job with the run's parameters, as the API
+    // token's user; the Notification plugin's FINALIZED message (with the function key) continued it.
+    let received = stack.ci.received();
+    let paths: Vec<&str> = received.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/jenkins/crumbIssuer/api/json", "/jenkins/job/team/job/svc/buildWithParameters"], "{received:#?}");
+    assert_eq!(received[1].status, 201);
+    let form: std::collections::HashMap<String, String> = url::form_urlencoded::parse(received[1].body.as_bytes()).into_owned().collect();
+    assert_eq!(form["DEPLOYCHAIN_RUN"], run);
+    assert_eq!(form["COMMIT"], done["commit"].as_str().unwrap());
+    let steps = done["steps"].to_string();
+    assert!(steps.contains("Jenkins `team/svc`: http://jenkins.local/queue/item/"), "{steps}");
+    assert!(steps.contains("build succeeded"), "{steps}");
+    assert_eq!(stack.arm.model_updates(&policy_target(JENKINS_POLICY, "staging"), &run), 1);
+    stack.stop().await;
+}

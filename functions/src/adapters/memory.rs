@@ -186,11 +186,16 @@ pub(crate) fn apply(run: &mut Run, c: &StepCommit) {
 #[derive(Default)]
 pub struct MemoryBuilds {
     pub requests: Mutex<Vec<BuildRequest>>,
+    /// When set, every build is refused with this message (as a CI system refuses a bad request).
+    pub refuse: Mutex<Option<String>>,
 }
 
 #[async_trait]
 impl BuildSystem for MemoryBuilds {
     async fn request_build(&self, req: &BuildRequest) -> Result<BuildStarted> {
+        if let Some(m) = lock(&self.refuse).clone() {
+            return Err(Error::Refused(m));
+        }
         let mut r = lock(&self.requests);
         if !r.iter().any(|x| x.run_id == req.run_id) {
             r.push(req.clone());

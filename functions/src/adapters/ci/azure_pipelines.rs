@@ -67,7 +67,7 @@ impl AzurePipelines {
 
     fn url(&self, project: &str, path: &str) -> url::Url {
         let mut u = self.org.clone();
-        let enc = percent_encoding::utf8_percent_encode(project, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let enc = super::segment(project);
         u.set_path(&format!("{}/{enc}/_apis/{}", self.org.path().trim_end_matches('/'), path.trim_start_matches('/')));
         u.query_pairs_mut().append_pair("api-version", API_VERSION);
         u

@@ -121,7 +121,7 @@ impl GitHubActions {
             .repository
             .split_once('/')
             .ok_or_else(|| Error::Refused(format!("`{}` is not an owner/repo GitHub repository", req.repository)))?;
-        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let enc = super::segment;
         let url = self.url(&format!("repos/{}/{}/actions/workflows/{}/dispatches", enc(owner), enc(repo), enc(workflow)));
         let body = json!({
             "ref": req.branch,

@@ -35,11 +35,7 @@ impl Jenkins {
 
     /// `team/web` → `job/team/job/web`.
     pub fn job_path(job: &str) -> String {
-        job.split('/')
-            .filter(|s| !s.is_empty())
-            .map(|s| format!("job/{}", percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)))
-            .collect::<Vec<_>>()
-            .join("/")
+        job.split('/').filter(|s| !s.is_empty()).map(|s| format!("job/{}", super::segment(s))).collect::<Vec<_>>().join("/")
     }
 
     /// Queue a build of the app's job for the run.

@@ -158,6 +158,29 @@ pub async fn send(
     }
 }
 
+/// What a path segment must escape (RFC 3986 pchar): everything but unreserved characters and
+/// the sub-delimiters a name may hold.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// One path segment, escaped.
+pub fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
 /// The HTTP client the CI adapters share.
 pub fn http_client(timeout: Duration) -> std::result::Result<reqwest::Client, String> {
     reqwest::Client::builder()
