@@ -163,10 +163,25 @@ pub struct ImageRequested {
     pub app: String,
     pub commit: String,
     pub build_id: String,
-    /// `image-builder` or `registry`, from the policy.
+    /// `image-builder`, `ci` or `registry`, from the policy.
     pub source: String,
     /// Gallery image definition or registry repository the image must land in.
     pub destination: String,
+}
+
+/// An image bake that runs for long (VM Image Builder) is due to be looked at: the scheduled
+/// message its step sent, and the next one each look sends until the bake ends or times out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageDue {
+    pub app: String,
+    pub commit: String,
+    /// What the baker knows the bake by (the image template's resource id).
+    pub bake: String,
+    /// 1 for the first look, then one more each time.
+    pub attempt: u32,
+    /// When the bake times out (RFC 3339).
+    pub deadline: String,
 }
 
 /// An immutable image of a run's commit exists and can be deployed.

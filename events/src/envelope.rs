@@ -18,6 +18,7 @@ pub enum EventType {
     BuildRequested,
     BuildCompleted,
     ImageRequested,
+    ImageDue,
     ImageReady,
     DeploymentStarted,
     DeploymentSucceeded,
@@ -32,11 +33,12 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 15] = [
+    pub const ALL: [EventType; 16] = [
         EventType::Push,
         EventType::BuildRequested,
         EventType::BuildCompleted,
         EventType::ImageRequested,
+        EventType::ImageDue,
         EventType::ImageReady,
         EventType::DeploymentStarted,
         EventType::DeploymentSucceeded,
@@ -57,6 +59,7 @@ impl EventType {
             EventType::BuildRequested => "dev.deploychain.build.requested.v1",
             EventType::BuildCompleted => "dev.deploychain.build.completed.v1",
             EventType::ImageRequested => "dev.deploychain.image.requested.v1",
+            EventType::ImageDue => "dev.deploychain.image.due.v1",
             EventType::ImageReady => "dev.deploychain.image.ready.v1",
             EventType::DeploymentStarted => "dev.deploychain.deployment.started.v1",
             EventType::DeploymentSucceeded => "dev.deploychain.deployment.succeeded.v1",
@@ -95,6 +98,7 @@ pub enum EventData {
     BuildRequested(BuildRequested),
     BuildCompleted(BuildCompleted),
     ImageRequested(ImageRequested),
+    ImageDue(ImageDue),
     ImageReady(ImageReady),
     DeploymentStarted(Deployment),
     DeploymentSucceeded(Deployment),
@@ -115,6 +119,7 @@ impl EventData {
             EventData::BuildRequested(_) => EventType::BuildRequested,
             EventData::BuildCompleted(_) => EventType::BuildCompleted,
             EventData::ImageRequested(_) => EventType::ImageRequested,
+            EventData::ImageDue(_) => EventType::ImageDue,
             EventData::ImageReady(_) => EventType::ImageReady,
             EventData::DeploymentStarted(_) => EventType::DeploymentStarted,
             EventData::DeploymentSucceeded(_) => EventType::DeploymentSucceeded,
@@ -136,6 +141,7 @@ impl EventData {
             EventData::BuildRequested(d) => &d.app,
             EventData::BuildCompleted(d) => &d.app,
             EventData::ImageRequested(d) => &d.app,
+            EventData::ImageDue(d) => &d.app,
             EventData::ImageReady(d) => &d.app,
             EventData::DeploymentStarted(d)
             | EventData::DeploymentSucceeded(d)
@@ -171,6 +177,7 @@ impl EventData {
             EventData::BuildRequested(d) => serde_json::to_value(d),
             EventData::BuildCompleted(d) => serde_json::to_value(d),
             EventData::ImageRequested(d) => serde_json::to_value(d),
+            EventData::ImageDue(d) => serde_json::to_value(d),
             EventData::ImageReady(d) => serde_json::to_value(d),
             EventData::DeploymentStarted(d)
             | EventData::DeploymentSucceeded(d)
@@ -196,6 +203,7 @@ impl EventData {
             EventType::BuildRequested => EventData::BuildRequested(de(ty, v)?),
             EventType::BuildCompleted => EventData::BuildCompleted(de(ty, v)?),
             EventType::ImageRequested => EventData::ImageRequested(de(ty, v)?),
+            EventType::ImageDue => EventData::ImageDue(de(ty, v)?),
             EventType::ImageReady => EventData::ImageReady(de(ty, v)?),
             EventType::DeploymentStarted => EventData::DeploymentStarted(de(ty, v)?),
             EventType::DeploymentSucceeded => EventData::DeploymentSucceeded(de(ty, v)?),

@@ -210,6 +210,7 @@ fn commit_of(data: &EventData) -> Option<&str> {
         EventData::BuildRequested(d) => &d.commit,
         EventData::BuildCompleted(d) => &d.commit,
         EventData::ImageRequested(d) => &d.commit,
+        EventData::ImageDue(d) => &d.commit,
         EventData::ImageReady(d) => &d.commit,
         EventData::DeploymentStarted(d)
         | EventData::DeploymentSucceeded(d)
@@ -320,6 +321,13 @@ fn data_for(ty: EventType, full: bool) -> EventData {
             } else {
                 "ghcr.io/octo-org/api".into()
             },
+        }),
+        EventType::ImageDue => EventData::ImageDue(ImageDue {
+            app: APP.into(),
+            commit: COMMIT.into(),
+            bake: "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg-img/providers/Microsoft.VirtualMachineImages/imageTemplates/deploychain-api-1a2b3c4d5e6f".into(),
+            attempt: if full { 7 } else { 1 },
+            deadline: "2026-11-23T14:00:00Z".into(),
         }),
         EventType::ImageReady => EventData::ImageReady(ImageReady {
             app: APP.into(),

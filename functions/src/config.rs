@@ -273,6 +273,8 @@ pub struct Config {
     pub notify: Vec<NotifyTarget>,
     /// When the watchdog flags a run as stuck.
     pub stuck_after: StuckAfter,
+    /// `DEPLOYCHAIN_BAKE_LOOK_EVERY` (default 1m): how often a running image bake is looked at.
+    pub bake_look_every: Duration,
     pub max_body_bytes: usize,
 }
 
@@ -368,6 +370,13 @@ impl Config {
                 StuckAfter::default()
             }
         };
+        let bake_look_every = match get("DEPLOYCHAIN_BAKE_LOOK_EVERY") {
+            None => Duration::from_secs(60),
+            Some(v) => parse_duration(&v).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+                errs.push(format!("DEPLOYCHAIN_BAKE_LOOK_EVERY: `{v}` is not a duration like 30s or 1m"));
+                Duration::from_secs(60)
+            }),
+        };
         let max_body_bytes = match get("DEPLOYCHAIN_MAX_BODY_BYTES") {
             None => DEFAULT_MAX_BODY,
             Some(v) => v.parse().ok().filter(|n| *n >= 1024).unwrap_or_else(|| {
@@ -393,6 +402,7 @@ impl Config {
             ci,
             notify,
             stuck_after,
+            bake_look_every,
             max_body_bytes,
         };
         if errs.is_empty() { Ok(cfg) } else { Err(errs) }

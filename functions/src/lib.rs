@@ -54,6 +54,7 @@ pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("ops_deadletters", Trigger::Http),
     ("on_push", Trigger::ServiceBus),
     ("on_build_completed", Trigger::ServiceBus),
+    ("on_image_due", Trigger::ServiceBus),
     ("on_image_ready", Trigger::ServiceBus),
     ("on_approval", Trigger::ServiceBus),
     ("on_approval_due", Trigger::ServiceBus),
@@ -102,6 +103,7 @@ pub fn app(state: AppState) -> Router {
             "/on_build_completed",
             post(|s, h, b| bus_fn(s, h, b, "on_build_completed", |s, m| Box::pin(steps::on_build_completed::handle(s, m)))),
         )
+        .route("/on_image_due", post(|s, h, b| bus_fn(s, h, b, "on_image_due", |s, m| Box::pin(steps::on_image_due::handle(s, m)))))
         .route("/on_image_ready", post(|s, h, b| bus_fn(s, h, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
         .route("/on_approval", post(|s, h, b| bus_fn(s, h, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
         .route(

@@ -34,6 +34,12 @@ async fn main() -> anyhow::Result<()> {
     let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
     let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());
     let builds = Arc::new(deploychain_functions::adapters::ci::CiBuilds::from_config(&config.ci).map_err(anyhow::Error::msg)?);
+    let bake_arm =
+        Arc::new(deploychain_functions::adapters::arm::client_from_config(&config.arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
+    let baker = Arc::new(deploychain_functions::adapters::bake::Bakers {
+        image_builder: Some(deploychain_functions::adapters::bake::VmImageBuilder::new(bake_arm.clone(), config.bake_look_every)),
+        ci: Some(deploychain_functions::adapters::bake::CiBaked::new(bake_arm)),
+    });
     let port = config.port;
     let policy = Arc::new(policy);
     let dead_letters = deploychain_functions::ops::DeadLetters::new(
@@ -51,8 +57,7 @@ async fn main() -> anyhow::Result<()> {
         store: Arc::new(store),
         publisher: Arc::new(publisher),
         builds,
-        // Images here are published by the repository's CI (registry) or reported on the bus.
-        baker: Arc::new(deploychain_functions::adapters::WebhookReported),
+        baker,
         compute,
         notify,
         dead_letters: Some(Arc::new(dead_letters)),

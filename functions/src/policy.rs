@@ -70,16 +70,43 @@ pub enum BuildTrigger {
 #[serde(deny_unknown_fields)]
 pub struct Image {
     pub source: ImageSource,
-    /// `image-builder`: the gallery image definition id versions land in. `registry`: the image
-    /// repository (`ghcr.io/owner/name`) whose published versions are this app's images.
+    /// `image-builder` and `ci`: the gallery image (or application) definition id versions land
+    /// in. `registry`: the image repository (`ghcr.io/owner/name`) whose published versions are
+    /// this app's images.
     pub destination: String,
+    /// `image-builder`: the image template each bake is made from (its source, customizers,
+    /// identity and VM profile; default: the template named after the app in the gallery's
+    /// resource group).
+    pub template: Option<String>,
+    /// `image-builder`: how long a bake may take before the run fails (default `4h`).
+    pub timeout: Option<String>,
+}
+
+impl Image {
+    /// The image template bakes are made from.
+    pub fn template_id(&self, app: &str) -> String {
+        self.template.clone().unwrap_or_else(|| {
+            let rg: Vec<&str> = self.destination.split('/').take(5).collect();
+            format!("{}/providers/Microsoft.VirtualMachineImages/imageTemplates/{app}", rg.join("/"))
+        })
+    }
+
+    /// How long a bake may take.
+    pub fn bake_timeout(&self) -> Duration {
+        self.timeout.as_deref().and_then(parse_duration).unwrap_or(Duration::from_secs(4 * 3600))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum ImageSource {
+    /// Azure VM Image Builder bakes it from an image template into the gallery image definition.
     ImageBuilder,
+    /// A container registry publishes it (reported by webhook).
     Registry,
+    /// The build made it (Packer in CI, a VM Application upload): the gallery version tagged
+    /// `deploychain.commit` with the build's commit.
+    Ci,
 }
 
 impl ImageSource {
@@ -87,6 +114,7 @@ impl ImageSource {
         match self {
             ImageSource::ImageBuilder => "image-builder",
             ImageSource::Registry => "registry",
+            ImageSource::Ci => "ci",
         }
     }
 }
@@ -367,6 +395,31 @@ impl Policy {
             if app.image.destination.trim().is_empty() {
                 return Err(invalid(k("image.destination"), "must not be empty"));
             }
+            let dest = app.image.destination.to_ascii_lowercase();
+            if app.image.source == ImageSource::ImageBuilder
+                && !(dest.contains("/providers/microsoft.compute/galleries/") && dest.contains("/images/"))
+            {
+                return Err(invalid(
+                    k("image.destination"),
+                    "image-builder bakes into a Compute Gallery image definition (…/galleries/{gallery}/images/{image}); a VM Application is built by CI (`source = \"ci\"`)",
+                ));
+            }
+            if app.image.source == ImageSource::Ci && !dest.contains("/providers/microsoft.compute/galleries/") {
+                return Err(invalid(k("image.destination"), "ci images land in a Compute Gallery image or application definition"));
+            }
+            if let Some(t) = &app.image.timeout
+                && parse_duration(t).is_none()
+            {
+                return Err(invalid(k("image.timeout"), format!("`{t}` is not a duration like 90m or 4h")));
+            }
+            if let Some(t) = &app.image.template
+                && !t.to_ascii_lowercase().contains("/providers/microsoft.virtualmachineimages/imagetemplates/")
+            {
+                return Err(invalid(
+                    k("image.template"),
+                    "must be an image template resource id (…/providers/Microsoft.VirtualMachineImages/imageTemplates/{name})",
+                ));
+            }
             if app.stages.is_empty() {
                 return Err(invalid(k("stage"), "list at least one [[app.stage]]"));
             }
@@ -537,7 +590,7 @@ impl App {
     pub fn artifact_kind(&self) -> ImageKind {
         match (self.stages.first().map(|s| s.deploy), self.image.source) {
             (Some(DeployMode::VmApplication), _) => ImageKind::GalleryApplicationVersion,
-            (_, ImageSource::ImageBuilder) => ImageKind::GalleryImageVersion,
+            (_, ImageSource::ImageBuilder | ImageSource::Ci) => ImageKind::GalleryImageVersion,
             (_, ImageSource::Registry) => ImageKind::Container,
         }
     }

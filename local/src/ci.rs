@@ -74,6 +74,8 @@ pub struct LocalCi {
     front_door: String,
     http: reqwest::Client,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// Where a build of an app whose images CI makes (`image.source = "ci"`) publishes its version.
+    arm: Option<crate::arm::LocalArm>,
 }
 
 fn basic(user: &str, pass: &str) -> String {
@@ -105,11 +107,34 @@ impl LocalCi {
             front_door,
             http: reqwest::Client::new(),
             stop,
+            arm: None,
         };
         for p in pending {
             ci.schedule(p);
         }
         ci
+    }
+
+    /// Builds of apps whose images CI makes publish them to this ARM endpoint's gallery.
+    pub fn publishing_to(mut self, arm: crate::arm::LocalArm) -> LocalCi {
+        self.arm = Some(arm);
+        self
+    }
+
+    /// What a CI job that makes the image does before it reports: publish the gallery version
+    /// (image or VM Application) tagged with the run and the commit.
+    fn publish(&self, p: &Pending) -> Result<()> {
+        let (Some(arm), Some(app)) = (&self.arm, self.policy.app(&p.app)) else { return Ok(()) };
+        if p.fail || app.image.source != deploychain_functions::policy::ImageSource::Ci {
+            return Ok(());
+        }
+        let id = format!("{}/versions/1.0.{}", app.image.destination.trim_end_matches('/'), p.build);
+        let unhealthy = self.config.unhealthy_images.iter().any(|u| !u.is_empty() && p.commit.starts_with(u.as_str()));
+        arm.publish_version(
+            &id,
+            json!({ "deploychain.run": p.run, "deploychain.commit": p.commit, "deploychain.build": p.build.to_string() }),
+            unhealthy,
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -190,6 +215,7 @@ impl LocalCi {
 
     async fn report(&self, p: &Pending) -> Result<()> {
         let app = self.policy.app(&p.app).context("the app left the policy")?;
+        self.publish(p)?;
         let rsp = match p.provider {
             BuildProvider::GithubActions => {
                 let repo = app.source.github.clone().unwrap_or_default();

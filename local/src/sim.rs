@@ -4,9 +4,10 @@
 //!   GitHub Actions answers with a signed `workflow_run` (completed) webhook, Azure Pipelines with a
 //!   `build.complete` service hook, both posted to the local front door exactly as the real
 //!   services would (builds deploychain dispatches go to the local CI service, [`crate::ci`]);
-//! - **images**: on `image.requested`, after `image_delay`, a `registry` source publishes a signed
-//!   `registry_package` webhook carrying the commit in the OCI revision label; an `image-builder`
-//!   source publishes `image.ready` on the bus (as the image bake adapter will in Azure).
+//! - **registry images**: on `image.requested`, after `image_delay`, a `registry` source publishes a
+//!   signed `registry_package` webhook carrying the commit in the OCI revision label. (VM Image
+//!   Builder bakes run on the local ARM endpoint's image templates; CI-made images are published
+//!   there by the local CI service.)
 //!
 //! Failures are configurable: builds of listed commit prefixes fail; images baked from listed
 //! commit prefixes fail their health probe once on a scale set (the local ARM endpoint is told,
@@ -141,9 +142,13 @@ impl Simulators {
                 let fail = self.config.failing_builds.iter().any(|p| !p.is_empty() && b.commit.starts_with(p.as_str()));
                 self.build_completed(b, fail).await
             }
-            EventData::ImageRequested(i) => {
+            // Images from VM Image Builder and from CI are found by the handler's bake adapters
+            // on the local ARM endpoint; a registry reports by webhook.
+            EventData::ImageRequested(i)
+                if self.policy.app(&i.app).is_some_and(|a| a.image.source == deploychain_functions::policy::ImageSource::Registry) =>
+            {
                 tokio::time::sleep(self.config.image_delay).await;
-                self.image_ready(&ev, i).await
+                self.image_ready(i).await
             }
             _ => Ok(()),
         }
@@ -230,7 +235,7 @@ impl Simulators {
         }
     }
 
-    async fn image_ready(&self, ev: &DeployEvent, i: &ImageRequested) -> Result<()> {
+    async fn image_ready(&self, i: &ImageRequested) -> Result<()> {
         let app = self.policy.app(&i.app).context("the app left the policy")?;
         let digest = format!("sha256:{}", digest_of(&[&i.app, &i.commit, "image"]));
         match app.image.source {
@@ -255,31 +260,8 @@ impl Simulators {
                 });
                 self.post_github("registry_package", payload).await
             }
-            ImageSource::ImageBuilder => {
-                let n = u32::from_str_radix(&digest[7..13], 16).unwrap_or(0) % 100_000;
-                // A gallery image version, or an application version when the app deploys VM Applications.
-                let image = ImageRef {
-                    kind: app.artifact_kind(),
-                    id: format!("{}/versions/1.0.{n}", app.image.destination),
-                    version: Some(format!("1.0.{n}")),
-                    digest: None,
-                };
-                if self.config.unhealthy_images.iter().any(|p| !p.is_empty() && i.commit.starts_with(p.as_str())) {
-                    self.arm.mark_unhealthy(&image.id)?;
-                    tracing::info!(target: "simulators", run = ev.run_id, image = image.id, "baked an image that fails its health probe");
-                }
-                let out = DeployEvent {
-                    id: event_id(&ev.run_id, "image-ready"),
-                    source: format!("/deploychain/{}/image-builder", i.app),
-                    time: chrono::Utc::now(),
-                    run_id: ev.run_id.clone(),
-                    trace: ev.trace.clone(),
-                    data: EventData::ImageReady(ImageReady { app: i.app.clone(), commit: i.commit.clone(), image, branch: None }),
-                };
-                let first = app.stages.first().map(|s| s.name.clone()).unwrap_or_default();
-                send_event(&self.broker, &self.topic, &out, Some(format!("{}/{first}", i.app))).await.context("publishing image.ready")?;
-                tracing::info!(target: "simulators", run = ev.run_id, "image baked");
-                Ok(())
+            ImageSource::ImageBuilder | ImageSource::Ci => {
+                anyhow::bail!("{} images are found by the bake adapters", app.image.source.as_str())
             }
         }
     }

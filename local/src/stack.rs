@@ -130,6 +130,7 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<Pat
         "JENKINS_URL": format!("http://{ci}/jenkins"),
         "JENKINS_USER": crate::secrets::CI_USER,
         "JENKINS_API_TOKEN": secrets.ci_token,
+        "DEPLOYCHAIN_BAKE_LOOK_EVERY": format!("{}ms", (opts.sim.image_delay.as_millis() / 2).max(20)),
         "RUST_LOG": std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     });
     let mut values = values;
@@ -204,6 +205,8 @@ impl Stack {
         let policy = Arc::new(deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?);
         let arm = LocalArm::open(&opts.data_dir.join("arm.sqlite"), opts.arm.clone(), &secrets.arm_token)
             .context("opening the local ARM endpoint")?;
+        // Image templates bake in the time the simulators' images take.
+        arm.configure_bakes(opts.sim.image_delay, &[], &opts.sim.unhealthy_images);
         for id in arm.seed_from_policy(&policy)? {
             tracing::info!(target: "arm", scale_set = id, "created a simulated scale set");
         }
@@ -223,7 +226,8 @@ impl Stack {
             opts.sim.clone(),
             format!("http://{http_addr}"),
             stop_rx.clone(),
-        );
+        )
+        .publishing_to(arm.clone());
         let ci_listener = bind(0).await?;
         let ci_addr = ci_listener.local_addr()?;
         tasks.push(serve(ci_listener, ci.router(), stop_rx.clone()));

@@ -622,7 +622,7 @@ name = "agent"
 source = { github = "octo-org/agent" }
 branches = ["main"]
 build = { provider = "github-actions", pipeline = "build.yml" }
-image = { source = "image-builder", destination = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/applications/agent" }
+image = { source = "ci", destination = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/applications/agent" }
 
 [[app.stage]]
 name = "staging"
@@ -1174,7 +1174,16 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
         all.iter().find(|s| s.name == "github_webhook" && s.span == by("on_push").parent).expect("the push webhook's span is the root");
     assert_eq!(webhook.trace, trace);
     assert_eq!(by("on_build_completed").parent, by("on_push").span);
-    assert_eq!(by("on_image_ready").parent, by("on_build_completed").span);
+    // The bake: on_build_completed started it, each look at it is the child of the look before,
+    // and the look that found the image is the staging step's parent.
+    let looks: Vec<&Received> = mine.iter().filter(|s| s.name == "on_image_due").collect();
+    assert!(!looks.is_empty(), "the bake was looked at: {mine:#?}");
+    let mut at = by("on_build_completed").span;
+    for _ in 0..looks.len() {
+        let next = looks.iter().find(|l| l.parent == at).unwrap_or_else(|| panic!("a look under {at}: {looks:#?}"));
+        at = next.span.clone();
+    }
+    assert_eq!(by("on_image_ready").parent, at, "the last look is the staging step's parent");
     // The approval's page views and its decision are spans of the release too: the decision's
     // span (under the staging step) is the promotion's parent.
     let decision = all
@@ -1319,7 +1328,14 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     let id = |n: &str| by(n)["data"]["baseData"]["id"].as_str().unwrap().to_string();
     let parent = |n: &str| by(n)["tags"]["ai.operation.parentId"].as_str().unwrap().to_string();
     assert_eq!(parent("on_build_completed"), id("on_push"));
-    assert_eq!(parent("on_image_ready"), id("on_build_completed"));
+    // on_build_completed → the looks at the bake (on_image_due) → on_image_ready.
+    let looks: Vec<&serde_json::Value> = mine.iter().filter(|e| name(e) == "on_image_due").collect();
+    let first = looks.iter().find(|e| e["tags"]["ai.operation.parentId"] == id("on_build_completed").as_str());
+    assert!(first.is_some(), "the first look's parent is on_build_completed: {looks:#?}");
+    assert!(
+        looks.iter().any(|e| e["data"]["baseData"]["id"] == parent("on_image_ready").as_str()),
+        "the staging step's parent is a look at the bake: {looks:#?}"
+    );
     // on_image_ready → the approval decision (a request in the same operation) → on_approval.
     let decision = all.iter().find(|e| name(e) == "approval" && e["data"]["baseData"]["id"] == parent("on_approval").as_str());
     let decision = decision.unwrap_or_else(|| panic!("the promotion's parent is the approval decision: {all:#?}"));

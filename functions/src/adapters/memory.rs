@@ -207,16 +207,26 @@ impl BuildSystem for MemoryBuilds {
 #[derive(Default)]
 pub struct MemoryBaker {
     pub requests: Mutex<Vec<ImageRequest>>,
+    /// What `request_image` answers (default: [`BakeStarted::Reported`]).
+    pub start: Mutex<Option<BakeStarted>>,
+    /// What each `check_image` answers in turn (when spent: still running).
+    pub looks: Mutex<std::collections::VecDeque<BakeStatus>>,
+    /// Bakes looked at, in order.
+    pub looked: Mutex<Vec<String>>,
 }
 
 #[async_trait]
 impl ImageBaker for MemoryBaker {
-    async fn request_image(&self, req: &ImageRequest) -> Result<()> {
+    async fn request_image(&self, req: &ImageRequest) -> Result<BakeStarted> {
         let mut r = lock(&self.requests);
         if !r.iter().any(|x| x.run_id == req.run_id) {
             r.push(req.clone());
         }
-        Ok(())
+        Ok(lock(&self.start).clone().unwrap_or(BakeStarted::Reported))
+    }
+    async fn check_image(&self, _req: &ImageRequest, bake: &str) -> Result<BakeStatus> {
+        lock(&self.looked).push(bake.to_string());
+        Ok(lock(&self.looks).pop_front().unwrap_or(BakeStatus::Running("Building".into())))
     }
 }
 

@@ -4,6 +4,7 @@
 //! `memory` backs step and router tests; `servicebus` and `sqlite` are the real publisher and store.
 
 pub mod arm;
+pub mod bake;
 pub mod ci;
 pub mod memory;
 pub mod notify;
@@ -528,14 +529,47 @@ pub struct ImageRequest {
     pub app: String,
     pub commit: String,
     pub build_id: String,
+    /// `image-builder`, `ci` or `registry` (the policy's `image.source`).
     pub source: String,
     pub destination: String,
+    /// The run's per-app sequence (names its gallery version).
+    pub sequence: i64,
+    /// `image-builder`: the app's base image template.
+    pub template: Option<String>,
+    /// What kind of artifact the app deploys.
+    pub kind: deploychain_events::ImageKind,
 }
 
-/// Starts image bakes. Idempotent per `run_id`.
+/// What asking for an image gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BakeStarted {
+    /// Something else reports it (a registry's webhook).
+    Reported,
+    /// It exists already (made by CI, or an earlier bake of this run).
+    Ready(ImageRef),
+    /// A bake runs: look at it again after `look_after` (`bake` names it).
+    Baking { bake: String, look_after: std::time::Duration },
+}
+
+/// A running bake, looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BakeStatus {
+    /// Still baking, at this sub-state (`Building`, `Customizing`, `Distributing`).
+    Running(String),
+    Ready(ImageRef),
+    /// Ended without an image, with the baker's message.
+    Failed(String),
+}
+
+/// Starts image bakes. Idempotent per `run_id`: asking again reuses what the first ask made.
 #[async_trait]
 pub trait ImageBaker: Send + Sync {
-    async fn request_image(&self, req: &ImageRequest) -> Result<()>;
+    async fn request_image(&self, req: &ImageRequest) -> Result<BakeStarted>;
+    /// Look at a bake [`ImageBaker::request_image`] started.
+    async fn check_image(&self, req: &ImageRequest, bake: &str) -> Result<BakeStatus> {
+        let _ = req;
+        Ok(BakeStatus::Failed(format!("this baker starts no bakes to look at (`{bake}`)")))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -652,8 +686,8 @@ impl BuildSystem for WebhookReported {
 
 #[async_trait]
 impl ImageBaker for WebhookReported {
-    async fn request_image(&self, req: &ImageRequest) -> Result<()> {
+    async fn request_image(&self, req: &ImageRequest) -> Result<BakeStarted> {
         tracing::info!(run = req.run_id, app = req.app, destination = req.destination, "waiting for the image reported by webhook");
-        Ok(())
+        Ok(BakeStarted::Reported)
     }
 }

@@ -14,6 +14,7 @@ pub mod jenkins_webhook;
 pub mod on_approval;
 pub mod on_approval_due;
 pub mod on_build_completed;
+pub mod on_image_due;
 pub mod on_image_ready;
 pub mod on_push;
 pub mod ops_deadletters;
@@ -704,6 +705,52 @@ pub fn commit(run: &Run, key: &str, d: Deployed, image: Option<ImageRef>, stage:
         outbox: d.outbox,
         stage_health: d.stage_health,
     }
+}
+
+/// The image request of a run's commit, from its app's policy.
+pub fn image_request(app: &App, run: &Run, build_id: &str) -> crate::adapters::ImageRequest {
+    crate::adapters::ImageRequest {
+        run_id: run.id.clone(),
+        app: app.name.clone(),
+        commit: run.commit.clone(),
+        build_id: build_id.to_string(),
+        source: app.image.source.as_str().into(),
+        destination: app.image.destination.clone(),
+        sequence: run.sequence,
+        template: (app.image.source == crate::policy::ImageSource::ImageBuilder).then(|| app.image.template_id(&app.name)),
+        kind: app.artifact_kind(),
+    }
+}
+
+/// `image.ready` of a run (the same MessageId whoever finds the image first).
+pub fn image_ready(state: &AppState, rr: &RunRef, app: &App, run: &Run, image: ImageRef, function: &str) -> Outbound {
+    let data =
+        EventData::ImageReady(ImageReady { app: app.name.clone(), commit: run.commit.clone(), image, branch: Some(run.branch.clone()) });
+    emit(state, rr, "image-ready", function, data).1
+}
+
+/// The scheduled `image.due` that looks at a bake for the `attempt`th time, `after` from now.
+#[allow(clippy::too_many_arguments)]
+pub fn image_due(
+    state: &AppState,
+    rr: &RunRef,
+    app: &App,
+    run: &Run,
+    bake: &str,
+    attempt: u32,
+    deadline: DateTime<Utc>,
+    after: std::time::Duration,
+    function: &str,
+) -> Outbound {
+    let data = EventData::ImageDue(ImageDue {
+        app: app.name.clone(),
+        commit: run.commit.clone(),
+        bake: bake.to_string(),
+        attempt,
+        deadline: deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    });
+    let at = Utc::now() + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::minutes(1));
+    emit(state, rr, &format!("image-due.{attempt}"), function, data).1.scheduled(at)
 }
 
 pub fn now() -> DateTime<Utc> {

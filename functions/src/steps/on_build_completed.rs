@@ -2,14 +2,17 @@
 //!
 //! - Trigger: Service Bus subscription `on-build-completed` (Label = `dev.deploychain.build.completed.v1`).
 //! - Input: `build.completed` (from `workflow_run` / `build.complete` webhooks, or the CI simulator).
-//! - Effect on success: asks the image baker for an image of the commit (idempotent per run); for a
-//!   `registry` image source nothing is called: the registry's webhook reports the image.
-//! - Output: `image.requested` (success), or `run.finished` with outcome `failed` and the reason.
+//! - Effect on success: asks the image baker for an image of the commit (idempotent per run): VM
+//!   Image Builder starts the run's bake; a CI-made image is found in the gallery; a `registry`
+//!   image is reported by the registry's webhook.
+//! - Output: `image.requested`, then `image.ready` (the image exists) or a scheduled `image.due`
+//!   (a bake runs); or `run.finished` with outcome `failed` and the reason (build failed, or no
+//!   image can be made).
 //! - Retry: transient failures are redelivered; an event for an unknown run is parked (`UnknownRun`);
 //!   an event for a finished run is acknowledged and ignored.
 
 use super::*;
-use crate::adapters::ImageRequest;
+use crate::adapters::BakeStarted;
 use crate::invoke::BusMessage;
 
 pub const NAME: &str = "on_build_completed";
@@ -36,17 +39,19 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
             let what = entry(KEY, format!("build {word}"), Some(reason.clone()));
             return Ok(Some(finish_run(&state, &run, KEY, NAME, what, RunOutcome::Failed, reason, None)));
         }
-        state
-            .baker
-            .request_image(&ImageRequest {
-                run_id: run.id.clone(),
-                app: app.name.clone(),
-                commit: run.commit.clone(),
-                build_id: build.build_id.clone(),
-                source: app.image.source.as_str().into(),
-                destination: app.image.destination.clone(),
-            })
-            .await?;
+        let req = image_request(app, &run, &build.build_id);
+        let started = match state.baker.request_image(&req).await {
+            Ok(s) => s,
+            // Refused (no such template, no image the build published): the run ends saying why.
+            Err(e) if !e.is_transient() => {
+                let reason = format!("no image of {}: {}", &run.commit[..run.commit.len().min(12)], e.detail());
+                let what = entry(KEY, "image not made", Some(e.detail().to_string()));
+                let mut c = finish_run(&state, &run, KEY, NAME, what, RunOutcome::Failed, reason, None);
+                c.entries.insert(0, entry(KEY, "build succeeded", Some(format!("build {}{link}", build.build_id))));
+                return Ok(Some(c));
+            }
+            Err(e) => return Err(e),
+        };
         let (_, out) = emit(
             &state,
             &rr,
@@ -60,24 +65,37 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 destination: app.image.destination.clone(),
             }),
         );
+        let mut entries = vec![
+            entry(KEY, "build succeeded", Some(format!("build {}{link}", build.build_id))),
+            entry(KEY, "image requested", Some(format!("{} → {}", app.image.source.as_str(), app.image.destination))),
+        ];
+        let mut outbox = vec![out];
+        let short = &run.commit[..run.commit.len().min(12)];
+        let mut waiting = format!("image of {short} from {} ({})", app.image.source.as_str(), app.image.destination);
+        match started {
+            BakeStarted::Reported => {}
+            BakeStarted::Ready(image) => {
+                entries.push(entry(KEY, "image ready", Some(image.id.clone())));
+                outbox.push(image_ready(&state, &rr, app, &run, image, NAME));
+                waiting = format!("deployment to {}", app.stages.first().map(|s| s.name.as_str()).unwrap_or("the first stage"));
+            }
+            BakeStarted::Baking { bake, look_after } => {
+                let deadline = Utc::now() + chrono::Duration::from_std(app.image.bake_timeout()).unwrap_or(chrono::Duration::hours(4));
+                entries.push(entry(KEY, "image baking", Some(bake.clone())));
+                outbox.push(image_due(&state, &rr, app, &run, &bake, 1, deadline, look_after, NAME));
+                waiting = format!("image of {short} baking in VM Image Builder ({})", bake.rsplit('/').next().unwrap_or(&bake));
+            }
+        }
         Ok(Some(StepCommit {
             run_id: run.id.clone(),
             key: KEY.into(),
             new_run: None,
-            entries: vec![
-                entry(KEY, "build succeeded", Some(format!("build {}{link}", build.build_id))),
-                entry(KEY, "image requested", Some(format!("{} → {}", app.image.source.as_str(), app.image.destination))),
-            ],
+            entries,
             status: RunStatus::Running,
-            waiting_for: Some(format!(
-                "image of {} from {} ({})",
-                &run.commit[..run.commit.len().min(12)],
-                app.image.source.as_str(),
-                app.image.destination
-            )),
+            waiting_for: Some(waiting),
             image: None,
             stage: None,
-            outbox: vec![out],
+            outbox,
             stage_health: None,
         }))
     })

@@ -20,6 +20,7 @@
 //! Everything — scale sets, operations, the request log — is kept in one SQLite file, so the
 //! simulated Azure side survives a restart of the stack like the bus does.
 
+mod images;
 mod rest;
 pub mod world;
 
@@ -257,6 +258,7 @@ impl LocalArm {
             operation_ms: ms(config.operation_time),
             upgrade_ms: ms(config.upgrade_time),
             health_delay_ms: ms(config.health_delay),
+            bake_ms: 2000,
         };
         world.failing_targets = config.failing_targets.iter().map(|f| f.to_ascii_lowercase()).collect();
         world.failing_checks = config.failing_checks.clone();
@@ -352,12 +354,43 @@ impl LocalArm {
     /// Create every VM scale set target of `policy` that does not exist yet: the published
     /// example, on version `0.0.1` of the app's gallery image — or, for a stage that deploys VM
     /// Applications, on the example's OS image with version `0.0.1` of the app's gallery application.
+    /// The app's base image template (what a platform team's IaC creates): an Ubuntu platform
+    /// image, one shell customizer, distribution into the app's gallery image definition.
+    fn ensure_base_template(&self, id: &str, app: &str, destination: &str) -> Result<()> {
+        let mut s = self.lock();
+        let key = id.to_ascii_lowercase();
+        if s.world.templates.contains_key(&key) {
+            return Ok(());
+        }
+        let rg: Vec<&str> = id.split('/').take(5).collect();
+        let body = json!({
+            "id": id, "name": world::name_of(id), "type": "Microsoft.VirtualMachineImages/imageTemplates", "location": "westus",
+            "tags": { "app": app },
+            "identity": { "type": "UserAssigned", "userAssignedIdentities": {
+                format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/image-builder", rg.join("/")): {} } },
+            "properties": {
+                "source": { "type": "PlatformImage", "publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest" },
+                "customize": [ { "type": "Shell", "name": "install-app", "inline": [ format!("sudo /opt/{app}/install.sh") ] } ],
+                "distribute": [ { "type": "SharedImage", "galleryImageId": destination, "runOutputName": app,
+                                  "targetRegions": [ { "name": "westus", "replicaCount": 1 } ] } ],
+                "vmProfile": { "vmSize": "Standard_D2ds_v5", "osDiskSizeGB": 30 },
+                "buildTimeoutInMinutes": 120,
+                "provisioningState": "Succeeded"
+            }
+        });
+        s.world.templates.insert(key, world::ImageTemplate { body, outputs: Default::default() });
+        s.save()
+    }
+
     pub fn seed_from_policy(&self, policy: &deploychain_functions::policy::Policy) -> Result<Vec<String>> {
         use deploychain_functions::policy::DeployMode;
         let mut created = Vec::new();
         for app in &policy.apps {
             if !app.image.destination.to_ascii_lowercase().contains("/providers/microsoft.compute/galleries/") {
                 continue;
+            }
+            if app.image.source == deploychain_functions::policy::ImageSource::ImageBuilder {
+                self.ensure_base_template(&app.image.template_id(&app.name), &app.name, &app.image.destination)?;
             }
             let first = format!("{}/versions/0.0.1", app.image.destination.trim_end_matches('/'));
             for stage in &app.stages {
@@ -384,6 +417,37 @@ impl LocalArm {
             }
         }
         Ok(created)
+    }
+
+    /// How image template runs behave: how long one takes, the commit prefixes whose bake fails,
+    /// and those whose image fails its health probe once deployed.
+    pub fn configure_bakes(&self, bake_time: Duration, failing: &[String], unhealthy: &[String]) {
+        let mut s = self.lock();
+        s.world.timing.bake_ms = ms(bake_time);
+        s.world.failing_bakes = failing.iter().map(|f| f.to_ascii_lowercase()).collect();
+        s.world.unhealthy_commits = unhealthy.iter().map(|f| f.to_ascii_lowercase()).collect();
+    }
+
+    /// Publish a gallery image or application version, as a CI job does (Packer's
+    /// `shared_image_gallery_destination`, `az sig gallery-application version create`).
+    pub fn publish_version(&self, id: &str, tags: Value, unhealthy: bool) -> Result<()> {
+        let mut s = self.lock();
+        let kind = if id.to_ascii_lowercase().contains("/applications/") { "applications" } else { "images" };
+        let body = json!({
+            "id": id, "name": world::name_of(id), "type": format!("Microsoft.Compute/galleries/{kind}/versions"),
+            "location": "westus", "tags": tags,
+            "properties": { "provisioningState": "Succeeded", "publishingProfile": { "publishedDate": world::rfc3339(now_ms()) } }
+        });
+        s.world.gallery_versions.insert(id.to_ascii_lowercase(), body);
+        if unhealthy {
+            s.world.unhealthy_artifacts.push(id.to_ascii_lowercase());
+        }
+        s.save()
+    }
+
+    /// The image templates (resource bodies) the endpoint holds.
+    pub fn image_templates(&self) -> Vec<Value> {
+        self.lock().world.templates.values().map(|t| t.body.clone()).collect()
     }
 
     pub fn push_fault(&self, fault: Fault) {

@@ -15,26 +15,26 @@ const SCALE_SETS: &str = "/providers/microsoft.compute/virtualmachinescalesets/"
 const LOCATIONS: &str = "/providers/microsoft.compute/locations/";
 
 /// One answer before it becomes an HTTP response.
-struct Answer {
+pub(super) struct Answer {
     status: u16,
     headers: Vec<(String, String)>,
     body: Option<Value>,
 }
 
 impl Answer {
-    fn json(status: u16, body: Value) -> Answer {
+    pub(super) fn json(status: u16, body: Value) -> Answer {
         Answer { status, headers: Vec::new(), body: Some(body) }
     }
 
-    fn empty(status: u16) -> Answer {
+    pub(super) fn empty(status: u16) -> Answer {
         Answer { status, headers: Vec::new(), body: None }
     }
 
-    fn error(status: u16, code: &str, message: impl Into<String>) -> Answer {
+    pub(super) fn error(status: u16, code: &str, message: impl Into<String>) -> Answer {
         Answer::json(status, json!({ "error": { "code": code, "message": message.into() } }))
     }
 
-    fn header(mut self, name: &str, value: impl Into<String>) -> Answer {
+    pub(super) fn header(mut self, name: &str, value: impl Into<String>) -> Answer {
         self.headers.push((name.to_string(), value.into()));
         self
     }
@@ -63,7 +63,7 @@ pub fn apps_router(arm: LocalArm) -> Router {
     Router::new().fallback(app).with_state(arm)
 }
 
-fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+pub(super) fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
     uri.query()?.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
 }
 
@@ -149,7 +149,8 @@ fn answer(s: &mut State, method: &Method, uri: &Uri, if_match: Option<String>, b
             "The api-version query parameter (?api-version=) is required for all requests.",
         );
     };
-    if !super::world::API_VERSIONS.contains(&version) {
+    let images = super::images::serves(uri.path());
+    if !images && !super::world::API_VERSIONS.contains(&version) {
         return Answer::error(
             400,
             "InvalidApiVersionParameter",
@@ -171,6 +172,9 @@ fn answer(s: &mut State, method: &Method, uri: &Uri, if_match: Option<String>, b
         }
         Some(FaultAction::FailOperation(e)) => fail_with = Some(e),
         Some(FaultAction::Delay(_)) | None => {}
+    }
+    if images {
+        return super::images::answer(s, method, uri, body, base, now);
     }
     let lower = path.to_ascii_lowercase();
     if lower.contains(LOCATIONS) && lower.contains("/operations/") {
@@ -363,7 +367,7 @@ fn resource_group(path: &str) -> &str {
     ""
 }
 
-fn operation(s: &State, name: &str, monitor: bool) -> Answer {
+pub(super) fn operation(s: &State, name: &str, monitor: bool) -> Answer {
     let Some(op) = s.world.operations.get(name) else {
         return Answer::error(404, "NotFound", format!("The operation {name} was not found."));
     };

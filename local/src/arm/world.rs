@@ -25,6 +25,8 @@ pub struct Timing {
     pub upgrade_ms: i64,
     /// How long a freshly upgraded instance reports `HealthState/initializing`, in ms.
     pub health_delay_ms: i64,
+    /// How long an image template's run (bake and distribution) takes, in ms.
+    pub bake_ms: i64,
 }
 
 /// One instance of a scale set.
@@ -74,6 +76,20 @@ pub enum Effect {
     ModelUpdate,
     /// `manualUpgrade` of these instances.
     Upgrade(Vec<String>),
+    /// An image template's creation (its `provisioningState`).
+    Provision,
+    /// An image template's run: the bake, then its distribution to the gallery.
+    ImageRun,
+}
+
+/// A VM Image Builder image template and its last run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageTemplate {
+    /// The resource as GET shows it (`lastRunStatus` kept up to date).
+    pub body: Value,
+    /// `runOutputName` → the artifact id the last successful run distributed.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +134,18 @@ pub struct World {
     /// Scale set names whose app answers acceptance checks with 500 whatever its health.
     #[serde(skip)]
     pub failing_checks: Vec<String>,
+    /// Image templates, by lower-case resource id.
+    #[serde(default)]
+    pub templates: BTreeMap<String, ImageTemplate>,
+    /// Compute Gallery image and application versions, by lower-case resource id.
+    #[serde(default)]
+    pub gallery_versions: BTreeMap<String, Value>,
+    /// Commit prefixes (the `deploychain.commit` artifact tag) whose bake fails.
+    #[serde(skip)]
+    pub failing_bakes: Vec<String>,
+    /// Commit prefixes whose baked image fails its health probe on the scale sets.
+    #[serde(skip)]
+    pub unhealthy_commits: Vec<String>,
 }
 
 /// `[imageReference, galleryApplications]` of a scale set body, as JSON text.
@@ -201,6 +229,11 @@ impl World {
             self.operations.values().filter(|o| o.status.is_none() && o.ready_ms <= now).map(|o| o.name.clone()).collect();
         for name in due {
             let Some(op) = self.operations.get(&name).cloned() else { continue };
+            if matches!(op.effect, Effect::Provision | Effect::ImageRun) {
+                self.finish_template_operation(&op, now);
+                changed = true;
+                continue;
+            }
             let failed = op.fail_with.is_some();
             if let Some(ss) = self.scale_sets.get_mut(&op.scale_set) {
                 match &op.effect {
@@ -217,7 +250,7 @@ impl World {
                             vm.pending = None;
                         }
                     }
-                    Effect::Upgrade(_) => {}
+                    Effect::Upgrade(_) | Effect::Provision | Effect::ImageRun => {}
                 }
             }
             if let Some(o) = self.operations.get_mut(&name) {
@@ -383,11 +416,72 @@ fn bad_model(model: &str, seed: &str, name: &str, unhealthy: &[String], failing:
         || (model != seed && failing.iter().any(|f| !f.is_empty() && name.contains(f.as_str())))
 }
 
+impl World {
+    /// An image template's operation is due: its provisioning ends, or its run ends — failed (a
+    /// failing commit, an injected fault) or with the image version in the gallery.
+    fn finish_template_operation(&mut self, op: &Operation, now: i64) {
+        let mut status = if op.fail_with.is_some() { "Failed" } else { "Succeeded" };
+        let Some(t) = self.templates.get_mut(&op.scale_set) else { return };
+        match op.effect {
+            Effect::Provision => t.body["properties"]["provisioningState"] = status.into(),
+            _ => {
+                let distribute: Vec<Value> = t.body["properties"]["distribute"].as_array().cloned().unwrap_or_default();
+                let commit = distribute
+                    .iter()
+                    .find_map(|d| d["artifactTags"]["deploychain.commit"].as_str())
+                    .or_else(|| t.body["tags"]["deploychain.commit"].as_str())
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
+                let bad_bake = self.failing_bakes.iter().any(|p| !p.is_empty() && commit.starts_with(&p.to_ascii_lowercase()));
+                let mut message = op.fail_with.as_ref().map(|e| e["message"].as_str().unwrap_or("the run failed").to_string());
+                if bad_bake && message.is_none() {
+                    message = Some("Failed while waiting for packerizer: Microsoft.VirtualMachineImages/imageTemplates 'customize' step 'build' exited with code 1".into());
+                    status = "Failed";
+                }
+                if status == "Succeeded" {
+                    for d in distribute.iter().filter(|d| d["type"] == "SharedImage") {
+                        let Some(id) = d["galleryImageId"].as_str() else { continue };
+                        let version = json!({
+                            "id": id, "name": name_of(id), "type": "Microsoft.Compute/galleries/images/versions",
+                            "location": t.body["location"], "tags": d["artifactTags"],
+                            "properties": { "provisioningState": "Succeeded",
+                                "publishingProfile": { "publishedDate": rfc3339(now), "targetRegions": d["targetRegions"] },
+                                "storageProfile": { "source": { "id": t.body["id"] } } }
+                        });
+                        self.gallery_versions.insert(id.to_ascii_lowercase(), version);
+                        if let Some(out) = d["runOutputName"].as_str() {
+                            t.outputs.insert(out.to_string(), id.to_string());
+                        }
+                        if self.unhealthy_commits.iter().any(|p| !p.is_empty() && commit.starts_with(&p.to_ascii_lowercase())) {
+                            self.unhealthy_artifacts.push(id.to_ascii_lowercase());
+                        }
+                    }
+                }
+                t.body["properties"]["lastRunStatus"] = json!({
+                    "startTime": rfc3339(op.start_ms), "endTime": rfc3339(now),
+                    "runState": status, "runSubState": if status == "Succeeded" { "Distributing" } else { "Customizing" },
+                    "message": message.unwrap_or_default(),
+                });
+            }
+        }
+        if let Some(o) = self.operations.get_mut(&op.name) {
+            o.status = Some(status.into());
+            if status == "Failed" && o.fail_with.is_none() {
+                o.fail_with = Some(json!({ "code": "ImageTemplateRunFailed", "message": t_message(&self.templates, &op.scale_set) }));
+            }
+        }
+    }
+}
+
+fn t_message(templates: &BTreeMap<String, ImageTemplate>, key: &str) -> String {
+    templates.get(key).and_then(|t| t.body["properties"]["lastRunStatus"]["message"].as_str()).unwrap_or_default().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const T: Timing = Timing { operation_ms: 10, upgrade_ms: 100, health_delay_ms: 0 };
+    const T: Timing = Timing { operation_ms: 10, upgrade_ms: 100, health_delay_ms: 0, bake_ms: 50 };
 
     fn set(mode: &str, instances: usize) -> ScaleSet {
         ScaleSet::new(

@@ -129,6 +129,20 @@ impl ArmClient {
         u
     }
 
+    /// `{endpoint}{id}{suffix}?api-version={api_version}`, for resource providers other than Compute.
+    pub fn url_api(&self, id: &str, suffix: &str, api_version: &str) -> Url {
+        let mut u = self.url(id, suffix);
+        u.set_query(None);
+        u.query_pairs_mut().append_pair("api-version", api_version);
+        u
+    }
+
+    /// Follow an accepted request's long-running operation (`Azure-AsyncOperation` or a 202's
+    /// `Location`) to its end.
+    pub async fn wait_operation(&self, what: &str, answer: &Answer) -> Result<(), ArmError> {
+        self.wait(what, answer, None).await
+    }
+
     /// A link ARM returned (operation status, `Location`, `nextLink`), only on the endpoint's origin.
     fn link(&self, what: &str, link: &str) -> Result<Url, ArmError> {
         let u = self.endpoint.join(link).map_err(|e| ArmError::Failed(format!("{what}: `{link}` is not a URL: {e}")))?;

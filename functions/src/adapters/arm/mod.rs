@@ -118,6 +118,12 @@ impl ArmCompute {
     }
 }
 
+/// An ARM client from the settings (its own token cache), for the bake adapters.
+pub fn client_from_config(c: &crate::config::ArmConfig) -> std::result::Result<ArmClient, String> {
+    let o = ArmOptions::new(c.endpoint.clone());
+    ArmClient::new(c.endpoint.clone(), token_source(&c.credential)?, o.retry, c.poll_interval, o.operation_timeout, o.request_timeout)
+}
+
 /// The token source a credential setting names (one per use: each caches its own scope).
 pub fn token_source(c: &crate::config::ArmCredential) -> std::result::Result<Arc<dyn TokenSource>, String> {
     use crate::config::ArmCredential;
