@@ -1574,3 +1574,40 @@ async fn a_jenkins_job_builds_the_release_and_its_notification_continues_the_run
     assert_eq!(stack.arm.model_updates(&policy_target(JENKINS_POLICY, "staging"), &run), 1);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_image_builder_bakes_each_release_from_its_own_template_and_a_failed_bake_ends_the_run() {
+    use deploychain::arm::{Fault, FaultAction};
+    let stack = Stack::start(options("vib")).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push(&stack).await;
+    wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await;
+    let r = run_json(&stack, &run).await;
+    // The run's template: from the app's base template, distributing the run's version.
+    let template = format!(
+        "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.VirtualMachineImages/imageTemplates/deploychain-{run}"
+    );
+    let log = stack.arm.requests();
+    let put = log.iter().find(|q| q.method == "PUT" && q.path == template).expect("the run's template was created");
+    let version = put.body["properties"]["distribute"][0]["galleryImageId"].as_str().unwrap().to_string();
+    assert!(version.ends_with(&format!("/images/web/versions/1.0.{}", r["sequence"])), "{version}");
+    assert!(log.iter().any(|q| q.method == "POST" && q.path == format!("{template}/run")));
+    assert!(log.iter().any(|q| q.method == "GET" && q.path == format!("{template}/runOutputs/deploychain")));
+    let staging = stack.arm.scale_set(&target("staging")).unwrap();
+    assert_eq!(staging.image(), Some(version.as_str()), "staging runs what the bake made");
+    let steps = r["steps"].to_string();
+    assert!(steps.contains("image baking") && steps.contains("image baked"), "{steps}");
+
+    // The next release's bake fails (its distribution): the run ends with Image Builder's words.
+    stack.arm.push_fault(Fault::new(
+        "POST",
+        "/run",
+        FaultAction::FailOperation(serde_json::json!({ "code": "ImageTemplateRunFailed", "message": "Distribution to westus failed: the gallery image version quota is exceeded" })),
+    ));
+    let failed = push(&stack).await;
+    let done = wait_status(&stack, &failed, "failed").await;
+    let text = done.to_string();
+    assert!(text.contains("image bake failed") && text.contains("gallery image version quota is exceeded"), "{text}");
+    assert!(deployed_stages(&stack, &failed).is_empty(), "nothing rolled out");
+    stack.stop().await;
+}

@@ -213,11 +213,16 @@ pub struct MemoryBaker {
     pub looks: Mutex<std::collections::VecDeque<BakeStatus>>,
     /// Bakes looked at, in order.
     pub looked: Mutex<Vec<String>>,
+    /// When set, every image is refused with this message.
+    pub refuse: Mutex<Option<String>>,
 }
 
 #[async_trait]
 impl ImageBaker for MemoryBaker {
     async fn request_image(&self, req: &ImageRequest) -> Result<BakeStarted> {
+        if let Some(m) = lock(&self.refuse).clone() {
+            return Err(Error::Refused(m));
+        }
         let mut r = lock(&self.requests);
         if !r.iter().any(|x| x.run_id == req.run_id) {
             r.push(req.clone());

@@ -75,7 +75,7 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
         match started {
             BakeStarted::Reported => {}
             BakeStarted::Ready(image) => {
-                entries.push(entry(KEY, "image ready", Some(image.id.clone())));
+                entries.push(entry(KEY, "image found", Some(image.id.clone())));
                 outbox.push(image_ready(&state, &rr, app, &run, image, NAME));
                 waiting = format!("deployment to {}", app.stages.first().map(|s| s.name.as_str()).unwrap_or("the first stage"));
             }

@@ -45,7 +45,7 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
                 Ok(Some(StepCommit::of_run(
                     &run.id,
                     &key,
-                    vec![entry(&key, "image ready", Some(format!("{} (baked by {name})", image.id)))],
+                    vec![entry(&key, "image baked", Some(format!("{} (by {name})", image.id)))],
                     RunStatus::Running,
                     Some(format!("deployment to {first}")),
                     vec![out],

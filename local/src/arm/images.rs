@@ -28,7 +28,7 @@ pub fn serves(path: &str) -> bool {
     lower.contains(TEMPLATES) || lower.contains(VIB_LOCATIONS) || (lower.contains(GALLERIES) && lower.contains("/versions"))
 }
 
-pub fn answer(s: &mut State, method: &Method, uri: &Uri, body: &Value, base: &str, now: i64) -> Answer {
+pub fn answer(s: &mut State, method: &Method, uri: &Uri, body: &Value, base: &str, now: i64, fail_with: Option<Value>) -> Answer {
     let path = uri.path();
     let lower = path.to_ascii_lowercase();
     let version = query_param(uri, "api-version").unwrap_or_default();
@@ -96,7 +96,7 @@ pub fn answer(s: &mut State, method: &Method, uri: &Uri, body: &Value, base: &st
             b["properties"]["provisioningState"] = "Creating".into();
             s.world.templates.insert(key.clone(), ImageTemplate { body: b.clone(), outputs: Default::default() });
             let ready = now + s.world.timing.operation_ms;
-            let op = s.world.new_operation(&key, Effect::Provision, now, ready, None);
+            let op = s.world.new_operation(&key, Effect::Provision, now, ready, fail_with);
             let _ = s.save();
             Answer::json(201, b).header("azure-asyncoperation", op_url(s, &op))
         }
@@ -107,7 +107,7 @@ pub fn answer(s: &mut State, method: &Method, uri: &Uri, body: &Value, base: &st
             }
             t.body["properties"]["lastRunStatus"] = json!({ "runState": "Running", "runSubState": "Building", "message": "" });
             let ready = now + s.world.timing.bake_ms;
-            let op = s.world.new_operation(&key, Effect::ImageRun, now, ready, None);
+            let op = s.world.new_operation(&key, Effect::ImageRun, now, ready, fail_with);
             let _ = s.save();
             let url = op_url(s, &op);
             Answer::empty(202).header("azure-asyncoperation", url.clone()).header("location", url)

@@ -356,7 +356,7 @@ impl LocalArm {
     /// Applications, on the example's OS image with version `0.0.1` of the app's gallery application.
     /// The app's base image template (what a platform team's IaC creates): an Ubuntu platform
     /// image, one shell customizer, distribution into the app's gallery image definition.
-    fn ensure_base_template(&self, id: &str, app: &str, destination: &str) -> Result<()> {
+    pub fn ensure_base_template(&self, id: &str, app: &str, destination: &str) -> Result<()> {
         let mut s = self.lock();
         let key = id.to_ascii_lowercase();
         if s.world.templates.contains_key(&key) {

@@ -174,7 +174,7 @@ fn answer(s: &mut State, method: &Method, uri: &Uri, if_match: Option<String>, b
         Some(FaultAction::Delay(_)) | None => {}
     }
     if images {
-        return super::images::answer(s, method, uri, body, base, now);
+        return super::images::answer(s, method, uri, body, base, now, fail_with);
     }
     let lower = path.to_ascii_lowercase();
     if lower.contains(LOCATIONS) && lower.contains("/operations/") {
