@@ -49,6 +49,7 @@ pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("github_webhook", Trigger::Http),
     ("azure_devops_webhook", Trigger::Http),
     ("jenkins_webhook", Trigger::Http),
+    ("eventgrid_webhook", Trigger::Http),
     ("approval", Trigger::Http),
     ("runs", Trigger::Http),
     ("ops_deadletters", Trigger::Http),
@@ -91,6 +92,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/jenkins_webhook",
             post(|s, h, b| http_fn(s, h, b, "jenkins_webhook", |s, r| Box::pin(steps::jenkins_webhook::handle(s, r)))),
+        )
+        .route(
+            "/eventgrid_webhook",
+            post(|s, h, b| http_fn(s, h, b, "eventgrid_webhook", |s, r| Box::pin(steps::eventgrid_webhook::handle(s, r)))),
         )
         .route("/approval", post(|s, h, b| http_fn(s, h, b, "approval", |s, r| Box::pin(steps::approval::handle(s, r)))))
         .route("/runs", post(|s, h, b| http_fn(s, h, b, "runs", |s, r| Box::pin(steps::runs::handle(s, r)))))

@@ -9,6 +9,7 @@
 
 pub mod approval;
 pub mod azure_devops_webhook;
+pub mod eventgrid_webhook;
 pub mod github_webhook;
 pub mod jenkins_webhook;
 pub mod on_approval;
