@@ -25,7 +25,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let arm = &config.arm;
     tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "rollouts go to VM scale sets through ARM");
-    let compute: Arc<dyn Compute> = Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
+    let scale_sets: Arc<dyn Compute> = Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
+    let aks_arm = Arc::new(deploychain_functions::adapters::arm::client_from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
+    let aks_tokens = deploychain_functions::adapters::arm::token_source(&arm.credential).map_err(|e| anyhow::anyhow!("ARM: {e}"))?;
+    let clusters = deploychain_functions::adapters::aks::AksCompute::new(aks_arm, aks_tokens, arm.poll_interval, arm.health_timeout)
+        .map_err(anyhow::Error::msg)?;
+    let compute: Arc<dyn Compute> = Arc::new(deploychain_functions::adapters::aks::Targets { scale_sets, clusters: Some(clusters) });
     let notify: Arc<dyn Notify> = if config.notify.is_empty() {
         Arc::new(memory::MemoryNotify::default())
     } else {

@@ -80,6 +80,9 @@ pub struct Image {
     pub template: Option<String>,
     /// `image-builder`: how long a bake may take before the run fails (default `4h`).
     pub timeout: Option<String>,
+    /// `registry` on Azure Container Registry: the registry's resource id, where promotions
+    /// import from.
+    pub registry: Option<String>,
 }
 
 impl Image {
@@ -134,6 +137,28 @@ pub struct Stage {
     #[serde(default)]
     pub checks: Vec<Check>,
     pub approval: Option<Approval>,
+    /// For an AKS cluster `target`: the Deployment and container the image goes to.
+    pub kubernetes: Option<KubeTarget>,
+    /// An Azure Container Registry (resource id) the image is imported into, by digest, before
+    /// this stage deploys it (promotion from a non-production registry).
+    pub registry: Option<String>,
+}
+
+/// Where in a cluster a stage deploys.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubeTarget {
+    pub namespace: String,
+    pub deployment: String,
+    /// The container whose image changes (default: the pod's first).
+    pub container: Option<String>,
+}
+
+impl Stage {
+    /// Whether the stage deploys to an AKS cluster (else a VM scale set).
+    pub fn is_kubernetes(&self) -> bool {
+        self.target.to_ascii_lowercase().contains("/providers/microsoft.containerservice/managedclusters/")
+    }
 }
 
 /// How a stage rolls an artifact out to its scale set.
@@ -432,11 +457,32 @@ impl Policy {
                 if !stage_names.insert(st.name.clone()) {
                     return Err(invalid(sk("name"), format!("stage `{}` is declared twice", st.name)));
                 }
-                if !st.target.to_ascii_lowercase().contains("/providers/microsoft.compute/virtualmachinescalesets/") {
+                if !st.target.to_ascii_lowercase().contains("/providers/microsoft.compute/virtualmachinescalesets/") && !st.is_kubernetes()
+                {
                     return Err(invalid(
                         sk("target"),
-                        "must be a VM scale set resource id (…/providers/Microsoft.Compute/virtualMachineScaleSets/NAME)",
+                        "must be a VM scale set resource id (…/providers/Microsoft.Compute/virtualMachineScaleSets/NAME) or an AKS cluster's (…/providers/Microsoft.ContainerService/managedClusters/NAME)",
                     ));
+                }
+                if st.is_kubernetes() && st.kubernetes.is_none() {
+                    return Err(invalid(sk("kubernetes"), "an AKS target needs `kubernetes = { namespace = \"…\", deployment = \"…\" }`"));
+                }
+                if st.is_kubernetes() && app.image.source != ImageSource::Registry {
+                    return Err(invalid(sk("target"), "an AKS stage deploys container images: the app's image.source must be `registry`"));
+                }
+                if let Some(r) = &st.registry {
+                    if !r.to_ascii_lowercase().contains("/providers/microsoft.containerregistry/registries/") {
+                        return Err(invalid(
+                            sk("registry"),
+                            "must be a container registry resource id (…/providers/Microsoft.ContainerRegistry/registries/NAME)",
+                        ));
+                    }
+                    if app.image.registry.is_none() {
+                        return Err(invalid(
+                            k("image.registry"),
+                            "a stage promotes into another registry: name the registry images come from (its resource id)",
+                        ));
+                    }
                 }
                 if st.batch_size == 0 {
                     return Err(invalid(sk("batch_size"), "must be at least 1 (instances upgraded at a time)"));

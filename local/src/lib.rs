@@ -10,6 +10,7 @@ pub mod ci;
 pub mod client;
 pub mod config;
 pub mod host;
+pub mod k8s;
 pub mod secrets;
 pub mod sim;
 pub mod stack;

@@ -37,9 +37,10 @@ pub struct Simulators {
     pub config: SimConfig,
     pub http: reqwest::Client,
     pub arm: crate::arm::LocalArm,
+    pub kube: crate::k8s::LocalKube,
 }
 
-fn digest_of(parts: &[&str]) -> String {
+pub fn digest_of(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update(p.as_bytes());
@@ -239,6 +240,45 @@ impl Simulators {
         let app = self.policy.app(&i.app).context("the app left the policy")?;
         let digest = format!("sha256:{}", digest_of(&[&i.app, &i.commit, "image"]));
         match app.image.source {
+            ImageSource::Registry
+                if app.image.destination.to_ascii_lowercase().split('/').next().is_some_and(|h| h.ends_with(".azurecr.io")) =>
+            {
+                // Azure Container Registry: the push lands in the registry and Event Grid tells.
+                let dest = app.image.destination.to_ascii_lowercase();
+                let (host, repo) = dest.split_once('/').unwrap_or((dest.as_str(), ""));
+                let hex = digest.trim_start_matches("sha256:");
+                if let Some(reg) = &app.image.registry {
+                    self.arm.push_image(reg, &format!("{repo}@{digest}"))?;
+                }
+                if self.config.unhealthy_images.iter().any(|p| !p.is_empty() && i.commit.starts_with(p.as_str())) {
+                    self.kube.mark_unhealthy(hex);
+                }
+                let event = json!([{
+                    "specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(),
+                    "source": app.image.registry.clone().unwrap_or_else(|| format!("/registries/{host}")),
+                    "subject": format!("{repo}:{}", &i.commit[..i.commit.len().min(12)]),
+                    "type": "Microsoft.ContainerRegistry.ImagePushed", "time": chrono::Utc::now().to_rfc3339(),
+                    "data": { "id": uuid::Uuid::new_v4().to_string(), "timestamp": chrono::Utc::now().to_rfc3339(), "action": "push",
+                        "target": { "mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 1234, "digest": digest, "length": 1234,
+                                    "repository": repo, "tag": format!("sha-{}", &i.commit[..i.commit.len().min(12)]) },
+                        "request": { "id": uuid::Uuid::new_v4().to_string(), "host": host, "method": "PUT", "useragent": "docker/27.0 deploychain-local-ci" } }
+                }]);
+                let rsp = self
+                    .http
+                    .post(format!("{}/api/hooks/eventgrid?code={}", self.front_door, self.secrets.function_key))
+                    .header("content-type", "application/cloudevents-batch+json; charset=utf-8")
+                    .header("aeg-event-type", "Notification")
+                    .body(event.to_string())
+                    .send()
+                    .await
+                    .context("posting the simulated Event Grid delivery")?;
+                let status = rsp.status().as_u16();
+                tracing::info!(target: "simulators", status, "Event Grid ImagePushed delivered");
+                if !(200..300).contains(&status) {
+                    anyhow::bail!("the ImagePushed delivery was answered {status}");
+                }
+                Ok(())
+            }
             ImageSource::Registry => {
                 let repo = app.image.destination.to_ascii_lowercase();
                 let payload = json!({

@@ -51,6 +51,8 @@ pub struct Stack {
     /// The applications' network (the handler's HTTP proxy for acceptance checks).
     pub apps_addr: SocketAddr,
     pub arm: LocalArm,
+    /// The local Kubernetes API (the AKS stages' clusters).
+    pub kube: crate::k8s::LocalKube,
     /// The local CI service builds are started on.
     pub ci: crate::ci::LocalCi,
     pub broker: Broker,
@@ -65,6 +67,19 @@ pub struct Stack {
 /// The repository root: the nearest directory at or above `start` with host.json and functions/.
 pub fn find_repo(start: &Path) -> Option<PathBuf> {
     start.ancestors().find(|d| d.join("host.json").is_file() && d.join("functions").is_dir()).map(Path::to_path_buf)
+}
+
+/// The Deployments the policy's AKS stages update, each first running a seed image.
+fn seed_clusters(kube: &crate::k8s::LocalKube, policy: &deploychain_functions::policy::Policy, replicas: usize) {
+    for app in &policy.apps {
+        for st in app.stages.iter().filter(|s| s.is_kubernetes()) {
+            let Some(k) = &st.kubernetes else { continue };
+            let cluster = st.target.rsplit('/').next().unwrap_or_default();
+            let seed = format!("{}@sha256:{}", app.image.destination.to_ascii_lowercase(), crate::sim::digest_of(&[&app.name, "seed"]));
+            let container = k.container.clone().unwrap_or_else(|| app.name.clone());
+            kube.ensure_deployment(cluster, &k.namespace, &k.deployment, &container, &seed, replicas as i64);
+        }
+    }
 }
 
 /// Lay out the app root as Azure would see it: host.json, one folder per function, the handler,
@@ -216,6 +231,15 @@ impl Stack {
         let apps_listener = bind(0).await?;
         let apps_addr = apps_listener.local_addr()?;
         tasks.push(serve(apps_listener, arm.apps_router(), stop_rx.clone()));
+        // AKS clusters' API servers: the local Kubernetes API, found through the clusters' kubeconfigs.
+        let rollout = (opts.arm.upgrade_time * 3).max(std::time::Duration::from_millis(30));
+        let kube =
+            crate::k8s::LocalKube::open(Some(opts.data_dir.join("k8s.json")), &secrets.arm_token, rollout, opts.arm.health_timeout / 3);
+        seed_clusters(&kube, &policy, opts.arm.instances);
+        let kube_listener = bind(0).await?;
+        let kube_addr = kube_listener.local_addr()?;
+        tasks.push(serve(kube_listener, kube.router(), stop_rx.clone()));
+        arm.set_kube_server(&format!("http://{kube_addr}"));
 
         let http_listener = bind(opts.http_port).await?;
         let http_addr = http_listener.local_addr()?;
@@ -246,6 +270,7 @@ impl Stack {
             config: opts.sim.clone(),
             http: reqwest::Client::new(),
             arm: arm.clone(),
+            kube: kube.clone(),
         });
         tasks.push(tokio::spawn(sims.run(stop_rx.clone())));
         let status = crate::status::StatusPage {
@@ -272,6 +297,7 @@ impl Stack {
             status_addr,
             apps_addr,
             arm,
+            kube,
             ci,
             broker,
             secrets,

@@ -142,6 +142,9 @@ fn request_for(stub: &Stub, run: &str, version: &str, sequence: i64, batch_size:
         mode: DeployMode::Image,
         batch_size,
         checks: vec![stub.check()],
+        kubernetes: None,
+        registry: None,
+        source_registry: None,
     }
 }
 

@@ -1611,3 +1611,90 @@ async fn vm_image_builder_bakes_each_release_from_its_own_template_and_a_failed_
     assert!(deployed_stages(&stack, &failed).is_empty(), "nothing rolled out");
     stack.stop().await;
 }
+
+const CONTAINER_POLICY: &str = r#"
+[[app]]
+name = "shop"
+source = { github = "octo-org/shop" }
+branches = ["main"]
+build = { provider = "github-actions", pipeline = "build.yml" }
+image = { source = "registry", destination = "contosodev.azurecr.io/shop", registry = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-acr/providers/Microsoft.ContainerRegistry/registries/contosodev" }
+
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-aks/providers/Microsoft.ContainerService/managedClusters/aks-staging"
+kubernetes = { namespace = "shop", deployment = "shop" }
+
+[[app.stage]]
+name = "production"
+target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-aks/providers/Microsoft.ContainerService/managedClusters/aks-prod"
+kubernetes = { namespace = "shop", deployment = "shop" }
+registry = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-acr/providers/Microsoft.ContainerRegistry/registries/contosoprod"
+approval = { approvers = ["alice@contoso.com"], quorum = 1 }
+"#;
+
+fn container_options(name: &str) -> StackOptions {
+    let mut opts = options(name);
+    std::fs::create_dir_all(&opts.data_dir).unwrap();
+    opts.policy = opts.data_dir.join("policy.toml");
+    std::fs::write(&opts.policy, CONTAINER_POLICY).unwrap();
+    opts
+}
+
+async fn push_to(stack: &Stack, policy: &Path, prefix: Option<&str>) -> String {
+    let body = client::sample_push(policy, None, prefix).unwrap();
+    let (status, text) = client::send_github(&base(stack), &stack.secrets, "push", &body).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pushed_to_acr_goes_to_staging_aks_is_promoted_by_digest_and_reaches_production_aks() {
+    let opts = container_options("aks");
+    let stack = Stack::start(opts.clone()).await.unwrap();
+    let mut rx = stack.progress.subscribe();
+    let run = push_to(&stack, &opts.policy, None).await;
+    let link = match wait_for(&mut rx, "an approval link", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await {
+        Progress::Approval { link, .. } => link,
+        _ => unreachable!(),
+    };
+    let staging = stack.kube.image("aks-staging", "shop", "shop").unwrap();
+    assert!(staging.starts_with("contosodev.azurecr.io/shop@sha256:"), "staging runs the pushed digest: {staging}");
+    let digest = staging.split_once('@').unwrap().1.to_string();
+    assert!(stack.arm.imports().is_empty(), "nothing promoted before the approval");
+    client::decide(&link, "approve", None).await.unwrap();
+    let done = wait_status(&stack, &run, "succeeded").await;
+
+    // Promotion: one import of exactly that digest into the production registry.
+    let imports = stack.arm.imports();
+    assert_eq!(imports.len(), 1, "{imports:#?}");
+    assert_eq!(imports[0]["sourceImage"], format!("shop@{digest}"));
+    assert!(imports[0]["registry"].as_str().unwrap().ends_with("/registries/contosoprod"));
+    assert!(imports[0]["source"].as_str().unwrap().ends_with("/registries/contosodev"));
+    assert_eq!(imports[0]["mode"], "NoForce");
+    let prod = stack.kube.image("aks-prod", "shop", "shop").unwrap();
+    assert_eq!(prod, format!("contosoprod.azurecr.io/shop@{digest}"), "production runs the promoted digest");
+    assert_eq!(stack.kube.annotations("aks-prod", "shop", "shop")["deploychain.dev/run"], run.as_str());
+    // The clusters' logs: one image patch each, conditional on the version read, by strategic merge.
+    let patches: Vec<_> = stack.kube.seen().into_iter().filter(|s| s.method == "PATCH").collect();
+    assert_eq!(patches.iter().map(|p| p.path.split('/').nth(1).unwrap().to_string()).collect::<Vec<_>>(), ["aks-staging", "aks-prod"]);
+    assert!(patches.iter().all(|p| p.status == 200 && p.body["metadata"]["resourceVersion"].is_string()), "{patches:#?}");
+    assert!(done["steps"].to_string().contains("deployed to production"));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_that_never_becomes_available_rolls_the_deployment_back_and_fails_the_run() {
+    let mut opts = container_options("aks-bad");
+    opts.sim.unhealthy_images = vec!["bad".into()];
+    let stack = Stack::start(opts.clone()).await.unwrap();
+    let before = stack.kube.image("aks-staging", "shop", "shop").unwrap();
+    let run = push_to(&stack, &opts.policy, Some("bad")).await;
+    let done = wait_status(&stack, &run, "failed").await;
+    let text = done.to_string();
+    assert!(text.contains("deployment to staging rolled back") && text.contains("progress deadline"), "{text}");
+    assert_eq!(stack.kube.image("aks-staging", "shop", "shop").unwrap(), before, "back on the previous ReplicaSet's image");
+    assert_eq!(stack.kube.annotations("aks-staging", "shop", "shop")["deploychain.dev/rolledback"], run.as_str());
+    assert!(stack.arm.imports().is_empty() && stack.kube.seen().iter().all(|s| !s.path.starts_with("/aks-prod")), "production untouched");
+    stack.stop().await;
+}

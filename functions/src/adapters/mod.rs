@@ -3,6 +3,7 @@
 //! Steps see only these traits; `AppState` holds one `Arc<dyn …>` of each, chosen once in `main`.
 //! `memory` backs step and router tests; `servicebus` and `sqlite` are the real publisher and store.
 
+pub mod aks;
 pub mod arm;
 pub mod bake;
 pub mod ci;
@@ -586,6 +587,11 @@ pub struct DeployRequest {
     pub batch_size: u32,
     /// The stage's acceptance checks, run after each batch passed its health gate.
     pub checks: Vec<Check>,
+    /// An AKS target's Deployment.
+    pub kubernetes: Option<crate::policy::KubeTarget>,
+    /// Import the image into this registry (by digest) first; `source_registry` is where from.
+    pub registry: Option<String>,
+    pub source_registry: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

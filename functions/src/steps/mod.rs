@@ -260,6 +260,9 @@ pub async fn deploy_stage(
             mode: stage.deploy,
             batch_size: stage.batch_size,
             checks: stage.checks.clone(),
+            kubernetes: stage.kubernetes.clone(),
+            registry: stage.registry.clone(),
+            source_registry: app.image.registry.clone(),
         })
         .await?;
 

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 const TEMPLATES: &str = "/providers/microsoft.virtualmachineimages/imagetemplates/";
 const VIB_LOCATIONS: &str = "/providers/microsoft.virtualmachineimages/locations/";
 const GALLERIES: &str = "/providers/microsoft.compute/galleries/";
+const REGISTRIES: &str = "/providers/microsoft.containerregistry/registries/";
+const ACR_LOCATIONS: &str = "/providers/microsoft.containerregistry/locations/";
+const CLUSTERS: &str = "/providers/microsoft.containerservice/managedclusters/";
 
 /// The VM Image Builder API versions the endpoint answers.
 pub const VIB_API_VERSIONS: [&str; 3] = ["2022-07-01", "2023-07-01", "2024-02-01"];
@@ -25,14 +28,31 @@ pub const GALLERY_API_VERSIONS: [&str; 3] = ["2023-07-03", "2024-03-03", "2025-0
 /// Whether `path` is served here.
 pub fn serves(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    lower.contains(TEMPLATES) || lower.contains(VIB_LOCATIONS) || (lower.contains(GALLERIES) && lower.contains("/versions"))
+    lower.contains(TEMPLATES)
+        || lower.contains(VIB_LOCATIONS)
+        || (lower.contains(GALLERIES) && lower.contains("/versions"))
+        || lower.contains(REGISTRIES)
+        || lower.contains(ACR_LOCATIONS)
+        || lower.contains(CLUSTERS)
 }
+
+/// The container registry and AKS API versions the endpoint answers.
+pub const ACR_API_VERSIONS: [&str; 2] = ["2023-07-01", "2025-04-01"];
+pub const AKS_API_VERSIONS: [&str; 2] = ["2024-09-01", "2025-05-01"];
 
 pub fn answer(s: &mut State, method: &Method, uri: &Uri, body: &Value, base: &str, now: i64, fail_with: Option<Value>) -> Answer {
     let path = uri.path();
     let lower = path.to_ascii_lowercase();
     let version = query_param(uri, "api-version").unwrap_or_default();
-    let supported: &[&str] = if lower.contains(GALLERIES) { &GALLERY_API_VERSIONS } else { &VIB_API_VERSIONS };
+    let supported: &[&str] = if lower.contains(GALLERIES) {
+        &GALLERY_API_VERSIONS
+    } else if lower.contains(REGISTRIES) || lower.contains(ACR_LOCATIONS) {
+        &ACR_API_VERSIONS
+    } else if lower.contains(CLUSTERS) {
+        &AKS_API_VERSIONS
+    } else {
+        &VIB_API_VERSIONS
+    };
     if !supported.contains(&version) {
         return Answer::error(
             400,
@@ -48,6 +68,15 @@ pub fn answer(s: &mut State, method: &Method, uri: &Uri, body: &Value, base: &st
     }
     if lower.contains(GALLERIES) {
         return gallery(s, method, path);
+    }
+    if lower.contains(ACR_LOCATIONS) && lower.contains("/operations/") {
+        return operation(s, name_of(path), true);
+    }
+    if lower.contains(REGISTRIES) {
+        return registry(s, method, path, body, base, version, now, fail_with);
+    }
+    if lower.contains(CLUSTERS) {
+        return cluster(s, method, path);
     }
     let Some(at) = lower.find(TEMPLATES) else { return Answer::error(404, "InvalidResourceType", path.to_string()) };
     let rest = &path[at + TEMPLATES.len()..];
@@ -151,5 +180,94 @@ fn gallery(s: &State, method: &Method, path: &str) -> Answer {
             None => Answer::error(404, "ResourceNotFound", format!("The Resource '{}' was not found.", name_of(path))),
         },
         _ => Answer::error(405, "OperationNotSupported", format!("The local ARM endpoint does not serve {method} on gallery versions")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn registry(
+    s: &mut State,
+    method: &Method,
+    path: &str,
+    body: &Value,
+    base: &str,
+    version: &str,
+    now: i64,
+    fail_with: Option<Value>,
+) -> Answer {
+    let lower = path.to_ascii_lowercase();
+    let at = lower.find(REGISTRIES).unwrap_or(0) + REGISTRIES.len();
+    let (name, suffix) =
+        lower[at..].split_once('/').map(|(n, x)| (n.to_string(), format!("/{x}"))).unwrap_or((lower[at..].to_string(), String::new()));
+    let id = &path[..at + name.len()];
+    let key = id.to_ascii_lowercase();
+    match (method.as_str(), suffix.as_str()) {
+        ("GET", "") => Answer::json(
+            200,
+            json!({ "id": id, "name": name, "type": "Microsoft.ContainerRegistry/registries", "location": "westus", "sku": { "name": "Premium", "tier": "Premium" },
+                    "properties": { "loginServer": format!("{name}.azurecr.io"), "provisioningState": "Succeeded", "adminUserEnabled": false } }),
+        ),
+        ("POST", "/importimage") => {
+            let source = body["source"]["resourceId"].as_str().or(body["source"]["registryUri"].as_str());
+            let image = body["source"]["sourceImage"].as_str();
+            let (Some(source), Some(image)) = (source, image) else {
+                return Answer::error(400, "InvalidParameter", "source.resourceId (or registryUri) and source.sourceImage are required.");
+            };
+            let src_key = source.to_ascii_lowercase();
+            if src_key.contains(REGISTRIES) && !s.world.registry_images.get(&src_key).is_some_and(|v| v.iter().any(|i| i == image)) {
+                return Answer::error(404, "ManifestUnknown", format!("The image '{image}' was not found in the source registry."));
+            }
+            s.world.imports.push(json!({ "registry": id, "source": source, "sourceImage": image, "mode": body["mode"] }));
+            let images = s.world.registry_images.entry(key.clone()).or_default();
+            if !images.iter().any(|i| i == image) {
+                images.push(image.to_string());
+            }
+            let op = s.world.new_operation(&key, Effect::Import, now, now + s.world.timing.operation_ms, fail_with);
+            let _ = s.save();
+            let sub = id.split('/').nth(2).unwrap_or_default();
+            let url = format!(
+                "{base}/subscriptions/{sub}/providers/Microsoft.ContainerRegistry/locations/westus/operations/{op}?api-version={version}"
+            );
+            Answer::empty(202).header("location", url).header("retry-after", "0")
+        }
+        (m, sfx) => {
+            Answer::error(405, "OperationNotSupported", format!("The local ARM endpoint does not serve {m} on registries/{{name}}{sfx}"))
+        }
+    }
+}
+
+fn cluster(s: &State, method: &Method, path: &str) -> Answer {
+    let lower = path.to_ascii_lowercase();
+    let at = lower.find(CLUSTERS).unwrap_or(0) + CLUSTERS.len();
+    let (name, suffix) =
+        lower[at..].split_once('/').map(|(n, x)| (n.to_string(), format!("/{x}"))).unwrap_or((lower[at..].to_string(), String::new()));
+    let Some(server) = s.kube_server.clone() else {
+        return Answer::error(
+            404,
+            "ResourceNotFound",
+            format!("The Resource 'Microsoft.ContainerService/managedClusters/{name}' was not found."),
+        );
+    };
+    match (method.as_str(), suffix.as_str()) {
+        ("POST", "/listclusterusercredential") => {
+            let user = format!("clusterUser_{name}");
+            let kubeconfig = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {server}/{name}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {user}\ncurrent-context: {name}\nusers:\n- name: {user}\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: kubelogin\n      args: [get-token, --server-id, 6dae42f8-4368-4678-94ff-3960e28e3630]\n"
+            );
+            use base64::Engine;
+            Answer::json(
+                200,
+                json!({ "kubeconfigs": [{ "name": "clusterUser", "value": base64::engine::general_purpose::STANDARD.encode(kubeconfig) }] }),
+            )
+        }
+        ("GET", "") => Answer::json(
+            200,
+            json!({ "id": &path[..at + name.len()], "name": name, "type": "Microsoft.ContainerService/ManagedClusters", "location": "westus",
+                    "properties": { "provisioningState": "Succeeded", "fqdn": format!("{name}.hcp.westus.azmk8s.io"), "aadProfile": { "managed": true, "enableAzureRBAC": true } } }),
+        ),
+        (m, sfx) => Answer::error(
+            405,
+            "OperationNotSupported",
+            format!("The local ARM endpoint does not serve {m} on managedClusters/{{name}}{sfx}"),
+        ),
     }
 }

@@ -186,6 +186,8 @@ struct State {
     faults: VecDeque<Fault>,
     token: String,
     page_size: usize,
+    /// The local Kubernetes API's base URL, for AKS clusters' kubeconfigs.
+    kube_server: Option<String>,
 }
 
 /// Something that happened to a scale set, for the progress view.
@@ -268,6 +270,7 @@ impl LocalArm {
             faults: config.faults.iter().cloned().collect(),
             token: token.to_string(),
             page_size: config.page_size.max(1),
+            kube_server: None,
         };
         let (activity, _) = tokio::sync::broadcast::channel(256);
         Ok(LocalArm { state: Arc::new(Mutex::new(state)), config: Arc::new(config), activity })
@@ -443,6 +446,26 @@ impl LocalArm {
             s.world.unhealthy_artifacts.push(id.to_ascii_lowercase());
         }
         s.save()
+    }
+
+    /// Where AKS clusters' API servers are (the local Kubernetes API).
+    pub fn set_kube_server(&self, url: &str) {
+        self.lock().kube_server = Some(url.trim_end_matches('/').to_string());
+    }
+
+    /// A container image (`repository@digest`) is in registry `id` (as a push would put it).
+    pub fn push_image(&self, id: &str, image: &str) -> Result<()> {
+        let mut s = self.lock();
+        let images = s.world.registry_images.entry(id.to_ascii_lowercase()).or_default();
+        if !images.iter().any(|i| i == image) {
+            images.push(image.to_string());
+        }
+        s.save()
+    }
+
+    /// Every `importImage` accepted: `{registry, source, sourceImage, mode}`.
+    pub fn imports(&self) -> Vec<Value> {
+        self.lock().world.imports.clone()
     }
 
     /// The image templates (resource bodies) the endpoint holds.

@@ -80,6 +80,8 @@ pub enum Effect {
     Provision,
     /// An image template's run: the bake, then its distribution to the gallery.
     ImageRun,
+    /// A container registry's `importImage`.
+    Import,
 }
 
 /// A VM Image Builder image template and its last run.
@@ -140,6 +142,12 @@ pub struct World {
     /// Compute Gallery image and application versions, by lower-case resource id.
     #[serde(default)]
     pub gallery_versions: BTreeMap<String, Value>,
+    /// Images in each container registry (lower-case resource id → `repository@digest`).
+    #[serde(default)]
+    pub registry_images: BTreeMap<String, Vec<String>>,
+    /// Every `importImage` accepted: `{registry, source, sourceImage}`.
+    #[serde(default)]
+    pub imports: Vec<Value>,
     /// Commit prefixes (the `deploychain.commit` artifact tag) whose bake fails.
     #[serde(skip)]
     pub failing_bakes: Vec<String>,
@@ -234,6 +242,13 @@ impl World {
                 changed = true;
                 continue;
             }
+            if op.effect == Effect::Import {
+                if let Some(o) = self.operations.get_mut(&name) {
+                    o.status = Some(if op.fail_with.is_some() { "Failed" } else { "Succeeded" }.into());
+                }
+                changed = true;
+                continue;
+            }
             let failed = op.fail_with.is_some();
             if let Some(ss) = self.scale_sets.get_mut(&op.scale_set) {
                 match &op.effect {
@@ -250,7 +265,7 @@ impl World {
                             vm.pending = None;
                         }
                     }
-                    Effect::Upgrade(_) | Effect::Provision | Effect::ImageRun => {}
+                    Effect::Upgrade(_) | Effect::Provision | Effect::ImageRun | Effect::Import => {}
                 }
             }
             if let Some(o) = self.operations.get_mut(&name) {

@@ -597,6 +597,9 @@ mod tests {
             mode,
             batch_size: 1,
             checks: vec![Check::http("http://127.0.0.1/healthz")],
+            kubernetes: None,
+            registry: None,
+            source_registry: None,
         }
     }
 
