@@ -691,6 +691,40 @@ approval = { approvers = ["alice@example.com", "bob@example.com"], quorum = 1, e
     }
 
     #[test]
+    fn aks_stages_need_a_deployment_container_images_and_a_source_registry_to_promote_from() {
+        let aks = |stage_extra: &str, image: &str| {
+            format!(
+                r#"
+[[app]]
+name = "shop"
+source = {{ github = "o/shop" }}
+branches = ["main"]
+build = {{ provider = "github-actions", pipeline = "build.yml" }}
+image = {image}
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.ContainerService/managedClusters/aks"
+{stage_extra}
+"#
+            )
+        };
+        let reg = r#"{ source = "registry", destination = "dev.azurecr.io/shop" }"#;
+        let ok = aks(r#"kubernetes = { namespace = "shop", deployment = "shop" }"#, reg);
+        let p = Policy::from_toml(&ok).expect("valid");
+        assert!(p.apps[0].stages[0].is_kubernetes());
+        let err = |t: &str| Policy::from_toml(t).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&aks("", reg)).contains("app[0].stage[0].kubernetes"));
+        let gallery = r#"{ source = "image-builder", destination = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/shop" }"#;
+        assert!(err(&aks(r#"kubernetes = { namespace = "shop", deployment = "shop" }"#, gallery)).contains("container images"));
+        let promote = r#"kubernetes = { namespace = "shop", deployment = "shop" }
+registry = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.ContainerRegistry/registries/prod""#;
+        assert!(err(&aks(promote, reg)).contains("app[0].image.registry"));
+        let bad_registry = r#"kubernetes = { namespace = "shop", deployment = "shop" }
+registry = "prod.azurecr.io""#;
+        assert!(err(&aks(bad_registry, reg)).contains("app[0].stage[0].registry"));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let bad = SAMPLE.replace("quorum = 1", "quorum = 3");
         let err = Policy::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
