@@ -269,6 +269,9 @@ pub struct Config {
     pub arm: ArmConfig,
     /// Where builds are started.
     pub ci: CiConfig,
+    /// The identity an identity-based Service Bus connection uses
+    /// (`ServiceBusConnection__credential` = `managedidentity`, `ServiceBusConnection__clientId`).
+    pub service_bus_identity: Option<ArmCredential>,
     /// Where approval notices go: a generic webhook, Teams, Slack (any of them).
     pub notify: Vec<NotifyTarget>,
     /// When the watchdog flags a run as stuck.
@@ -326,14 +329,24 @@ impl Config {
                 placeholder_url()
             }
         };
-        let service_bus = match get("ServiceBusConnection").map(|c| ConnectionString::parse(&c)) {
-            Some(Ok(c)) => Some(c),
-            Some(Err(e)) => {
-                errs.push(format!("ServiceBusConnection: {e}"));
-                None
-            }
-            None => {
-                errs.push("ServiceBusConnection: not set (Service Bus connection string the handler publishes with)".into());
+        // A connection string (SAS), or identity-based as the Functions host reads it.
+        let service_bus = match (get("ServiceBusConnection"), get("ServiceBusConnection__fullyQualifiedNamespace")) {
+            (Some(c), _) => match ConnectionString::parse(&c) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errs.push(format!("ServiceBusConnection: {e}"));
+                    None
+                }
+            },
+            (None, Some(ns)) => match ConnectionString::entra(&ns) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errs.push(format!("ServiceBusConnection__fullyQualifiedNamespace: {e}"));
+                    None
+                }
+            },
+            (None, None) => {
+                errs.push("ServiceBusConnection: not set (the Service Bus connection string the handler publishes with, or ServiceBusConnection__fullyQualifiedNamespace for managed identity)".into());
                 None
             }
         };
@@ -349,6 +362,20 @@ impl Config {
         };
         let arm = arm_config(get, &mut errs);
         let ci = ci_config(get, &mut errs);
+        let service_bus_identity = match (&service_bus, get("ServiceBusConnection__credential").as_deref()) {
+            (Some(c), cred) if c.entra => match cred.map(str::to_ascii_lowercase).as_deref() {
+                None | Some("managedidentity") => Some(ArmCredential::ManagedIdentity {
+                    client_id: get("ServiceBusConnection__clientId").or_else(|| get("AZURE_CLIENT_ID")),
+                }),
+                Some("workloadidentity") => Some(ArmCredential::WorkloadIdentity),
+                Some("azurecli") => Some(ArmCredential::AzureCli),
+                Some(other) => {
+                    errs.push(format!("ServiceBusConnection__credential: `{other}` is not managedidentity, workloadidentity or azurecli"));
+                    None
+                }
+            },
+            _ => None,
+        };
         // Webhook URLs are secrets of their own (Slack's and Teams' carry a key): never echoed.
         let mut notify = Vec::new();
         for (setting, channel) in [
@@ -400,6 +427,7 @@ impl Config {
             store,
             arm,
             ci,
+            service_bus_identity,
             notify,
             stuck_after,
             bake_look_every,

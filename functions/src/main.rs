@@ -19,7 +19,17 @@ async fn main() -> anyhow::Result<()> {
 
     let http = azure_core::new_http_client();
     let sb = config.service_bus.as_ref().context("ServiceBusConnection")?;
-    let publisher = ServiceBusPublisher::new(sb, &config.topic, &config.parked_queue, http.clone()).map_err(anyhow::Error::msg)?;
+    // Managed identity: an Entra bearer on every Service Bus request (and only those), never a key.
+    let sb_http: Arc<dyn azure_core::HttpClient> = match &config.service_bus_identity {
+        Some(identity) => {
+            let tokens =
+                deploychain_functions::adapters::arm::token_source(identity).map_err(|e| anyhow::anyhow!("ServiceBusConnection: {e}"))?;
+            tracing::info!(credential = identity.name(), "Service Bus requests carry Entra tokens");
+            Arc::new(deploychain_functions::adapters::servicebus::BearerClient { tokens, inner: http.clone() })
+        }
+        None => http.clone(),
+    };
+    let publisher = ServiceBusPublisher::new(sb, &config.topic, &config.parked_queue, sb_http.clone()).map_err(anyhow::Error::msg)?;
     let store = match &config.store {
         StoreConfig::Sqlite(path) => SqliteStore::open(path).map_err(anyhow::Error::msg)?,
     };
@@ -52,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         &config.topic,
         deploychain_functions::ops::SUBSCRIPTIONS.iter().map(|s| s.to_string()).collect(),
         &config.parked_queue,
-        http.clone(),
+        sb_http,
     )
     .with_policy(policy.clone());
     let state = AppState {

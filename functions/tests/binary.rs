@@ -206,3 +206,92 @@ fn sigterm_stops_the_handler_cleanly() {
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     assert!(out.contains("stopping: finishing running invocations"), "{out}");
 }
+
+/// A managed identity endpoint (App Service's `IDENTITY_ENDPOINT`) and a Service Bus namespace on
+/// one local port: the token requests it got, and the `Authorization` of each message sent.
+async fn identity_and_bus() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let tokens: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let auths: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let (t, a) = (tokens.clone(), auths.clone());
+    let app = axum::Router::new()
+        .route(
+            "/msi/token",
+            axum::routing::get(move |headers: HeaderMap, uri: axum::http::Uri| {
+                let t = t.clone();
+                async move {
+                    if headers.get("x-identity-header").and_then(|v| v.to_str().ok()) != Some("identity-header-value") {
+                        return (StatusCode::UNAUTHORIZED, "no identity header".to_string());
+                    }
+                    t.lock().unwrap().push(uri.query().unwrap_or_default().to_string());
+                    let exp = chrono::Utc::now().timestamp() + 3600;
+                    let body = serde_json::json!({ "access_token": "mi-token-for-service-bus", "expires_on": exp.to_string(),
+                        "resource": "https://servicebus.azure.net", "token_type": "Bearer", "client_id": "00000000-0000-0000-0000-0000000000c1" });
+                    (StatusCode::OK, body.to_string())
+                }
+            }),
+        )
+        .fallback(move |headers: HeaderMap| {
+            let a = a.clone();
+            async move {
+                a.lock().unwrap().push(headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string());
+                StatusCode::CREATED
+            }
+        });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (port, tokens, auths)
+}
+
+#[test]
+fn with_managed_identity_the_publisher_sends_an_entra_bearer_and_never_a_key() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (stub, tokens, auths) = rt.block_on(identity_and_bus());
+    let dir = tempdir("entra");
+    let port = free_port();
+    let mut env: Vec<(&str, String)> = base_env(&dir, port).into_iter().filter(|(k, _)| *k != "ServiceBusConnection").collect();
+    env.push(("ServiceBusConnection__fullyQualifiedNamespace", format!("127.0.0.1:{stub}")));
+    env.push(("ServiceBusConnection__credential", "managedidentity".into()));
+    env.push(("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{stub}/msi/token")));
+    env.push(("IDENTITY_HEADER", "identity-header-value".into()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let result = rt.block_on(async {
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "no readiness");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // A signed GitHub push: the webhook publishes the run's `push` event to the topic.
+        let commit = "738a951d2f3e7c2b16cc5a0d6a2b1e7d9a1b2c3d";
+        let push = serde_json::json!({ "ref": "refs/heads/main", "before": "0000000000000000000000000000000000000000", "after": commit,
+            "repository": { "full_name": "octo-org/web" }, "pusher": { "name": "octocat" }, "commits": [],
+            "head_commit": { "id": commit, "message": "change" } })
+        .to_string();
+        let sig = {
+            use hmac::{Hmac, Mac};
+            let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(b"github-secret-value").unwrap();
+            m.update(push.as_bytes());
+            format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+        };
+        let headers = serde_json::json!({ "Content-Type": ["application/json"], "X-GitHub-Event": ["push"],
+            "X-GitHub-Delivery": ["72d3162e-cc78-11e3-81ab-4c9367dc0958"], "X-Hub-Signature-256": [sig] });
+        let envelope = serde_json::json!({ "Data": { "req": { "Url": "http://127.0.0.1:7071/api/hooks/github", "Method": "POST", "Query": {},
+            "Headers": headers, "Params": {}, "Body": push } }, "Metadata": {} });
+        reqwest::Client::new().post(format!("http://127.0.0.1:{port}/github_webhook")).json(&envelope).send().await.unwrap().text().await.unwrap()
+    });
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(result.contains("\"statusCode\":202"), "{result}\n{}", String::from_utf8_lossy(&out.stderr));
+    let auths = auths.lock().unwrap().clone();
+    assert_eq!(auths, ["Bearer mi-token-for-service-bus"], "one message, with the managed identity's token");
+    assert!(auths.iter().all(|a| !a.contains("SharedAccessSignature")), "never a key: {auths:?}");
+    let tokens = tokens.lock().unwrap().clone();
+    assert!(tokens.iter().any(|q| q.contains("resource=https") && q.contains("servicebus.azure.net")), "asked for Service Bus: {tokens:?}");
+}

@@ -304,8 +304,9 @@ async fn stopping_and_restarting_the_stack_mid_run_loses_nothing() {
     )
     .await;
     stack.stop().await;
-    // Same data directory, new processes, new ports: the build request is redelivered and the run goes on.
-    opts.sim.build_delay = Duration::from_millis(50);
+    // Same data directory, new processes, new ports: the CI service still has the build and reports
+    // it (after a delay long enough to look at the run first), and the run goes on.
+    opts.sim.build_delay = Duration::from_millis(1500);
     let stack = Stack::start(opts).await.unwrap();
     let mut rx = stack.progress.subscribe();
     assert_eq!(run_json(&stack, &run).await["status"], "running");

@@ -24,6 +24,9 @@ pub struct ConnectionString {
     pub key_name: String,
     pub key: String,
     pub development_emulator: bool,
+    /// Identity-based (`ServiceBusConnection__fullyQualifiedNamespace`): requests carry an Entra
+    /// bearer token and no key; `key_name`/`key` are empty.
+    pub entra: bool,
 }
 
 impl std::fmt::Debug for ConnectionString {
@@ -68,7 +71,21 @@ impl ConnectionString {
             key_name: key_name.ok_or("the connection string has no SharedAccessKeyName")?,
             key: key.ok_or("the connection string has no SharedAccessKey")?,
             development_emulator: emulator,
+            entra: false,
         })
+    }
+
+    /// An identity-based connection to `fully_qualified_namespace` (`myns.servicebus.windows.net`;
+    /// anything else is a local endpoint reached over plain HTTP), as the Functions host reads
+    /// `ServiceBusConnection__fullyQualifiedNamespace`.
+    pub fn entra(fully_qualified_namespace: &str) -> std::result::Result<ConnectionString, String> {
+        let ns = fully_qualified_namespace.trim().trim_start_matches("sb://").trim_end_matches('/');
+        let endpoint = url::Url::parse(&format!("sb://{ns}/")).map_err(|_| "not a namespace host name".to_string())?;
+        if endpoint.host_str().is_none() {
+            return Err("not a namespace host name".into());
+        }
+        let azure = ns.ends_with(".servicebus.windows.net");
+        Ok(ConnectionString { endpoint, key_name: String::new(), key: String::new(), development_emulator: !azure, entra: true })
     }
 
     fn is_azure(&self) -> bool {
@@ -110,6 +127,36 @@ impl azure_core::HttpClient for RewriteClient {
         url.set_scheme(self.base.scheme()).map_err(|_| fail("scheme"))?;
         url.set_host(self.base.host_str()).map_err(|_| fail("host"))?;
         url.set_port(self.base.port()).map_err(|_| fail("port"))?;
+        self.inner.execute_request(&req).await
+    }
+}
+
+/// The Entra resource of Service Bus.
+pub const SERVICE_BUS_SCOPE: &str = "https://servicebus.azure.net/.default";
+
+/// An `azure_core::HttpClient` that authenticates every request with an Entra bearer token instead
+/// of the SAS the legacy crate computes (with no key, the SAS it made is worthless and is dropped).
+pub struct BearerClient {
+    pub tokens: Arc<dyn crate::adapters::arm::TokenSource>,
+    pub inner: Arc<dyn azure_core::HttpClient>,
+}
+
+impl std::fmt::Debug for BearerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerClient")
+    }
+}
+
+#[async_trait]
+impl azure_core::HttpClient for BearerClient {
+    async fn execute_request(&self, request: &azure_core::Request) -> azure_core::Result<azure_core::Response> {
+        let token = self
+            .tokens
+            .token(SERVICE_BUS_SCOPE)
+            .await
+            .map_err(|e| azure_core::Error::message(azure_core::error::ErrorKind::Credential, e.detail().to_string()))?;
+        let mut req = request.clone();
+        req.insert_header(azure_core::headers::AUTHORIZATION, format!("Bearer {token}"));
         self.inner.execute_request(&req).await
     }
 }
