@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod host;
 pub mod k8s;
+pub mod package;
 pub mod secrets;
 pub mod sim;
 pub mod stack;
@@ -43,4 +44,7 @@ deploychain — the deployment chain on one machine
   deploychain approve LINK [--reject] [--comment TEXT]
                                            decide an approval from its signed link (what the page's button does)
   deploychain reset [--data-dir DIR]       delete the local data (bus, state, secrets)
+  deploychain package [--out DIR] [--policy FILE]
+                                           build the release handler (linux-x64) and stage the function
+                                           app: DIR/functionapp/ and DIR/functionapp.zip (default target/)
 ";

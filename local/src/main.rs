@@ -381,6 +381,17 @@ async fn run() -> Result<()> {
             println!("{status}: {decision} recorded");
             Ok(())
         }
+        ["package"] => {
+            let repo = repo()?;
+            let out = args.flags.get("out").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+            let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
+            deploychain::package::check_layout(&repo)?;
+            let handler = deploychain::package::build_handler(&repo)?;
+            let p = deploychain::package::stage(&repo, &handler, &policy, &out)?;
+            println!("staged {} ({} files) and {}", p.dir.display(), p.files.len(), p.zip.display());
+            println!("deploy it: azd deploy, or az functionapp deployment source config-zip --src {}", p.zip.display());
+            Ok(())
+        }
         ["reset"] => {
             let repo = repo()?;
             let data = data_dir(&args, &repo);
