@@ -30,6 +30,12 @@ param azureDevOpsWebhookSecret string = ''
 @secure()
 param notifyUrl string
 
+@description('Optional scale sets to create as deploy targets (in this resource group): [{ name, app, stage, imageId, instances }].')
+param scaleSets array = []
+
+@description('The SSH public key of the scale sets\' admin user.')
+param sshPublicKey string = ''
+
 var suffix = uniqueString(resourceGroup().id, environmentName)
 var tags = { 'azd-env-name': environmentName, app: 'deploychain' }
 
@@ -92,6 +98,18 @@ module targets 'modules/target-access.bicep' = [for rg in targetResourceGroups: 
   name: 'target-access-${rg}'
   scope: resourceGroup(rg)
   params: { principalId: identity.properties.principalId }
+}]
+
+module targetScaleSets 'modules/scaleset.bicep' = [for ss in scaleSets: {
+  name: 'scaleset-${ss.name}'
+  params: {
+    name: ss.name
+    location: location
+    tags: union(tags, { app: ss.app, environment: ss.stage })
+    imageId: ss.imageId
+    instances: ss.instances
+    sshPublicKey: sshPublicKey
+  }
 }]
 
 output AZURE_FUNCTION_APP_NAME string = app.outputs.name
