@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The test command: every test of the workspace. Needs the Rust toolchain; installs Chromium and
-# ChromeDriver (Debian packages) for the browser test when they are missing.
+# ChromeDriver (Debian packages) for the browser test, and Azurite (npm) for the Table store's
+# tests, when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser test drives Debian's Chromium through ChromeDriver; install them when missing.
 bash scripts/install-browser.sh
+# The Table store's tests run against Azurite (the Storage emulator, from npm).
+bash scripts/install-azurite.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
   # nextest does not run doctests

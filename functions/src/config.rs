@@ -95,6 +95,14 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Sqlite(PathBuf),
+    /// Azure Table Storage at `endpoint` (`https://{account}.table.core.windows.net`, or Azurite's
+    /// `http://127.0.0.1:10002/devstoreaccount1`); with `key` (`DEPLOYCHAIN_STORE_KEY`) the account
+    /// key signs requests, else the ARM credential's identity gets Entra tokens.
+    Table {
+        endpoint: url::Url,
+        account: String,
+        key: Option<Secret>,
+    },
 }
 
 /// VM scale sets through Azure Resource Manager (or the local stack's ARM endpoint).
@@ -352,10 +360,20 @@ impl Config {
         };
         let store = match get("DEPLOYCHAIN_STORE") {
             None => StoreConfig::Sqlite(root.join(".deploychain").join("state.sqlite")),
-            Some(s) => match s.strip_prefix("sqlite:") {
-                Some(p) if !p.is_empty() => StoreConfig::Sqlite(PathBuf::from(p)),
+            Some(s) => match (s.strip_prefix("sqlite:"), s.strip_prefix("table:").map(url::Url::parse)) {
+                (Some(p), _) if !p.is_empty() => StoreConfig::Sqlite(PathBuf::from(p)),
+                (_, Some(Ok(u))) if matches!(u.scheme(), "http" | "https") && u.has_host() && u.username().is_empty() => {
+                    // The account: the host's first label, or (path-style, the emulator) the first path segment.
+                    let host = u.host_str().unwrap_or_default();
+                    let account = if host.contains(".table.") {
+                        host.split('.').next().unwrap_or_default().to_string()
+                    } else {
+                        u.path_segments().and_then(|mut p| p.next()).unwrap_or_default().to_string()
+                    };
+                    StoreConfig::Table { endpoint: u, account, key: get("DEPLOYCHAIN_STORE_KEY").map(Secret::new) }
+                }
                 _ => {
-                    errs.push(format!("DEPLOYCHAIN_STORE: `{s}` is not `sqlite:PATH`"));
+                    errs.push("DEPLOYCHAIN_STORE: not `sqlite:PATH` or `table:https://ACCOUNT.table.core.windows.net`".to_string());
                     StoreConfig::Sqlite(PathBuf::new())
                 }
             },
@@ -609,6 +627,23 @@ mod tests {
 
         let c = arm_with(&[]).expect("valid");
         assert_eq!(c.arm.credential, ArmCredential::AzureCli);
+    }
+
+    #[test]
+    fn stores_are_sqlite_files_or_table_storage_accounts() {
+        let c = arm_with(&[("DEPLOYCHAIN_STORE", "table:https://stdc1234.table.core.windows.net/")]).expect("valid");
+        match &c.store {
+            StoreConfig::Table { account, key, .. } => assert_eq!((account.as_str(), key.is_none()), ("stdc1234", true)),
+            other => panic!("{other:?}"),
+        }
+        let c = arm_with(&[("DEPLOYCHAIN_STORE", "table:http://127.0.0.1:10002/devstoreaccount1"), ("DEPLOYCHAIN_STORE_KEY", "a2V5")])
+            .expect("valid");
+        match &c.store {
+            StoreConfig::Table { account, key, .. } => assert_eq!((account.as_str(), key.is_some()), ("devstoreaccount1", true)),
+            other => panic!("{other:?}"),
+        }
+        let errs = arm_with(&[("DEPLOYCHAIN_STORE", "redis://x")]).err().unwrap_or_default();
+        assert!(errs.iter().any(|e| e.starts_with("DEPLOYCHAIN_STORE:")), "{errs:?}");
     }
 
     #[test]

@@ -30,8 +30,21 @@ async fn main() -> anyhow::Result<()> {
         None => http.clone(),
     };
     let publisher = ServiceBusPublisher::new(sb, &config.topic, &config.parked_queue, sb_http.clone()).map_err(anyhow::Error::msg)?;
-    let store = match &config.store {
-        StoreConfig::Sqlite(path) => SqliteStore::open(path).map_err(anyhow::Error::msg)?,
+    let store: Arc<dyn deploychain_functions::adapters::Store> = match &config.store {
+        StoreConfig::Sqlite(path) => Arc::new(SqliteStore::open(path).map_err(anyhow::Error::msg)?),
+        StoreConfig::Table { endpoint, account, key } => {
+            use deploychain_functions::adapters::table::{TableAuth, TableStore};
+            let auth = match key {
+                Some(k) => TableAuth::Key { account: account.clone(), key: k.clone() },
+                None => TableAuth::Entra(
+                    deploychain_functions::adapters::arm::token_source(&config.arm.credential).map_err(anyhow::Error::msg)?,
+                ),
+            };
+            let t = TableStore::new(endpoint.clone(), auth).map_err(anyhow::Error::msg)?;
+            t.ensure_table().await.map_err(|e| anyhow::anyhow!("DEPLOYCHAIN_STORE: {e}"))?;
+            tracing::info!(account, "runs are stored in Table Storage");
+            Arc::new(t)
+        }
     };
     let arm = &config.arm;
     tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "rollouts go to VM scale sets through ARM");
@@ -69,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         config: Arc::new(config),
         policy,
         links: Arc::new(links),
-        store: Arc::new(store),
+        store,
         publisher: Arc::new(publisher),
         builds,
         baker,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap()))]
+    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())), ("table", table_store())]
 }
 
 const POLICY: &str = r#"

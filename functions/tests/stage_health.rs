@@ -3,6 +3,8 @@
 //! deployment clears it — atomically with the step, and not again on a duplicate commit.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use chrono::{DateTime, Utc};
 use deploychain_functions::adapters::memory::MemoryStore;
 use deploychain_functions::adapters::sqlite::SqliteStore;
@@ -10,7 +12,11 @@ use deploychain_functions::adapters::{Run, RunStatus, StageFailure, StageHealth,
 use std::sync::Arc;
 
 fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap()))]
+    vec![
+        ("memory", Arc::new(MemoryStore::default())),
+        ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())),
+        ("table", common::table_store()),
+    ]
 }
 
 fn at(s: i64) -> DateTime<Utc> {

@@ -117,6 +117,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'DEPLOYCHAIN_ARM_CREDENTIAL', value: 'managed-identity' }
         { name: 'DEPLOYCHAIN_PUBLIC_URL', value: 'https://${name}.azurewebsites.net' }
         { name: 'DEPLOYCHAIN_POLICY', value: 'policy.toml' }
+        { name: 'DEPLOYCHAIN_STORE', value: 'table:${storage.properties.primaryEndpoints.table}' }
         { name: 'DEPLOYCHAIN_WATCHDOG_SCHEDULE', value: '0 */5 * * * *' }
         { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/appinsights-connection-string)' }
         { name: 'GITHUB_WEBHOOK_SECRET', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/github-webhook-secret)' }

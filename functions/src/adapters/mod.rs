@@ -11,6 +11,7 @@ pub mod memory;
 pub mod notify;
 pub mod servicebus;
 pub mod sqlite;
+pub mod table;
 
 use crate::error::Result;
 use crate::policy::{Check, DeployMode};

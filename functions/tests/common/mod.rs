@@ -471,3 +471,52 @@ pub fn assert_bodies_match_schemas(sent: &[Outbound]) {
         assert!(errors.is_empty(), "{} does not match its schema: {errors:#?}\n{body:#}", m.message_id);
     }
 }
+
+/// A Table store on a fresh table of an Azurite started for this test process (installed by
+/// `scripts/install-azurite.sh`, which the test command runs).
+pub fn table_store() -> Arc<dyn deploychain_functions::adapters::Store> {
+    use deploychain_functions::adapters::table::{TableAuth, TableStore};
+    static AZURITE: std::sync::OnceLock<(u16, std::sync::Mutex<std::process::Child>)> = std::sync::OnceLock::new();
+    let (port, _) = AZURITE.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bin = root.join("target/azurite/node_modules/.bin/azurite-table");
+        assert!(bin.is_file(), "Azurite is missing: run `bash scripts/install-azurite.sh` (the test command does)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(bin)
+            .args([
+                "--tableHost",
+                "127.0.0.1",
+                "--tablePort",
+                &port.to_string(),
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--disableProductStyleUrl",
+                "--silent",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "Azurite did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (port, std::sync::Mutex::new(child))
+    });
+    let endpoint = url::Url::parse(&format!("http://127.0.0.1:{port}/devstoreaccount1")).unwrap();
+    // Azurite's well-known development account.
+    let key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+    let auth = TableAuth::Key { account: "devstoreaccount1".into(), key: deploychain_functions::config::Secret::new(key) };
+    let table = format!("t{}", uuid::Uuid::new_v4().simple());
+    // The table is made on a runtime of its own (the caller may be inside a single-threaded one).
+    let (e2, t2) = (endpoint.clone(), table.clone());
+    let auth2 = TableAuth::Key { account: "devstoreaccount1".into(), key: deploychain_functions::config::Secret::new(key) };
+    std::thread::spawn(move || {
+        let s = TableStore::new(e2, auth2).unwrap().with_table(&t2);
+        tokio::runtime::Runtime::new().unwrap().block_on(s.ensure_table()).unwrap();
+    })
+    .join()
+    .unwrap();
+    Arc::new(TableStore::new(endpoint, auth).unwrap().with_table(&table))
+}
