@@ -49,10 +49,12 @@ async fn main() -> anyhow::Result<()> {
     let arm = &config.arm;
     tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "rollouts go to VM scale sets through ARM");
     let scale_sets: Arc<dyn Compute> = Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
-    let aks_arm = Arc::new(deploychain_functions::adapters::arm::client_from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
+    // One ARM client (and token cache) for the bakes, the clusters' credentials and the registries.
+    let shared_arm = Arc::new(deploychain_functions::adapters::arm::client_from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
     let aks_tokens = deploychain_functions::adapters::arm::token_source(&arm.credential).map_err(|e| anyhow::anyhow!("ARM: {e}"))?;
-    let clusters = deploychain_functions::adapters::aks::AksCompute::new(aks_arm, aks_tokens, arm.poll_interval, arm.health_timeout)
-        .map_err(anyhow::Error::msg)?;
+    let clusters =
+        deploychain_functions::adapters::aks::AksCompute::new(shared_arm.clone(), aks_tokens, arm.poll_interval, arm.health_timeout)
+            .map_err(anyhow::Error::msg)?;
     let compute: Arc<dyn Compute> = Arc::new(deploychain_functions::adapters::aks::Targets { scale_sets, clusters: Some(clusters) });
     let notify: Arc<dyn Notify> = if config.notify.is_empty() {
         Arc::new(memory::MemoryNotify::default())
@@ -62,8 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let previous: Vec<&[u8]> = config.approval_previous_keys.iter().map(|k| k.expose().as_bytes()).collect();
     let links = ApprovalLinks::new(config.approval_key.expose().as_bytes(), &previous, config.public_url.clone());
     let builds = Arc::new(deploychain_functions::adapters::ci::CiBuilds::from_config(&config.ci).map_err(anyhow::Error::msg)?);
-    let bake_arm =
-        Arc::new(deploychain_functions::adapters::arm::client_from_config(&config.arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
+    let bake_arm = shared_arm;
     let baker = Arc::new(deploychain_functions::adapters::bake::Bakers {
         image_builder: Some(deploychain_functions::adapters::bake::VmImageBuilder::new(bake_arm.clone(), config.bake_look_every)),
         ci: Some(deploychain_functions::adapters::bake::CiBaked::new(bake_arm)),

@@ -39,6 +39,13 @@ pub fn otlp_metrics() -> bool {
     set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 }
 
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are recorded and exported (an exporter is configured).
+pub fn recording() -> bool {
+    RECORDING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The Application Insights connection string, when set.
 fn app_insights_connection_string() -> Option<String> {
     std::env::var("APPLICATIONINSIGHTS_CONNECTION_STRING").ok().filter(|v| !v.trim().is_empty())
@@ -138,6 +145,7 @@ pub fn init() -> anyhow::Result<Telemetry> {
     }
     let provider = builder.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
+    RECORDING.store(true, std::sync::atomic::Ordering::Relaxed);
     let meters = meters.build();
     opentelemetry::global::set_meter_provider(meters.clone());
     Ok(Telemetry { provider: Some(provider), meters: Some(meters) })

@@ -7,14 +7,9 @@ mod common;
 
 use common::*;
 use deploychain_functions::adapters::memory::MemoryStore;
-use deploychain_functions::adapters::sqlite::SqliteStore;
-use deploychain_functions::adapters::{Closed, NoticeKind, RunStatus, Store};
+use deploychain_functions::adapters::{Closed, NoticeKind, RunStatus};
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())), ("table", table_store())]
-}
 
 /// The hello app of the fixtures, with production's approval rule as given.
 fn policy(approval: &str) -> String {

@@ -8,15 +8,8 @@
 mod common;
 
 use common::*;
-use deploychain_functions::adapters::memory::MemoryStore;
-use deploychain_functions::adapters::sqlite::SqliteStore;
-use deploychain_functions::adapters::{RunStatus, Store};
+use deploychain_functions::adapters::RunStatus;
 use serde_json::{Value, json};
-use std::sync::Arc;
-
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())), ("table", table_store())]
-}
 
 const POLICY: &str = r#"
 [[app]]
@@ -40,20 +33,6 @@ name = "staging"
 target = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/svc-staging"
 "#;
 
-/// Push `commit` to `repo`'s master (the probot fixture, relabelled) and run the push step.
-async fn push(h: &mut Harness, repo: &str, commit: &str) -> String {
-    let mut p = fixture_json("github/push.branch-updated.probot.json");
-    p["repository"]["full_name"] = json!(repo);
-    p["ref"] = json!("refs/heads/master");
-    p["after"] = json!(commit);
-    p["head_commit"]["id"] = json!(commit);
-    p["commits"][0]["id"] = json!(commit);
-    let (s, v) = h.github_signed("push", &serde_json::to_vec(&p).unwrap()).await;
-    assert_eq!(s, 202, "{v}");
-    h.pump().await;
-    v["run"].as_str().unwrap().to_string()
-}
-
 const A: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
 const B: &str = "ffeeddccbbaa00998877665544332211ffeeddcc";
 
@@ -61,7 +40,7 @@ const B: &str = "ffeeddccbbaa00998877665544332211ffeeddcc";
 async fn a_dispatched_workflow_run_names_its_run_even_when_the_branch_moved_on() {
     for (name, store) in stores() {
         let mut h = Harness::with_policy(store, POLICY);
-        let run = push(&mut h, "Codertocat/Hello-World", A).await;
+        let run = push_master(&mut h, "Codertocat/Hello-World", A).await;
         let req = h.builds.requests.lock().unwrap()[0].clone();
         assert!(req.dispatch && req.run_id == run && req.commit == A, "{name}: {req:?}");
         // The workflow ran on master after B landed: its head_sha is B, its title names run A.
@@ -107,7 +86,7 @@ async fn jenkins(h: &Harness, body: &[u8]) -> (u16, Value) {
 async fn a_jenkins_notification_completes_the_build_of_the_run_its_parameter_names() {
     for (name, store) in stores() {
         let mut h = Harness::with_policy(store, POLICY);
-        let run = push(&mut h, "Codertocat/Svc", A).await;
+        let run = push_master(&mut h, "Codertocat/Svc", A).await;
         let req = h.builds.requests.lock().unwrap()[0].clone();
         assert_eq!((req.provider, req.pipeline.as_deref()), (deploychain_events::BuildProvider::Jenkins, Some("team/svc")), "{name}");
         let params = json!({ "DEPLOYCHAIN_RUN": run, "COMMIT": A, "BRANCH": "master" });
@@ -150,7 +129,7 @@ async fn a_build_the_ci_system_refuses_to_start_ends_the_run_with_its_message() 
             "GitHub: dispatching workflow `build.yml` of Codertocat/Hello-World: 422 Workflow does not have 'workflow_dispatch' trigger"
                 .into(),
         );
-        let run = push(&mut h, "Codertocat/Hello-World", A).await;
+        let run = push_master(&mut h, "Codertocat/Hello-World", A).await;
         let r = h.state.store.run(&run).await.unwrap().unwrap();
         assert_eq!(r.status, RunStatus::Failed, "{name}");
         let text = serde_json::to_string(&r.steps).unwrap();

@@ -7,15 +7,9 @@
 mod common;
 
 use common::*;
-use deploychain_functions::adapters::Store;
 use deploychain_functions::adapters::memory::MemoryStore;
-use deploychain_functions::adapters::sqlite::SqliteStore;
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())), ("table", table_store())]
-}
 
 const POLICY: &str = r#"
 [[app]]
@@ -37,20 +31,6 @@ async fn post(h: &Harness, body: &[u8], content_type: &str) -> (u16, Value) {
     let env = http_envelope("eventgrid_webhook", "POST", "hooks/eventgrid", &[("code", "k")], &headers, &[], body);
     let (status, _, body) = h.http("eventgrid_webhook", &env).await;
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// A run of `COMMIT`, built: it waits for its image.
-async fn run_at_image(h: &mut Harness) -> String {
-    let mut p = fixture_json("github/push.branch-updated.probot.json");
-    p["repository"]["full_name"] = json!("Codertocat/Hello-World");
-    p["ref"] = json!("refs/heads/master");
-    p["after"] = json!(COMMIT);
-    p["head_commit"]["id"] = json!(COMMIT);
-    p["commits"][0]["id"] = json!(COMMIT);
-    let (s, v) = h.github_signed("push", &serde_json::to_vec(&p).unwrap()).await;
-    assert_eq!(s, 202, "{v}");
-    h.pump().await;
-    v["run"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -86,7 +66,7 @@ async fn an_image_pushed_in_either_schema_is_the_runs_image_by_digest() {
             ("eventgrid/Microsoft.ContainerRegistry.ImagePushed.eventgrid-schema.json", "application/json"),
         ] {
             let mut h = Harness::with_policy(store.clone(), POLICY);
-            let run = run_at_image(&mut h).await;
+            let run = push_master(&mut h, "Codertocat/Hello-World", COMMIT).await;
             let before = h.publisher.sent().len();
             let mut events = fixture_json(file);
             // As published the tag is `v1`: it names no commit, so nothing happens.
@@ -113,7 +93,7 @@ async fn an_image_pushed_in_either_schema_is_the_runs_image_by_digest() {
 #[tokio::test]
 async fn other_events_repositories_and_bad_bodies_change_nothing() {
     let mut h = Harness::with_policy(Arc::new(MemoryStore::default()), POLICY);
-    run_at_image(&mut h).await;
+    push_master(&mut h, "Codertocat/Hello-World", COMMIT).await;
     let before = h.publisher.sent().len();
     let mut events = fixture_json("eventgrid/Microsoft.ContainerRegistry.ImagePushed.eventgrid-schema.json");
     events[0]["data"]["target"]["tag"] = json!(&COMMIT[..12]);

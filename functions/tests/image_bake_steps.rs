@@ -11,14 +11,10 @@ use common::*;
 use deploychain_events::{ImageKind, ImageRef};
 use deploychain_functions::adapters::memory::MemoryStore;
 use deploychain_functions::adapters::sqlite::SqliteStore;
-use deploychain_functions::adapters::{BakeStarted, BakeStatus, Outbound, RunStatus, Store};
+use deploychain_functions::adapters::{BakeStarted, BakeStatus, Outbound, RunStatus};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())), ("table", table_store())]
-}
 
 const POLICY: &str = r#"
 [[app]]
@@ -47,15 +43,7 @@ fn version(n: u32) -> ImageRef {
 
 /// Push and build `COMMIT`: the run is at its image. Returns the run id.
 async fn to_image(h: &mut Harness) -> String {
-    let mut p = fixture_json("github/push.branch-updated.probot.json");
-    p["repository"]["full_name"] = json!("Codertocat/Hello-World");
-    p["ref"] = json!("refs/heads/master");
-    p["after"] = json!(COMMIT);
-    p["head_commit"]["id"] = json!(COMMIT);
-    p["commits"][0]["id"] = json!(COMMIT);
-    let (s, v) = h.github_signed("push", &serde_json::to_vec(&p).unwrap()).await;
-    assert_eq!(s, 202, "{v}");
-    h.pump().await;
+    push_master(h, "Codertocat/Hello-World", COMMIT).await;
     let mut wr = fixture_json("github/workflow_run.completed.success.json");
     wr["repository"]["full_name"] = json!("Codertocat/Hello-World");
     wr["workflow_run"]["head_branch"] = json!("master");

@@ -5,16 +5,12 @@
 mod common;
 
 use common::*;
+use deploychain_functions::adapters::RunStatus;
 use deploychain_functions::adapters::memory::MemoryStore;
 use deploychain_functions::adapters::sqlite::SqliteStore;
-use deploychain_functions::adapters::{RunStatus, Store};
 use deploychain_functions::links::{ApprovalLinks, Claims, artifact_digest};
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![("memory", Arc::new(MemoryStore::default())), ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())), ("table", table_store())]
-}
 
 /// The probot push fixture rewritten to another repository, branch and commit (its shape kept).
 fn push_payload(repo: &str, branch: &str, commit: &str) -> Vec<u8> {

@@ -6,18 +6,7 @@
 mod common;
 
 use chrono::{DateTime, Utc};
-use deploychain_functions::adapters::memory::MemoryStore;
-use deploychain_functions::adapters::sqlite::SqliteStore;
-use deploychain_functions::adapters::{Run, RunStatus, StageFailure, StageHealth, StepCommit, Store};
-use std::sync::Arc;
-
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![
-        ("memory", Arc::new(MemoryStore::default())),
-        ("sqlite", Arc::new(SqliteStore::in_memory().unwrap())),
-        ("table", common::table_store()),
-    ]
-}
+use deploychain_functions::adapters::{Run, RunStatus, StageFailure, StageHealth, StepCommit};
 
 fn at(s: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
@@ -56,7 +45,7 @@ fn failed(run_id: &str, s: i64) -> Option<StageHealth> {
 
 #[tokio::test]
 async fn a_stage_stays_failed_since_its_first_failure_until_a_deployment_succeeds() {
-    for (name, store) in stores() {
+    for (name, store) in common::stores() {
         assert_eq!(store.stage_failure("web", "production").await.unwrap(), None, "{name}");
         assert!(store.commit_step(&step("r1", "promote.production", failed("r1", 10))).await.unwrap());
         assert!(store.commit_step(&step("r2", "promote.production", failed("r2", 20))).await.unwrap());

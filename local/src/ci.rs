@@ -205,14 +205,6 @@ impl LocalCi {
         });
     }
 
-    fn sign(&self, body: &[u8]) -> String {
-        use hmac::{Hmac, Mac};
-        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.secrets.github_webhook.as_bytes())
-            .unwrap_or_else(|_| unreachable!("any key length"));
-        m.update(body);
-        format!("sha256={}", hex::encode(m.finalize().into_bytes()))
-    }
-
     async fn report(&self, p: &Pending) -> Result<()> {
         let app = self.policy.app(&p.app).context("the app left the policy")?;
         self.publish(p)?;
@@ -237,7 +229,7 @@ impl LocalCi {
                     .header("user-agent", "GitHub-Hookshot/deploychain-local-ci")
                     .header("x-github-event", "workflow_run")
                     .header("x-github-delivery", uuid::Uuid::new_v4().to_string())
-                    .header("x-hub-signature-256", self.sign(&body))
+                    .header("x-hub-signature-256", crate::client::github_signature(&self.secrets.github_webhook, &body))
                     .body(body)
                     .send()
                     .await?

@@ -19,7 +19,6 @@ use anyhow::{Context, Result};
 use deploychain_bus::{Broker, EntityPath, NewMessage};
 use deploychain_events::*;
 use deploychain_functions::policy::{ImageSource, Policy};
-use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -155,13 +154,6 @@ impl Simulators {
         }
     }
 
-    fn sign(&self, body: &[u8]) -> String {
-        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.secrets.github_webhook.as_bytes())
-            .unwrap_or_else(|_| unreachable!("any key length"));
-        m.update(body);
-        format!("sha256={}", hex::encode(m.finalize().into_bytes()))
-    }
-
     async fn post_github(&self, event: &str, body: serde_json::Value) -> Result<()> {
         let body = serde_json::to_vec(&body)?;
         let rsp = self
@@ -171,7 +163,7 @@ impl Simulators {
             .header("user-agent", "GitHub-Hookshot/deploychain-simulator")
             .header("x-github-event", event)
             .header("x-github-delivery", uuid::Uuid::new_v4().to_string())
-            .header("x-hub-signature-256", self.sign(&body))
+            .header("x-hub-signature-256", crate::client::github_signature(&self.secrets.github_webhook, &body))
             .body(body)
             .send()
             .await

@@ -71,6 +71,15 @@ fn options(name: &str) -> StackOptions {
     options_keep(name)
 }
 
+/// Options for a scenario on its own pipeline policy.
+fn options_with_policy(name: &str, policy: &str) -> StackOptions {
+    let mut opts = options(name);
+    std::fs::create_dir_all(&opts.data_dir).unwrap();
+    opts.policy = opts.data_dir.join("policy.toml");
+    std::fs::write(&opts.policy, policy).unwrap();
+    opts
+}
+
 fn base(stack: &Stack) -> String {
     format!("http://{}", stack.http_addr)
 }
@@ -112,7 +121,12 @@ async fn push(stack: &Stack) -> String {
 }
 
 async fn push_commit(stack: &Stack, prefix: Option<&str>) -> String {
-    let body = client::sample_push(&repo().join("policy.toml"), None, prefix).unwrap();
+    push_to(stack, &repo().join("policy.toml"), prefix).await
+}
+
+/// Push a sample commit (`prefix`) of `policy`'s GitHub app; the run id.
+async fn push_to(stack: &Stack, policy: &Path, prefix: Option<&str>) -> String {
+    let body = client::sample_push(policy, None, prefix).unwrap();
     let (status, text) = client::send_github(&base(stack), &stack.secrets, "push", &body).await.unwrap();
     assert_eq!(status, 202, "{text}");
     serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
@@ -639,15 +653,9 @@ deploy = "vm-application"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_application_release_replaces_the_application_and_keeps_the_os_image() {
-    let mut opts = options("arm-vm-application");
-    std::fs::create_dir_all(&opts.data_dir).unwrap();
-    opts.policy = opts.data_dir.join("policy.toml");
-    std::fs::write(&opts.policy, VM_APPLICATION_POLICY).unwrap();
+    let opts = options_with_policy("arm-vm-application", VM_APPLICATION_POLICY);
     let stack = Stack::start(opts.clone()).await.unwrap();
-    let body = client::sample_push(&opts.policy, None, None).unwrap();
-    let (status, text) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
-    assert_eq!(status, 202, "{text}");
-    let run = serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string();
+    let run = push_to(&stack, &opts.policy, None).await;
     wait_status(&stack, &run, "succeeded").await;
 
     let app_dest = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/applications/agent";
@@ -811,10 +819,7 @@ target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_azure_repos_push_built_by_azure_pipelines_reaches_production() {
-    let mut opts = options("azure-devops");
-    std::fs::create_dir_all(&opts.data_dir).unwrap();
-    opts.policy = opts.data_dir.join("policy.toml");
-    std::fs::write(&opts.policy, AZURE_DEVOPS_POLICY).unwrap();
+    let opts = options_with_policy("azure-devops", AZURE_DEVOPS_POLICY);
     let stack = Stack::start(opts).await.unwrap();
     // The real service hook payload, posted with the hook's basic auth.
     let body = std::fs::read(repo().join("tests/fixtures/azure-devops/git.push.aspnet-webhooks.json")).unwrap();
@@ -1550,15 +1555,9 @@ target = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jenkins_job_builds_the_release_and_its_notification_continues_the_run() {
-    let mut opts = options("jenkins");
-    std::fs::create_dir_all(&opts.data_dir).unwrap();
-    opts.policy = opts.data_dir.join("policy.toml");
-    std::fs::write(&opts.policy, JENKINS_POLICY).unwrap();
+    let opts = options_with_policy("jenkins", JENKINS_POLICY);
     let stack = Stack::start(opts.clone()).await.unwrap();
-    let body = client::sample_push(&opts.policy, None, None).unwrap();
-    let (status, text) = client::send_github(&base(&stack), &stack.secrets, "push", &body).await.unwrap();
-    assert_eq!(status, 202, "{text}");
-    let run = serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string();
+    let run = push_to(&stack, &opts.policy, None).await;
     let done = wait_status(&stack, &run, "succeeded").await;
     // A crumb, then one buildWithParameters of the job with the run's parameters, as the API
     // token's user; the Notification plugin's FINALIZED message (with the function key) continued it.
@@ -1634,24 +1633,9 @@ registry = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/r
 approval = { approvers = ["alice@contoso.com"], quorum = 1 }
 "#;
 
-fn container_options(name: &str) -> StackOptions {
-    let mut opts = options(name);
-    std::fs::create_dir_all(&opts.data_dir).unwrap();
-    opts.policy = opts.data_dir.join("policy.toml");
-    std::fs::write(&opts.policy, CONTAINER_POLICY).unwrap();
-    opts
-}
-
-async fn push_to(stack: &Stack, policy: &Path, prefix: Option<&str>) -> String {
-    let body = client::sample_push(policy, None, prefix).unwrap();
-    let (status, text) = client::send_github(&base(stack), &stack.secrets, "push", &body).await.unwrap();
-    assert_eq!(status, 202, "{text}");
-    serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_pushed_to_acr_goes_to_staging_aks_is_promoted_by_digest_and_reaches_production_aks() {
-    let opts = container_options("aks");
+    let opts = options_with_policy("aks", CONTAINER_POLICY);
     let stack = Stack::start(opts.clone()).await.unwrap();
     let mut rx = stack.progress.subscribe();
     let run = push_to(&stack, &opts.policy, None).await;
@@ -1686,7 +1670,7 @@ async fn an_image_pushed_to_acr_goes_to_staging_aks_is_promoted_by_digest_and_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_that_never_becomes_available_rolls_the_deployment_back_and_fails_the_run() {
-    let mut opts = container_options("aks-bad");
+    let mut opts = options_with_policy("aks-bad", CONTAINER_POLICY);
     opts.sim.unhealthy_images = vec!["bad".into()];
     let stack = Stack::start(opts.clone()).await.unwrap();
     let before = stack.kube.image("aks-staging", "shop", "shop").unwrap();

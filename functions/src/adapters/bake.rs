@@ -90,8 +90,8 @@ impl VmImageBuilder {
             "distribute": [{ "type": "SharedImage", "galleryImageId": version, "runOutputName": RUN_OUTPUT,
                              "artifactTags": tags, "targetRegions": regions }],
         });
-        for k in ["buildTimeoutInMinutes", "stagingResourceGroup", "validate", "optimize", "autoRun"] {
-            if !p[k].is_null() && k != "autoRun" {
+        for k in ["buildTimeoutInMinutes", "stagingResourceGroup", "validate", "optimize"] {
+            if !p[k].is_null() {
                 props[k] = p[k].clone();
             }
         }
@@ -132,9 +132,8 @@ impl VmImageBuilder {
                 }
             }
             _ => {
-                let a = self.arm.send(reqwest::Method::POST, &self.arm.url_api(&template, "/run", VIB_API_VERSION), None, None).await?;
                 // The run's operation lasts as long as the bake: it is not waited for here.
-                let _ = a;
+                self.arm.send(reqwest::Method::POST, &self.arm.url_api(&template, "/run", VIB_API_VERSION), None, None).await?;
             }
         }
         Ok(BakeStarted::Baking { bake: template, look_after: self.look_every })

@@ -163,6 +163,10 @@ struct View<'a> {
 
 /// The trace id of the release the approval is part of (its Application Insights operation id).
 async fn release_trace(state: &AppState, run_id: &str) -> Result<Option<String>> {
+    // With spans recorded this request's span is in the release's trace already ([`trace_parent`]).
+    if let Some(tp) = crate::telemetry::current_traceparent() {
+        return Ok(tp.split('-').nth(1).map(str::to_string));
+    }
     let run = state.store.run(run_id).await?;
     Ok(run.and_then(|r| r.traceparent).and_then(|tp| tp.split('-').nth(1).map(str::to_string)))
 }
@@ -171,6 +175,9 @@ async fn release_trace(state: &AppState, run_id: &str) -> Result<Option<String>>
 /// decides, so viewing and deciding are spans of the release's trace. A link that does not verify
 /// joins nothing (and costs no store read).
 pub async fn trace_parent(state: &AppState, req: &HttpRequest) -> Option<String> {
+    if !crate::telemetry::recording() {
+        return None; // no span to parent: no store read
+    }
     let claims = state.links.verify(req.query.get("t")?, Utc::now()).ok()?;
     state.store.run(&claims.run).await.ok().flatten()?.traceparent
 }

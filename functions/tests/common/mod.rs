@@ -520,3 +520,27 @@ pub fn table_store() -> Arc<dyn deploychain_functions::adapters::Store> {
     .unwrap();
     Arc::new(TableStore::new(endpoint, auth).unwrap().with_table(&table))
 }
+
+/// Every store the step suites run on: in memory, SQLite, Table Storage (Azurite).
+pub fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
+    vec![
+        ("memory", Arc::new(MemoryStore::default())),
+        ("sqlite", Arc::new(deploychain_functions::adapters::sqlite::SqliteStore::in_memory().unwrap())),
+        ("table", table_store()),
+    ]
+}
+
+/// A signed GitHub push of `commit` to `repo`'s master (the probot fixture, relabelled), with the
+/// push step run. Returns the run id.
+pub async fn push_master(h: &mut Harness, repo: &str, commit: &str) -> String {
+    let mut p = fixture_json("github/push.branch-updated.probot.json");
+    p["repository"]["full_name"] = json!(repo);
+    p["ref"] = json!("refs/heads/master");
+    p["after"] = json!(commit);
+    p["head_commit"]["id"] = json!(commit);
+    p["commits"][0]["id"] = json!(commit);
+    let (s, v) = h.github_signed("push", &serde_json::to_vec(&p).unwrap()).await;
+    assert_eq!(s, 202, "{v}");
+    h.pump().await;
+    v["run"].as_str().unwrap().to_string()
+}

@@ -94,8 +94,7 @@ impl GitHubActions {
         };
         let mut cached = self.cached.lock().await;
         let now = chrono::Utc::now().timestamp();
-        if let Some((t, exp)) = cached.as_ref().filter(|(_, exp)| exp - 300 > now) {
-            let _ = exp;
+        if let Some((t, _)) = cached.as_ref().filter(|(_, exp)| exp - 300 > now) {
             return Ok(t.expose().to_string());
         }
         let jwt = app_jwt(app_id, key, now)?;
