@@ -15,3 +15,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# The handler and stack benchmarks at a tiny size (they check what they measure; nothing is timed).
+cargo test -p deploychain-functions --bench handler
+cargo test -p deploychain --bench stack

@@ -1,5 +1,8 @@
-//! The broker: the async API over the store. Each operation is one SQLite transaction on tokio's
-//! blocking pool; receivers long-poll, woken by a per-entity `Notify` when something is sent,
+//! The broker: the async API over the store. Each operation is all or nothing, and is answered
+//! only once it is on disk. One writer thread owns the database and commits in groups: the
+//! operations queued while a commit was running go into the next transaction together, each in
+//! its own savepoint (a failed one rolls back alone), so concurrent senders and receivers share
+//! one fsync instead of queueing for one each. Receivers long-poll, woken by a per-entity `Notify` when something is sent,
 //! abandoned or released, and re-checking on their own when a scheduled message, a lock or a
 //! session lock is due (or at least every second).
 
@@ -9,7 +12,7 @@ use crate::path::{Entity, EntityPath};
 use crate::store::{self, Receiver, Resolved, Settle};
 use crate::topology::Topology;
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, Transaction, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -49,7 +52,8 @@ pub struct Broker {
 struct Inner {
     topology: Topology,
     resolved: Resolved,
-    db: Mutex<Connection>,
+    /// The writer thread's queue (it owns the connection).
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
     /// One per receiving entity (shared with its dead-letter queue).
     wakers: HashMap<String, Arc<Notify>>,
     options: BrokerOptions,
@@ -81,6 +85,67 @@ impl SessionLock {
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
+}
+
+/// Told whether the group its operation was in committed (`Err`: why not).
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// One operation: run on the open transaction (or told it could not be opened); says whether it
+/// succeeded (else its savepoint is rolled back) and how to answer once the group is committed.
+type Job = Box<dyn FnOnce(Result<&Connection, &str>, i64) -> (bool, Finish) + Send>;
+
+/// At most this many operations share one commit.
+const MAX_GROUP: usize = 256;
+
+/// The writer thread: wait for an operation, take every other one already queued, run them all in
+/// one IMMEDIATE transaction (each in a savepoint), commit once, then answer them all.
+fn writer(mut conn: Connection, queue: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let now = now_ms();
+        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let why = format!("cannot start a transaction: {e}");
+                for job in group {
+                    let (_, finish) = job(Err(&why), now);
+                    finish(Err(why.clone()));
+                }
+                continue;
+            }
+        };
+        let mut finishers = Vec::with_capacity(group.len());
+        for job in group {
+            if let Err(e) = tx.execute_batch("SAVEPOINT op") {
+                let (_, finish) = job(Err(&format!("cannot start a savepoint: {e}")), now);
+                finishers.push(finish);
+                continue;
+            }
+            // A panicking operation rolls back alone; its caller hears that the worker failed.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&tx), now))) {
+                Ok((true, finish)) => {
+                    let _ = tx.execute_batch("RELEASE op");
+                    finishers.push(finish);
+                }
+                Ok((false, finish)) => {
+                    let _ = tx.execute_batch("ROLLBACK TO op; RELEASE op");
+                    finishers.push(finish);
+                }
+                Err(_) => {
+                    let _ = tx.execute_batch("ROLLBACK TO op; RELEASE op");
+                }
+            }
+        }
+        let committed = tx.commit().map_err(|e| format!("commit failed: {e}"));
+        for finish in finishers {
+            finish(committed.clone());
+        }
+    }
 }
 
 impl Broker {
@@ -115,7 +180,13 @@ impl Broker {
     fn from_connection(conn: Connection, topology: Topology, options: BrokerOptions, location: String) -> Broker {
         let resolved = Resolved::new(&topology);
         let wakers = resolved.receivers.keys().map(|k| (k.clone(), Arc::new(Notify::new()))).collect();
-        Broker { inner: Arc::new(Inner { topology, resolved, db: Mutex::new(conn), wakers, options, location }) }
+        let (jobs, queue) = std::sync::mpsc::channel();
+        // The thread ends when the last clone of the broker (the queue's sender) is gone.
+        std::thread::Builder::new()
+            .name("deploychain-bus-writer".into())
+            .spawn(move || writer(conn, queue))
+            .unwrap_or_else(|e| panic!("cannot start the bus writer thread: {e}"));
+        Broker { inner: Arc::new(Inner { topology, resolved, jobs: Mutex::new(jobs), wakers, options, location }) }
     }
 
     /// The entities this broker serves.
@@ -334,30 +405,40 @@ impl Broker {
         }
     }
 
-    /// Run `f` in one IMMEDIATE transaction on the blocking pool; commit if it returns Ok.
+    /// Run `f` all or nothing on the writer thread; answer once its transaction is committed.
     async fn run<T, F>(&self, f: F) -> Result<T, BusError>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>, &Inner, i64) -> Result<T, BusError> + Send + 'static,
+        F: FnOnce(&Connection, &Inner, i64) -> Result<T, BusError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves no open transaction (it rolls back on drop).
-            let mut conn = inner.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx, &inner, now_ms())?;
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| BusError::Storage(format!("bus worker failed: {e}")))?
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn, now| {
+            let out = conn.map_err(|e| BusError::Storage(e.to_string())).and_then(|c| f(c, &inner, now));
+            let ok = out.is_ok();
+            let finish: Finish = Box::new(move |committed| {
+                let _ = answer.send(match (out, committed) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(BusError::Storage(e)),
+                });
+            });
+            (ok, finish)
+        });
+        self.inner
+            .jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .send(job)
+            .map_err(|_| BusError::Storage("the bus writer has stopped".into()))?;
+        answered.await.map_err(|_| BusError::Storage("bus worker failed: the operation panicked".into()))?
     }
 
     /// Try `attempt` (after housekeeping) until it finds something or `wait` has passed.
     async fn poll<T, F>(&self, key: &str, wait: Duration, attempt: F) -> Result<Option<T>, BusError>
     where
         T: Send + 'static,
-        F: Fn(&Transaction<'_>, &Receiver, i64) -> Result<Option<T>, BusError> + Send + Sync + 'static,
+        F: Fn(&Connection, &Receiver, i64) -> Result<Option<T>, BusError> + Send + Sync + 'static,
     {
         let waker = self.inner.wakers.get(key).cloned().ok_or_else(|| BusError::EntityNotFound(key.to_string()))?;
         // `wait` may be "forever" (Duration::MAX): saturate instead of overflowing the instant.

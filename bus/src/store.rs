@@ -1,6 +1,6 @@
 //! The SQLite side: schema and one function per operation, each run inside the caller's
-//! transaction (one transaction per broker operation). Everything here is synchronous; the broker
-//! runs it on tokio's blocking pool.
+//! transaction (each broker operation is all or nothing). Everything here is synchronous; the
+//! broker runs it on its writer thread.
 //!
 //! Times are milliseconds since the Unix epoch. Locks, sessions, the duplicate-detection window
 //! and sequence counters are all rows, so every piece of state survives a restart; a lock whose
@@ -11,7 +11,7 @@ use crate::filter::FilterFields;
 use crate::message::{Draft, EntityCounts, Message, NewMessage, SendOutcome};
 use crate::topology::{Filter, Rule, Topology};
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -256,14 +256,14 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<StoredRow> {
     })
 }
 
-fn query_rows(tx: &Transaction<'_>, where_clause: &str, params: impl rusqlite::Params) -> Result<Vec<StoredRow>, BusError> {
+fn query_rows(tx: &Connection, where_clause: &str, params: impl rusqlite::Params) -> Result<Vec<StoredRow>, BusError> {
     let sql = format!("SELECT {COLUMNS} FROM messages WHERE {where_clause}");
     let mut stmt = tx.prepare_cached(&sql)?;
     let rows = stmt.query_map(params, read_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
-fn query_row(tx: &Transaction<'_>, where_clause: &str, params: impl rusqlite::Params) -> Result<Option<StoredRow>, BusError> {
+fn query_row(tx: &Connection, where_clause: &str, params: impl rusqlite::Params) -> Result<Option<StoredRow>, BusError> {
     Ok(query_rows(tx, where_clause, params)?.into_iter().next())
 }
 
@@ -273,7 +273,7 @@ fn query_row(tx: &Transaction<'_>, where_clause: &str, params: impl rusqlite::Pa
 /// Store `msgs` (one transaction: all or nothing). Returns one outcome per message and the
 /// receivers that got something.
 pub(crate) fn send(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     resolved: &Resolved,
     sender: &Sender,
     msgs: Vec<NewMessage>,
@@ -417,7 +417,7 @@ fn rule_matches(rule: &Rule, m: &dyn FilterFields) -> bool {
 // Housekeeping: lock expiry, max delivery count, TTL
 
 /// Apply everything time has done to `r` since the last look. Returns whether anything changed.
-pub(crate) fn housekeep(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Result<bool, BusError> {
+pub(crate) fn housekeep(tx: &Connection, r: &Receiver, now: i64) -> Result<bool, BusError> {
     let mut changed = false;
     // Expired locks: the message is available again, or dead-lettered if it used up its deliveries.
     let expired = query_rows(tx, "entity = ?1 AND lock_token IS NOT NULL AND locked_until <= ?2", params![r.key, now])?;
@@ -446,7 +446,7 @@ pub(crate) fn housekeep(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Result<
 
 /// Release a message's lock: it becomes available, or goes to the DLQ when it would be delivered
 /// again after MaxDeliveryCount deliveries.
-fn unlock(tx: &Transaction<'_>, r: &Receiver, row: &StoredRow) -> Result<(), BusError> {
+fn unlock(tx: &Connection, r: &Receiver, row: &StoredRow) -> Result<(), BusError> {
     if !row.dlq && row.message.delivery_count >= r.max_delivery_count {
         let description = format!("Message could not be consumed after {} delivery attempts.", row.message.delivery_count);
         return dead_letter_row(tx, r, row, REASON_MAX_DELIVERY, &description);
@@ -456,7 +456,7 @@ fn unlock(tx: &Transaction<'_>, r: &Receiver, row: &StoredRow) -> Result<(), Bus
     Ok(())
 }
 
-fn dead_letter_row(tx: &Transaction<'_>, r: &Receiver, row: &StoredRow, reason: &str, description: &str) -> Result<(), BusError> {
+fn dead_letter_row(tx: &Connection, r: &Receiver, row: &StoredRow, reason: &str, description: &str) -> Result<(), BusError> {
     let mut props = row.message.properties.clone();
     props.insert("DeadLetterReason".into(), Value::String(reason.into()));
     props.insert("DeadLetterErrorDescription".into(), Value::String(description.into()));
@@ -470,7 +470,7 @@ fn dead_letter_row(tx: &Transaction<'_>, r: &Receiver, row: &StoredRow, reason: 
 }
 
 /// The earliest moment something may become receivable (scheduled message, lock or session expiry).
-pub(crate) fn next_due(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Result<Option<i64>, BusError> {
+pub(crate) fn next_due(tx: &Connection, r: &Receiver, now: i64) -> Result<Option<i64>, BusError> {
     let due: Option<i64> = tx
         .prepare_cached(
             "SELECT MIN(t) FROM (
@@ -489,7 +489,7 @@ pub(crate) fn next_due(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Result<O
 // (entity, dlq, seq) index instead of picking (entity, visible_at) and sorting every message.
 
 /// Peek-lock the first available message (not for session entities' main queue).
-pub(crate) fn lock_next(tx: &Transaction<'_>, r: &Receiver, dlq: bool, now: i64) -> Result<Option<Message>, BusError> {
+pub(crate) fn lock_next(tx: &Connection, r: &Receiver, dlq: bool, now: i64) -> Result<Option<Message>, BusError> {
     let Some(row) = query_row(
         tx,
         "entity = ?1 AND dlq = ?2 AND +visible_at <= ?3 AND lock_token IS NULL ORDER BY seq LIMIT 1",
@@ -501,7 +501,7 @@ pub(crate) fn lock_next(tx: &Transaction<'_>, r: &Receiver, dlq: bool, now: i64)
     lock_row(tx, r, row, now, None).map(Some)
 }
 
-fn lock_row(tx: &Transaction<'_>, r: &Receiver, row: StoredRow, now: i64, session_lock: Option<&str>) -> Result<Message, BusError> {
+fn lock_row(tx: &Connection, r: &Receiver, row: StoredRow, now: i64, session_lock: Option<&str>) -> Result<Message, BusError> {
     let token = Uuid::new_v4();
     let until = now.saturating_add(r.lock_ms);
     tx.prepare_cached(
@@ -516,7 +516,7 @@ fn lock_row(tx: &Transaction<'_>, r: &Receiver, row: StoredRow, now: i64, sessio
 }
 
 /// Receive-and-delete the first available message.
-pub(crate) fn take_next(tx: &Transaction<'_>, r: &Receiver, dlq: bool, now: i64) -> Result<Option<Message>, BusError> {
+pub(crate) fn take_next(tx: &Connection, r: &Receiver, dlq: bool, now: i64) -> Result<Option<Message>, BusError> {
     let Some(row) = query_row(
         tx,
         "entity = ?1 AND dlq = ?2 AND +visible_at <= ?3 AND lock_token IS NULL ORDER BY seq LIMIT 1",
@@ -547,7 +547,7 @@ pub(crate) enum Settle {
 /// Settle the message locked with `token`. `id` (REST) must name the same message by sequence
 /// number or MessageId. Returns the new lock expiry for `Renew`.
 pub(crate) fn settle(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     r: &Receiver,
     dlq: bool,
     token: Uuid,
@@ -601,7 +601,7 @@ pub(crate) fn settle(
 
 /// Lock the session (of `r`) whose oldest message is first among sessions that have an available
 /// message and no live holder. Returns (session id, token, locked until).
-pub(crate) fn accept_session(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Result<Option<(String, Uuid, i64)>, BusError> {
+pub(crate) fn accept_session(tx: &Connection, r: &Receiver, now: i64) -> Result<Option<(String, Uuid, i64)>, BusError> {
     // A message locked under a dead session lock counts as available: the next holder gets it.
     let session: Option<String> = tx
         .prepare_cached(
@@ -626,7 +626,7 @@ pub(crate) fn accept_session(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Re
     Ok(Some((session_id, token, until)))
 }
 
-fn session_held(tx: &Transaction<'_>, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<bool, BusError> {
+fn session_held(tx: &Connection, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<bool, BusError> {
     let until: Option<i64> = tx
         .prepare_cached("SELECT locked_until FROM sessions WHERE entity = ?1 AND session_id = ?2 AND token = ?3")?
         .query_row(params![r.key, session_id, token.to_string()], |x| x.get(0))
@@ -636,7 +636,7 @@ fn session_held(tx: &Transaction<'_>, r: &Receiver, session_id: &str, token: Uui
 
 /// The next message of the session, strictly in order: none while an earlier one is locked.
 pub(crate) fn session_lock_next(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     r: &Receiver,
     session_id: &str,
     token: Uuid,
@@ -660,7 +660,7 @@ pub(crate) fn session_lock_next(
 }
 
 /// Extend the session lock and the locks of the messages received under it.
-pub(crate) fn renew_session(tx: &Transaction<'_>, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<i64, BusError> {
+pub(crate) fn renew_session(tx: &Connection, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<i64, BusError> {
     if !session_held(tx, r, session_id, token, now)? {
         return Err(BusError::LockLost);
     }
@@ -679,7 +679,7 @@ pub(crate) fn renew_session(tx: &Transaction<'_>, r: &Receiver, session_id: &str
 }
 
 /// Give the session up: its locked messages become available to the next holder.
-pub(crate) fn release_session(tx: &Transaction<'_>, r: &Receiver, session_id: &str, token: Uuid) -> Result<(), BusError> {
+pub(crate) fn release_session(tx: &Connection, r: &Receiver, session_id: &str, token: Uuid) -> Result<(), BusError> {
     tx.prepare_cached("DELETE FROM sessions WHERE entity = ?1 AND session_id = ?2 AND token = ?3")?.execute(params![
         r.key,
         session_id,
@@ -695,7 +695,7 @@ pub(crate) fn release_session(tx: &Transaction<'_>, r: &Receiver, session_id: &s
 // ---------------------------------------------------------------------------------------------
 // Browse and counts
 
-pub(crate) fn peek(tx: &Transaction<'_>, r: &Receiver, dlq: bool, from: i64, max: usize) -> Result<Vec<Message>, BusError> {
+pub(crate) fn peek(tx: &Connection, r: &Receiver, dlq: bool, from: i64, max: usize) -> Result<Vec<Message>, BusError> {
     let max = i64::try_from(max).unwrap_or(i64::MAX);
     let rows = query_rows(tx, "entity = ?1 AND dlq = ?2 AND seq >= ?3 ORDER BY seq LIMIT ?4", params![r.key, dlq, from, max])?;
     Ok(rows
@@ -709,7 +709,7 @@ pub(crate) fn peek(tx: &Transaction<'_>, r: &Receiver, dlq: bool, from: i64, max
         .collect())
 }
 
-pub(crate) fn counts(tx: &Transaction<'_>, r: &Receiver, now: i64) -> Result<EntityCounts, BusError> {
+pub(crate) fn counts(tx: &Connection, r: &Receiver, now: i64) -> Result<EntityCounts, BusError> {
     let (active, scheduled, dead, locked): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) = tx
         .prepare_cached(
             "SELECT SUM(dlq = 0 AND visible_at <= ?2 AND lock_token IS NULL), SUM(dlq = 0 AND visible_at > ?2),

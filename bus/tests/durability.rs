@@ -194,3 +194,46 @@ async fn a_killed_process_loses_no_acknowledged_send_and_tears_no_fan_out() {
     let first = NewMessage { label: Some("push".into()), message_id: Some("m-0".into()), ..msg("x") };
     assert_eq!(b.send("events", first).await.unwrap(), SendOutcome::Duplicate, "the duplicate window survived the crash");
 }
+
+/// Operations arriving together share a commit, but each is still all or nothing on its own:
+/// a failing one (a complete with a lock token nobody holds) fails alone, and every send that
+/// was acknowledged is there after reopening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_commit_together_and_fail_alone() {
+    let dir = temp_dir("group-commit");
+    let db = dir.join("bus.sqlite");
+    let n: usize = 300;
+    {
+        let b = Broker::open(&db, topology()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                if i % 3 == 0 {
+                    // Interleaved with the sends: refused, and nothing else rolls back with it.
+                    let e = b.complete(&q("q"), uuid::Uuid::new_v4()).await.unwrap_err();
+                    assert!(e.to_string().to_lowercase().contains("lock"), "{e}");
+                    None
+                } else {
+                    Some(b.send("q", with_id(&format!("m{i}"), &format!("id-{i}"))).await.unwrap())
+                }
+            }));
+        }
+        let mut sent = 0;
+        for t in tasks {
+            if let Some(outcome) = t.await.unwrap() {
+                assert!(matches!(outcome, SendOutcome::Enqueued(_)), "{outcome:?}");
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, n - n.div_ceil(3));
+    }
+    let b = Broker::open(&db, topology()).unwrap();
+    let mut bodies = BTreeSet::new();
+    while let Some(m) = b.peek_lock(&q("q"), Duration::ZERO).await.unwrap() {
+        bodies.insert(text(&m));
+        b.complete(&q("q"), m.lock_token.unwrap()).await.unwrap();
+    }
+    let expected: BTreeSet<String> = (0..n).filter(|i| i % 3 != 0).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected, "every acknowledged send survived the reopening, once");
+}

@@ -320,11 +320,19 @@ impl DeployEvent {
 
     /// Parse structured-mode JSON bytes, checking every rule of the contract.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<DeployEvent, EventError> {
-        let ev: Event = serde_json::from_slice(bytes).map_err(|e| EventError::NotCloudEvent(e.to_string()))?;
-        DeployEvent::from_cloudevent(&ev)
+        let mut ev: Event = serde_json::from_slice(bytes).map_err(|e| EventError::NotCloudEvent(e.to_string()))?;
+        // The event is ours: its data moves into the result instead of being copied.
+        let content_type = ev.datacontenttype().map(str::to_string);
+        let (_, _, data) = ev.take_data();
+        DeployEvent::from_parts(&ev, content_type.as_deref(), data)
     }
 
     pub fn from_cloudevent(ev: &Event) -> Result<DeployEvent, EventError> {
+        DeployEvent::from_parts(ev, ev.datacontenttype(), ev.data().cloned())
+    }
+
+    /// `ev`'s attributes, with its `datacontenttype` and `data` given apart (so they can be moved).
+    fn from_parts(ev: &Event, content_type: Option<&str>, data: Option<Data>) -> Result<DeployEvent, EventError> {
         let ty = EventType::parse(ev.ty()).ok_or_else(|| EventError::UnknownType(ev.ty().to_string()))?;
         let run_id = match ev.extension(RUN_ID_EXTENSION) {
             Some(v) => v.to_string(),
@@ -346,7 +354,7 @@ impl DeployEvent {
         if ev.id().is_empty() || ev.id().len() > 128 {
             return Err(EventError::BadAttribute { attribute: "id", message: "must be 1 to 128 characters".into() });
         }
-        if let Some(ct) = ev.datacontenttype()
+        if let Some(ct) = content_type
             && !ct.starts_with("application/json")
         {
             return Err(EventError::BadAttribute { attribute: "datacontenttype", message: format!("`{ct}` is not application/json") });
@@ -359,15 +367,15 @@ impl DeployEvent {
             return Err(EventError::BadAttribute { attribute: "traceparent", message: format!("`{tp}` is not a W3C traceparent") });
         }
         let tracestate = ev.extension("tracestate").map(|v| v.to_string());
-        let json =
-            match ev.data() {
-                Some(Data::Json(v)) => v.clone(),
-                Some(Data::String(s)) => serde_json::from_str(s)
-                    .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
-                Some(Data::Binary(b)) => serde_json::from_slice(b)
-                    .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
-                None => return Err(EventError::MissingAttribute("data")),
-            };
+        let json = match data {
+            Some(Data::Json(v)) => v,
+            Some(Data::String(s)) => {
+                serde_json::from_str(&s).map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?
+            }
+            Some(Data::Binary(b)) => serde_json::from_slice(&b)
+                .map_err(|e| EventError::BadData { ty: ty.as_str(), message: format!("data is not JSON: {e}") })?,
+            None => return Err(EventError::MissingAttribute("data")),
+        };
         let data = EventData::from_json(ty, json)?;
         Ok(DeployEvent {
             id: ev.id().to_string(),

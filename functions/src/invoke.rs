@@ -23,8 +23,39 @@ use std::collections::BTreeMap;
 pub struct InvokeRequest {
     #[serde(default)]
     pub data: Map<String, Value>,
-    #[serde(default)]
+    /// Only the keys a trigger is read by ([`METADATA_KEYS`]); the rest — for an HTTP trigger,
+    /// a second copy of every top-level field of the body — is skipped unparsed.
+    #[serde(default, deserialize_with = "known_metadata")]
     pub metadata: Map<String, Value>,
+}
+
+/// The `Metadata` keys the handler reads (matched case-insensitively, as the host writes them).
+pub const METADATA_KEYS: &[&str] =
+    &["MessageId", "DeliveryCount", "SessionId", "Subject", "Label", "ContentType", "SequenceNumber", "ApplicationProperties"];
+
+fn known_metadata<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    struct Known;
+    impl<'de> serde::de::Visitor<'de> for Known {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("the invocation's Metadata object")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Map::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                if METADATA_KEYS.iter().any(|w| w.eq_ignore_ascii_case(&k)) {
+                    out.insert(k.into_owned(), m.next_value()?);
+                } else {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Known)
 }
 
 /// The answer to the host. Serialized field names are the host's (matched case-insensitively).

@@ -12,6 +12,7 @@ pub mod invoke;
 pub mod links;
 pub mod metrics;
 pub mod ops;
+pub mod outbound;
 pub mod policy;
 pub mod steps;
 pub mod telemetry;
@@ -118,6 +119,25 @@ pub fn app(state: AppState) -> Router {
         .route("/watchdog", post(timer_fn))
         .layer(DefaultBodyLimit::max(envelope_limit))
         .with_state(state)
+}
+
+/// The router of a handler that is still starting: `GET /` (the host's readiness probe) answers
+/// at once; every other request waits until `routes` holds the handler's own router (see
+/// `main.rs`), then goes to it.
+pub fn starting(routes: tokio::sync::watch::Receiver<Option<Router>>) -> Router {
+    Router::new().route("/", get(|| async { "deploychain handler ready" })).fallback(move |req: axum::extract::Request| {
+        let mut routes = routes.clone();
+        async move {
+            let router = match routes.wait_for(Option::is_some).await {
+                Ok(r) => r.clone(),
+                Err(_) => None,
+            };
+            match router {
+                Some(r) => tower::ServiceExt::oneshot(r, req).await.into_response(),
+                None => (StatusCode::SERVICE_UNAVAILABLE, "the handler is stopping").into_response(),
+            }
+        }
+    })
 }
 
 /// An HTTP-triggered function: every outcome, including errors, is a 200 to the host with the

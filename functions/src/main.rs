@@ -6,10 +6,13 @@ use deploychain_functions::adapters::{
 };
 use deploychain_functions::config::{Config, StoreConfig};
 use deploychain_functions::{AppState, app, links::ApprovalLinks, policy::Policy};
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The one read of the CA bundle every outbound client shares, while the rest starts.
+    deploychain_functions::outbound::warm();
     let telemetry = deploychain_functions::telemetry::init()?;
     let config = Config::from_env().map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
     let text = std::fs::read_to_string(&config.policy_path)
@@ -17,7 +20,26 @@ async fn main() -> anyhow::Result<()> {
     let policy = Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{} ({})", e, config.policy_path.display()))?;
     config.check_against(&policy).map_err(|errs| anyhow::anyhow!("configuration:\n  {}", errs.join("\n  ")))?;
 
-    let http = azure_core::new_http_client();
+    // The host calls http://127.0.0.1:{port}: listen on IPv4 loopback, at once. `GET /` (the
+    // host's readiness probe) answers now; invocations that come before the adapters are built
+    // wait for them (the TLS set-up is most of a start), and a failure to build them stops the
+    // process, as a bad configuration does.
+    let port = config.port;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    tracing::info!(port, "deploychain handler listening");
+    let (ready, routes) = tokio::sync::watch::channel(None);
+    let server =
+        tokio::spawn(axum::serve(listener, deploychain_functions::starting(routes)).with_graceful_shutdown(stopping()).into_future());
+    let state = adapters(config, policy).await?;
+    let _ = ready.send(Some(app(state)));
+    server.await.context("the server task")??;
+    telemetry.shutdown().await;
+    Ok(())
+}
+
+/// Everything the steps reach the world through, built from the configuration.
+async fn adapters(config: Config, policy: Policy) -> anyhow::Result<AppState> {
+    let http = deploychain_functions::outbound::service_bus_http().map_err(anyhow::Error::msg)?;
     let sb = config.service_bus.as_ref().context("ServiceBusConnection")?;
     // Managed identity: an Entra bearer on every Service Bus request (and only those), never a key.
     let sb_http: Arc<dyn azure_core::HttpClient> = match &config.service_bus_identity {
@@ -69,7 +91,6 @@ async fn main() -> anyhow::Result<()> {
         image_builder: Some(deploychain_functions::adapters::bake::VmImageBuilder::new(bake_arm.clone(), config.bake_look_every)),
         ci: Some(deploychain_functions::adapters::bake::CiBaked::new(bake_arm)),
     });
-    let port = config.port;
     let policy = Arc::new(policy);
     let dead_letters = deploychain_functions::ops::DeadLetters::new(
         sb,
@@ -79,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         sb_http,
     )
     .with_policy(policy.clone());
-    let state = AppState {
+    Ok(AppState {
         config: Arc::new(config),
         policy,
         links: Arc::new(links),
@@ -90,13 +111,7 @@ async fn main() -> anyhow::Result<()> {
         compute,
         notify,
         dead_letters: Some(Arc::new(dead_letters)),
-    };
-    // The host calls http://127.0.0.1:{port}: listen on IPv4 loopback.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;
-    tracing::info!(port, "deploychain handler listening");
-    axum::serve(listener, app(state)).with_graceful_shutdown(stopping()).await?;
-    telemetry.shutdown().await;
-    Ok(())
+    })
 }
 
 /// Ctrl-C, or SIGTERM (what the Functions host and a container runtime send): stop taking

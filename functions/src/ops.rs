@@ -21,6 +21,7 @@ use azure_messaging_servicebus::prelude::{QueueClient, TopicClient};
 use azure_messaging_servicebus::service_bus::{PeekLockResponse, SendMessageOptions, SettableBrokerProperties};
 use chrono::{DateTime, Utc};
 use deploychain_events::{DeadLetterAction, DeadLetterHandled, DeployEvent, EventData, TraceContext};
+use futures_util::StreamExt;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,6 +78,13 @@ impl Filter {
             && self.entity.as_ref().is_none_or(|e| l.entity.contains(e.as_str()))
     }
 }
+
+/// Letters locked at a time by a replay or purge.
+const PAGE: usize = 500;
+/// Letters a filter leaves that a replay or purge holds locked while it looks further.
+const MAX_HELD: usize = 5000;
+/// Sessions a replay or purge works on at once (without a rate limit).
+const IN_FLIGHT: usize = 16;
 
 /// What a replay or purge did (or, dry, would do) with one letter.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -220,55 +228,131 @@ impl DeadLetters {
         let sender = topic.topic_sender();
         let pause = if per_second > 0.0 { Duration::from_secs_f64(1.0 / per_second) } else { Duration::ZERO };
         let mut done = Vec::new();
+        // Letters are taken a page at a time, each page handled before its locks (a minute on
+        // the subscriptions) run out even at a slow `per_second`; letters the filter leaves stay
+        // locked until the entity is done (at most MAX_HELD), so the next page reaches past them.
+        let page = if per_second > 0.0 { ((per_second * 30.0) as usize).clamp(1, PAGE) } else { PAGE };
         for entity in self.entities() {
-            let held = self.lock_all(&entity, 5000).await?;
-            let (take, keep): (Vec<_>, Vec<_>) = held.into_iter().partition(|(l, _)| filter.matches(l, now));
-            self.unlock(keep).await;
-            let mut take = take.into_iter();
-            while let Some((l, m)) = take.next() {
-                let new_id = (action == DeadLetterAction::Replayed)
-                    .then(|| format!("{}.replay-{}", l.message_id, &uuid::Uuid::new_v4().simple().to_string()[..8]));
-                let h = Handled {
-                    entity: entity.clone(),
-                    message_id: l.message_id.clone(),
-                    new_message_id: new_id.clone(),
-                    event_type: l.event_type.clone(),
-                    dry_run,
-                };
+            let mut kept: Vec<(Letter, PeekLockResponse)> = Vec::new();
+            loop {
+                let held = self.lock_all(&entity, page).await?;
+                if held.is_empty() {
+                    break;
+                }
+                let (take, keep): (Vec<_>, Vec<_>) = held.into_iter().partition(|(l, _)| filter.matches(l, now));
+                kept.extend(keep);
+                if kept.len() >= MAX_HELD {
+                    tracing::warn!(entity, held = kept.len(), "stopping at the letters the filter left: look again with a narrower filter");
+                    self.unlock(kept).await;
+                    return Ok(done);
+                }
                 if dry_run {
-                    let _ = m.unlock_message().await;
-                    done.push(h);
+                    // Held like the letters the filter leaves, so the next page is new ones.
+                    for (l, m) in take {
+                        done.push(Handled::of(&entity, &l, action, true));
+                        kept.push((l, m));
+                    }
                     continue;
                 }
-                if let Some(id) = &new_id
-                    && let Err(e) = sender.send_message(&l.body, Some(replay_options(&l, id, self.policy.as_deref()))).await
-                {
-                    // Nothing is lost: it stays where it was; the rest are released too.
-                    let _ = m.unlock_message().await;
-                    self.unlock(take.collect()).await;
-                    return Err(transient(&format!("replaying {} from {entity}", l.message_id), e));
+                // Letters of different sessions are handled side by side; a session's own letters
+                // in their order. A rate limit makes it one at a time.
+                let mut lanes: Vec<Vec<(Letter, PeekLockResponse)>> = Vec::new();
+                let mut lane_of: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+                for (l, m) in take {
+                    let key = l.session_id.clone().unwrap_or_else(|| l.message_id.clone());
+                    let i = *lane_of.entry(key).or_insert_with(|| {
+                        lanes.push(Vec::new());
+                        lanes.len() - 1
+                    });
+                    lanes[i].push((l, m));
                 }
-                m.delete_message().await.map_err(|e| transient(&format!("completing {} in {entity}", l.message_id), e))?;
-                let audit = audit_event(&l, &h, by, action);
-                let o = crate::adapters::Outbound::from_event(&audit, None);
-                let opts = SendMessageOptions {
-                    content_type: Some(o.content_type.clone()),
-                    broker_properties: Some(SettableBrokerProperties {
-                        message_id: Some(o.message_id.clone()),
-                        label: Some(o.subject.clone()),
-                        ..Default::default()
-                    }),
-                    custom_properties: Some(o.properties.iter().map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect()),
-                };
-                sender.send_message(&o.body, Some(opts)).await.map_err(|e| transient("sending the audit event", e))?;
-                tracing::info!(entity, message_id = h.message_id, new_message_id = h.new_message_id, by, "dead letter {:?}", action);
-                done.push(h);
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
+                let in_flight = if pause.is_zero() { IN_FLIGHT } else { 1 };
+                let results: Vec<(Vec<Handled>, Option<Error>)> = futures_util::stream::iter(lanes)
+                    .map(|lane| self.lane(&sender, &entity, lane, by, action, pause))
+                    .buffer_unordered(in_flight)
+                    .collect()
+                    .await;
+                let mut failed = None;
+                for (handled, err) in results {
+                    done.extend(handled);
+                    if let Some(e) = err {
+                        failed.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = failed {
+                    // Nothing is lost: what was not handled stays where it was.
+                    self.unlock(kept).await;
+                    return Err(e);
                 }
             }
+            self.unlock(kept).await;
         }
         Ok(done)
+    }
+}
+
+impl Handled {
+    fn of(entity: &str, l: &Letter, action: DeadLetterAction, dry_run: bool) -> Handled {
+        Handled {
+            entity: entity.to_string(),
+            message_id: l.message_id.clone(),
+            new_message_id: (action == DeadLetterAction::Replayed)
+                .then(|| format!("{}.replay-{}", l.message_id, &uuid::Uuid::new_v4().simple().to_string()[..8])),
+            event_type: l.event_type.clone(),
+            dry_run,
+        }
+    }
+}
+
+impl DeadLetters {
+    /// Replay or purge one session's letters in order; stops at the first failure, releasing
+    /// the letters it did not get to. Returns what it did, and the failure.
+    async fn lane(
+        &self,
+        sender: &azure_messaging_servicebus::service_bus::TopicSender,
+        entity: &str,
+        lane: Vec<(Letter, PeekLockResponse)>,
+        by: &str,
+        action: DeadLetterAction,
+        pause: Duration,
+    ) -> (Vec<Handled>, Option<Error>) {
+        let mut done = Vec::new();
+        let mut lane = lane.into_iter();
+        while let Some((l, m)) = lane.next() {
+            let h = Handled::of(entity, &l, action, false);
+            if let Some(id) = &h.new_message_id
+                && let Err(e) = sender.send_message(&l.body, Some(replay_options(&l, id, self.policy.as_deref()))).await
+            {
+                let _ = m.unlock_message().await;
+                self.unlock(lane.collect()).await;
+                return (done, Some(transient(&format!("replaying {} from {entity}", l.message_id), e)));
+            }
+            if let Err(e) = m.delete_message().await {
+                self.unlock(lane.collect()).await;
+                return (done, Some(transient(&format!("completing {} in {entity}", l.message_id), e)));
+            }
+            let audit = audit_event(&l, &h, by, action);
+            let o = crate::adapters::Outbound::from_event(&audit, None);
+            let opts = SendMessageOptions {
+                content_type: Some(o.content_type.clone()),
+                broker_properties: Some(SettableBrokerProperties {
+                    message_id: Some(o.message_id.clone()),
+                    label: Some(o.subject.clone()),
+                    ..Default::default()
+                }),
+                custom_properties: Some(o.properties.iter().map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect()),
+            };
+            if let Err(e) = sender.send_message(&o.body, Some(opts)).await {
+                self.unlock(lane.collect()).await;
+                return (done, Some(transient("sending the audit event", e)));
+            }
+            tracing::info!(entity, message_id = h.message_id, new_message_id = h.new_message_id, by, "dead letter {:?}", action);
+            done.push(h);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        (done, None)
     }
 }
 

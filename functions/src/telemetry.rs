@@ -54,12 +54,12 @@ fn app_insights_connection_string() -> Option<String> {
 /// The exporter that sends Application Insights envelopes (`{IngestionEndpoint}/v2/track`). The
 /// crate insists on https; a plain-http ingestion endpoint (a local receiver) is set directly.
 fn app_insights_exporter(cs: &str) -> anyhow::Result<opentelemetry_application_insights::Exporter<reqwest_013::Client>> {
-    app_insights_exporter_with(cs, reqwest_013::Client::new())
+    app_insights_exporter_with(cs, crate::outbound::builder_013().build()?)
 }
 
 /// The metric exporter: the same envelopes, sent with a blocking client from the reader's thread.
 fn app_insights_metric_exporter(cs: &str) -> anyhow::Result<opentelemetry_application_insights::Exporter<reqwest_013::blocking::Client>> {
-    app_insights_exporter_with(cs, reqwest_013::blocking::Client::new())
+    app_insights_exporter_with(cs, crate::outbound::blocking_builder_013().build()?)
 }
 
 fn app_insights_exporter_with<C: opentelemetry_http::HttpClient + 'static>(

@@ -711,3 +711,38 @@ async fn the_watchdog_flags_a_run_stuck_at_its_build_once_and_says_so() {
         assert!(h.publisher.sent().iter().all(|m| !m.subject.contains("stuck")), "nothing on the bus");
     }
 }
+
+/// A starting handler answers the host's readiness probe at once, and holds invocations until
+/// its adapters are built; then they reach the functions as usual.
+#[tokio::test]
+async fn a_starting_handler_is_ready_at_once_and_holds_invocations_until_built() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    let (ready, routes) = tokio::sync::watch::channel(None);
+    let front = deploychain_functions::starting(routes);
+    let probe = front.clone().oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(probe.status(), 200);
+
+    let h = Harness::new(Arc::new(MemoryStore::default()));
+    let body = fixture("github/ping.json");
+    let env = http_envelope(
+        "github_webhook",
+        "POST",
+        "hooks/github",
+        &[],
+        &[("Content-Type", "application/json".to_string()), ("X-GitHub-Event", "ping".to_string()), ("X-Hub-Signature-256", sign(&body))],
+        &[],
+        &body,
+    );
+    let req = Request::post("/github_webhook").header("content-type", "application/json").body(Body::from(env.to_string())).unwrap();
+    let held = tokio::spawn(front.oneshot(req));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!held.is_finished(), "the invocation waits for the adapters");
+    ready.send(Some(h.router.clone())).unwrap();
+    let rsp = tokio::time::timeout(std::time::Duration::from_secs(5), held).await.unwrap().unwrap().unwrap();
+    assert_eq!(rsp.status(), 200);
+    let bytes = http_body_util::BodyExt::collect(rsp.into_body()).await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["Outputs"]["res"]["statusCode"], 200, "{v}");
+}

@@ -105,7 +105,7 @@ impl LocalCi {
             secrets,
             config,
             front_door,
-            http: reqwest::Client::new(),
+            http: crate::client::http(),
             stop,
             arm: None,
         };

@@ -6,6 +6,12 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use std::path::Path;
 
+/// The one HTTP client of the CLI and the stack (one TLS set-up, pooled connections).
+pub fn http() -> reqwest::Client {
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    HTTP.get_or_init(|| deploychain_functions::outbound::builder().build().unwrap_or_else(|_| reqwest::Client::new())).clone()
+}
+
 pub fn github_signature(secret: &str, body: &[u8]) -> String {
     let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!("any key length"));
     m.update(body);
@@ -52,7 +58,7 @@ pub fn sample_push(policy: &Path, branch: Option<&str>, commit_prefix: Option<&s
 }
 
 pub async fn send_github(base: &str, s: &Secrets, event: &str, body: &[u8]) -> Result<(u16, String)> {
-    let rsp = reqwest::Client::new()
+    let rsp = http()
         .post(format!("{base}/api/hooks/github"))
         .header("content-type", "application/json")
         .header("user-agent", "GitHub-Hookshot/deploychain-send")
@@ -67,7 +73,7 @@ pub async fn send_github(base: &str, s: &Secrets, event: &str, body: &[u8]) -> R
 }
 
 pub async fn send_azure_devops(base: &str, s: &Secrets, body: &[u8]) -> Result<(u16, String)> {
-    let rsp = reqwest::Client::new()
+    let rsp = http()
         .post(format!("{base}/api/hooks/azure-devops"))
         .header("content-type", "application/json; charset=utf-8")
         .basic_auth(&s.azure_devops_user, Some(&s.azure_devops_webhook))
@@ -86,8 +92,7 @@ pub async fn runs(base: &str, s: &Secrets, id: Option<&str>, commit: Option<&str
     if let Some(c) = commit {
         url.query_pairs_mut().append_pair("commit", c);
     }
-    let rsp =
-        reqwest::Client::new().get(url).header("x-functions-key", &s.function_key).send().await.context("is `deploychain up` running?")?;
+    let rsp = http().get(url).header("x-functions-key", &s.function_key).send().await.context("is `deploychain up` running?")?;
     let status = rsp.status().as_u16();
     let text = rsp.text().await.unwrap_or_default();
     let pretty = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| serde_json::to_string_pretty(&v).ok()).unwrap_or(text);
@@ -148,7 +153,7 @@ pub fn describe_run(r: &serde_json::Value) -> String {
 /// POST the decision with it. A page that offers no decision (decided, superseded, expired) is
 /// answered with its status and text.
 pub async fn decide(link: &str, decision: &str, comment: Option<&str>) -> Result<(u16, String)> {
-    let http = reqwest::Client::new();
+    let http = http();
     let page = http.get(link).header("accept", "application/json").send().await.context("is `deploychain up` running?")?;
     let status = page.status().as_u16();
     let text = page.text().await.unwrap_or_default();
@@ -175,7 +180,7 @@ pub async fn decide(link: &str, decision: &str, comment: Option<&str>) -> Result
 pub async fn scale_sets(arm: &str, s: &Secrets, policy: &Path) -> Result<String> {
     let text = std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
     let p = deploychain_functions::policy::Policy::from_toml(&text).map_err(|e| anyhow!("{e}"))?;
-    let http = reqwest::Client::new();
+    let http = http();
     let get = |path: String| {
         let http = http.clone();
         let token = s.arm_token.clone();

@@ -186,21 +186,31 @@ async fn bind(port: u16) -> Result<tokio::net::TcpListener> {
         .with_context(|| format!("port {port} on 127.0.0.1 is taken (is another `deploychain up` running?)"))
 }
 
+/// The stack's bus entities: `infra/servicebus.json`'s, and the stack's own subscriptions: the
+/// simulators' requests (a short lock, so a request held by a stopped stack comes back soon after a
+/// restart) and the progress view (everything).
+pub fn topology(repo: &Path) -> Result<Topology> {
+    let mut topology = Topology::load(repo.join("infra/servicebus.json")).context("infra/servicebus.json")?;
+    let mut sims = Subscription::new(crate::sim::SUBSCRIPTION);
+    sims.lock_duration = std::time::Duration::from_secs(5);
+    for (i, label) in ["dev.deploychain.build.requested.v1", "dev.deploychain.image.requested.v1"].into_iter().enumerate() {
+        sims = sims.with_rule(Rule::correlation(format!("label-{i}"), CorrelationFilter::label(label)));
+    }
+    topology.add_subscription(TOPIC, sims)?;
+    topology.add_subscription(TOPIC, Subscription::new(watch::SUBSCRIPTION))?;
+    Ok(topology)
+}
+
+/// The bus's durable file in a data directory.
+pub fn bus_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("bus.sqlite")
+}
+
 impl Stack {
     pub async fn start(opts: StackOptions) -> Result<Stack> {
         std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating {}", opts.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&opts.data_dir.join("secrets.json"))?;
-        let mut topology = Topology::load(opts.repo.join("infra/servicebus.json")).context("infra/servicebus.json")?;
-        // The stack's own subscriptions: the simulators' requests (a short lock, so a request held by a
-        // stopped stack comes back soon after a restart) and the progress view (everything).
-        let mut sims = Subscription::new(crate::sim::SUBSCRIPTION);
-        sims.lock_duration = std::time::Duration::from_secs(5);
-        for (i, label) in ["dev.deploychain.build.requested.v1", "dev.deploychain.image.requested.v1"].into_iter().enumerate() {
-            sims = sims.with_rule(Rule::correlation(format!("label-{i}"), CorrelationFilter::label(label)));
-        }
-        topology.add_subscription(TOPIC, sims)?;
-        topology.add_subscription(TOPIC, Subscription::new(watch::SUBSCRIPTION))?;
-        let broker = Broker::open(&opts.data_dir.join("bus.sqlite"), topology).context("opening the local bus")?;
+        let broker = Broker::open(&bus_file(&opts.data_dir), topology(&opts.repo)?).context("opening the local bus")?;
 
         let (stop, stop_rx) = tokio_watch::channel(false);
         let (progress, _) = broadcast::channel(1024);
@@ -268,7 +278,7 @@ impl Stack {
             secrets: secrets.clone(),
             policy: policy.clone(),
             config: opts.sim.clone(),
-            http: reqwest::Client::new(),
+            http: crate::client::http(),
             arm: arm.clone(),
             kube: kube.clone(),
         });
@@ -280,7 +290,7 @@ impl Stack {
             arm: arm.clone(),
             policy: policy.clone(),
             links: Default::default(),
-            http: reqwest::Client::new(),
+            http: crate::client::http(),
         };
         tasks.push(tokio::spawn(status.clone().collect_links(progress.subscribe())));
         let status_listener = bind(opts.status_port).await?;
@@ -315,5 +325,6 @@ impl Stack {
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
+        self.arm.flush();
     }
 }

@@ -123,6 +123,8 @@ async fn scale_sets_and_the_request_log_survive_a_restart() {
         let (s, _) =
             call(reqwest::Method::PATCH, format!("{base}{VMSS}?api-version=2024-07-01"), Some(TOKEN), None, Some(&patch.to_string())).await;
         assert_eq!(s, 200);
+        // What the stack does when it stops (the server task still holds the endpoint here).
+        arm.flush();
     }
     let arm = open(&d);
     let ss = arm.scale_set(VMSS).unwrap();

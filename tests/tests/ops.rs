@@ -217,3 +217,52 @@ async fn a_replay_resends_the_original_under_a_new_message_id_and_a_failed_send_
     let msgs = bus.broker.peek(&audit, 0, 100).await.unwrap();
     assert_eq!(msgs.iter().filter(|m| m.label.as_deref() == Some("dev.deploychain.deadletter.handled.v1")).count(), 2);
 }
+
+/// More letters than a page: a replay goes page by page to the end, and a filtered one reaches
+/// past the letters it leaves (which stay where they were). A dry run over them all changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_goes_past_a_page_and_past_the_letters_its_filter_leaves() {
+    let bus = Bus::start().await;
+    let sub = EntityPath::subscription("deploychain-events", "on-push");
+    let ev = sample("push.json");
+    // More letters nobody asked for than a page (500), then some of the run the filter names.
+    let set_aside = |run: &str, n: usize| {
+        let mut msgs = Vec::new();
+        for i in 0..n {
+            let mut e = ev.clone();
+            e.run_id = run.to_string();
+            e.id = format!("{run}.push.{i}");
+            let out = Outbound::from_event(&e, Some("web".into()));
+            msgs.push(deploychain_bus::NewMessage {
+                body: out.body.into_bytes(),
+                message_id: Some(out.message_id),
+                session_id: out.session_id,
+                label: Some(out.subject),
+                content_type: Some(out.content_type),
+                ..Default::default()
+            });
+        }
+        msgs
+    };
+    let others = set_aside("web-000000000001", 520);
+    let wanted = set_aside("web-000000000002", 120);
+    bus.broker.send_batch("deploychain-events", others).await.unwrap();
+    bus.broker.send_batch("deploychain-events", wanted).await.unwrap();
+    while let Some(m) = bus.broker.peek_lock(&sub, Duration::ZERO).await.unwrap() {
+        bus.broker.dead_letter(&sub, m.lock_token.unwrap(), "Test", "set aside").await.unwrap();
+    }
+    assert_eq!(bus.dlq_count("on-push").await, 640);
+
+    let dry = bus.ops().replay(&Filter::default(), true, 0.0, "test").await.unwrap();
+    assert_eq!(dry.len(), 640, "a dry run sees every letter once");
+    assert_eq!(bus.dlq_count("on-push").await, 640, "and changes nothing");
+
+    let only = Filter { run: Some("web-000000000002".into()), ..Filter::default() };
+    let done = bus.ops().replay(&only, false, 0.0, "test").await.unwrap();
+    assert_eq!(done.len(), 120, "every letter of the run, past the 520 before them");
+    assert!(done.iter().all(|h| h.message_id.starts_with("web-000000000002")));
+    // The locks the replay held on the others are released: they are all there to take again.
+    let rest = bus.ops().replay(&Filter::default(), false, 0.0, "test").await.unwrap();
+    assert_eq!(rest.len(), 520);
+    assert_eq!(bus.dlq_count("on-push").await, 0);
+}

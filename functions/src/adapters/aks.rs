@@ -89,7 +89,7 @@ impl AksCompute {
         poll: Duration,
         timeout: Duration,
     ) -> std::result::Result<AksCompute, String> {
-        let checks_http = reqwest::Client::builder()
+        let checks_http = crate::outbound::builder()
             .user_agent(concat!("deploychain-checks/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("acceptance check HTTP client: {e}"))?;

@@ -59,7 +59,7 @@ struct Answer {
 impl TableStore {
     pub fn new(endpoint: url::Url, auth: TableAuth) -> std::result::Result<TableStore, String> {
         let http =
-            reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build().map_err(|e| format!("table client: {e}"))?;
+            crate::outbound::builder().timeout(std::time::Duration::from_secs(30)).build().map_err(|e| format!("table client: {e}"))?;
         Ok(TableStore { http, table: TABLE.into(), endpoint, auth })
     }
 

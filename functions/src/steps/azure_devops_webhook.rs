@@ -7,7 +7,7 @@
 //! - `build.complete` → `build.completed` for the app whose Azure Pipelines definition it is.
 //! - Anything else → 202 ignored with the reason.
 
-use super::github_webhook::{accepted, ignored, publish_event, run_trace, strip_bom};
+use super::github_webhook::{accepted, build_run_trace, ignored, publish_event, strip_bom};
 use super::*;
 use crate::invoke::{HttpRequest, HttpResponse};
 use base64::Engine;
@@ -170,7 +170,7 @@ async fn build_complete(state: &AppState, p: &Value) -> Result<HttpResponse> {
     };
     let rid = run_id(&app.name, &sha);
     let id = event_id(&rid, "build-completed");
-    let Some(trace) = run_trace(state, &rid, &id).await? else {
+    let Some(trace) = build_run_trace(state, &rid, &id).await? else {
         return Ok(ignored(format!("no run for commit {sha} of app `{}`", app.name)));
     };
     let result = s(r, &["result"]).or(s(r, &["status"])).unwrap_or("unknown");

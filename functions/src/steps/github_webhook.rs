@@ -29,14 +29,23 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     verify_signature(secret.expose().as_bytes(), &req.body, req.header("x-hub-signature-256"))?;
     let event = req.header("x-github-event").ok_or_else(|| Error::Malformed("missing X-GitHub-Event header".into()))?.to_string();
     let delivery = req.header("x-github-delivery").map(str::to_string);
-    let payload: Value =
-        serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
+    let body = strip_bom(&req.body);
+    if event == "push" {
+        // The hot path: only the fields a run needs are read (the rest is skipped unparsed).
+        if let Ok(p) = serde_json::from_slice::<PushPayload>(body) {
+            return push(&state, &p, delivery).await;
+        }
+    }
+    let payload: Value = serde_json::from_slice(body).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
     if !payload.is_object() {
         return Err(Error::Malformed("the body is not a JSON object".into()));
     }
     match event.as_str() {
         "ping" => Ok(HttpResponse::json(200, &json!({ "pong": true, "zen": payload["zen"] }))),
-        "push" => push(&state, &payload, delivery).await,
+        "push" => Err(Error::Malformed(match serde_json::from_value::<PushPayload>(payload) {
+            Err(e) => format!("the push payload is not GitHub's: {e}"),
+            Ok(_) => "the push payload is not GitHub's".into(),
+        })),
         "workflow_run" => workflow_run(&state, &payload).await,
         "registry_package" | "package" => package(&state, &payload, &event).await,
         other => Ok(ignored(format!("`{other}` events do not drive deployments"))),
@@ -78,21 +87,73 @@ pub async fn publish_event(state: &AppState, ev: &DeployEvent) -> Result<()> {
 
 /// The trace an edge event of an existing run continues.
 pub async fn run_trace(state: &AppState, run_id: &str, event_id: &str) -> Result<Option<TraceContext>> {
-    Ok(state
-        .store
-        .run(run_id)
-        .await?
-        .map(|r| TraceContext { traceparent: event_traceparent(r.traceparent.as_deref(), event_id), tracestate: None }))
+    Ok(state.store.run(run_id).await?.map(|r| trace_of(&r, event_id)))
 }
 
-async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<HttpResponse> {
-    let git_ref = s(p, &["ref"]).ok_or_else(|| Error::Malformed("push without `ref`".into()))?;
-    let repo = s(p, &["repository", "full_name"]).ok_or_else(|| Error::Malformed("push without `repository.full_name`".into()))?;
+/// The same for a build report, which may come before its run is committed ([`run_when_committed`]).
+pub async fn build_run_trace(state: &AppState, run_id: &str, event_id: &str) -> Result<Option<TraceContext>> {
+    Ok(run_when_committed(state, run_id).await?.map(|r| trace_of(&r, event_id)))
+}
+
+fn trace_of(r: &crate::adapters::Run, event_id: &str) -> TraceContext {
+    TraceContext { traceparent: event_traceparent(r.traceparent.as_deref(), event_id), tracestate: None }
+}
+
+/// The parts of a GitHub `push` payload a run is made of.
+#[derive(serde::Deserialize)]
+struct PushPayload {
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    repository: Option<PushRepository>,
+    after: Option<String>,
+    before: Option<String>,
+    deleted: Option<bool>,
+    compare: Option<String>,
+    pusher: Option<PushUser>,
+    sender: Option<PushSender>,
+    head_commit: Option<PushCommit>,
+    #[serde(default)]
+    commits: Option<Vec<PushCommit>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PushRepository {
+    full_name: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PushUser {
+    name: Option<String>,
+    email: Option<String>,
+    username: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PushSender {
+    login: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PushCommit {
+    id: Option<String>,
+    message: Option<String>,
+    url: Option<String>,
+    timestamp: Option<String>,
+    author: Option<PushUser>,
+}
+
+async fn push(state: &AppState, p: &PushPayload, delivery: Option<String>) -> Result<HttpResponse> {
+    let git_ref = p.git_ref.as_deref().ok_or_else(|| Error::Malformed("push without `ref`".into()))?;
+    let repo = p
+        .repository
+        .as_ref()
+        .and_then(|r| r.full_name.as_deref())
+        .ok_or_else(|| Error::Malformed("push without `repository.full_name`".into()))?;
     let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
         return Ok(ignored(format!("`{git_ref}` is not a branch (tag pushes do not start runs)")));
     };
-    let after = s(p, &["after"]).unwrap_or_default();
-    if p["deleted"].as_bool() == Some(true) || after == ZERO_SHA {
+    let after = p.after.as_deref().unwrap_or_default();
+    if p.deleted == Some(true) || after == ZERO_SHA {
         return Ok(ignored(format!("branch `{branch}` was deleted")));
     }
     let Some(app) = state.policy.github_app(repo, branch) else {
@@ -109,7 +170,9 @@ async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<H
     let commit = after.to_ascii_lowercase();
     let rid = run_id(&app.name, &commit);
     let id = event_id(&rid, "push");
-    let message = s(p, &["head_commit", "message"]).map(|m| m.chars().take(500).collect::<String>());
+    let head = p.head_commit.as_ref();
+    let message = head.and_then(|h| h.message.as_deref()).map(|m| m.chars().take(500).collect::<String>());
+    let pusher = p.pusher.as_ref();
     let ev = DeployEvent {
         source: format!("/github/{repo}"),
         time: Utc::now(),
@@ -126,24 +189,27 @@ async fn push(state: &AppState, p: &Value, delivery: Option<String>) -> Result<H
             repository: repo.to_string(),
             branch: branch.to_string(),
             commit,
-            before: s(p, &["before"]).map(str::to_string),
-            pusher: s(p, &["pusher", "name"]).or(s(p, &["sender", "login"])).map(str::to_string),
+            before: p.before.clone(),
+            pusher: pusher.and_then(|u| u.name.clone()).or_else(|| p.sender.as_ref().and_then(|s| s.login.clone())),
             message,
-            url: s(p, &["head_commit", "url"]).or(s(p, &["compare"])).map(str::to_string),
+            url: head.and_then(|h| h.url.clone()).or_else(|| p.compare.clone()),
             delivery,
-            pusher_email: s(p, &["pusher", "email"]).map(str::to_string),
-            commits: p["commits"]
-                .as_array()
-                .into_iter()
+            pusher_email: pusher.and_then(|u| u.email.clone()),
+            commits: p
+                .commits
+                .iter()
                 .flatten()
                 .filter_map(|c| {
+                    let author = c.author.as_ref();
                     Some(CommitInfo {
-                        id: s(c, &["id"]).filter(|id| id.len() >= 7 && id.bytes().all(|b| b.is_ascii_hexdigit()))?.to_ascii_lowercase(),
-                        message: s(c, &["message"]).map(|m| m.chars().take(500).collect()),
-                        author: s(c, &["author", "name"]).map(str::to_string),
-                        author_email: s(c, &["author", "email"]).map(str::to_string),
-                        author_login: s(c, &["author", "username"]).map(str::to_string),
-                        timestamp: s(c, &["timestamp"])
+                        id: c.id.as_deref().filter(|id| id.len() >= 7 && id.bytes().all(|b| b.is_ascii_hexdigit()))?.to_ascii_lowercase(),
+                        message: c.message.as_deref().map(|m| m.chars().take(500).collect()),
+                        author: author.and_then(|a| a.name.clone()),
+                        author_email: author.and_then(|a| a.email.clone()),
+                        author_login: author.and_then(|a| a.username.clone()),
+                        timestamp: c
+                            .timestamp
+                            .as_deref()
                             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                             .map(|t| t.with_timezone(&chrono::Utc)),
                     })
@@ -191,7 +257,7 @@ async fn workflow_run(state: &AppState, p: &Value) -> Result<HttpResponse> {
         None => (run_id(&app.name, &sha), sha),
     };
     let id = event_id(&rid, "build-completed");
-    let Some(trace) = run_trace(state, &rid, &id).await? else {
+    let Some(trace) = build_run_trace(state, &rid, &id).await? else {
         return Ok(ignored(format!("no run for commit {sha} of app `{}`", app.name)));
     };
     let conclusion = s(wr, &["conclusion"]).unwrap_or("unknown");

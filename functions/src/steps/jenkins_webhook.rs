@@ -40,7 +40,7 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     let Some(run_id) = s(b, &["parameters", "DEPLOYCHAIN_RUN"]) else {
         return Ok(ignored(format!("build of `{job_name}` has no DEPLOYCHAIN_RUN parameter: deploychain did not start it")));
     };
-    let Some(run) = state.store.run(run_id).await? else {
+    let Some(run) = run_when_committed(&state, run_id).await? else {
         return Ok(ignored(format!("no run `{run_id}`")));
     };
     let Some(app) = state.policy.app(&run.app).filter(|a| a.build.provider == BuildProvider::Jenkins) else {

@@ -190,6 +190,26 @@ pub fn decode(body: &[u8], expected: EventType) -> Result<DeployEvent> {
     Ok(ev)
 }
 
+/// How long a build report waits for the run it names to be committed.
+pub const DISPATCH_RACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The run `id`, waiting up to [`DISPATCH_RACE`] while it does not exist yet. `on_push` starts a
+/// build and then commits the run, and a build that ends at once (a workflow that fails on its
+/// first line, the local simulators) can report back in between: its report would otherwise be
+/// ignored as "no such run", and the run would wait for a build that already ended.
+pub async fn run_when_committed(state: &AppState, id: &str) -> Result<Option<Run>> {
+    let deadline = tokio::time::Instant::now() + DISPATCH_RACE;
+    loop {
+        if let Some(r) = state.store.run(id).await? {
+            return Ok(Some(r));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Load the run an event names, refusing events of unknown runs and runs already finished.
 pub async fn active_run(state: &AppState, ev: &DeployEvent) -> Result<std::result::Result<Run, String>> {
     let Some(run) = state.store.run(&ev.run_id).await? else {

@@ -188,6 +188,9 @@ struct State {
     page_size: usize,
     /// The local Kubernetes API's base URL, for AKS clusters' kubeconfigs.
     kube_server: Option<String>,
+    /// A change not yet written, and when the world was last written.
+    dirty: bool,
+    saved_at: std::time::Instant,
 }
 
 /// Something that happened to a scale set, for the progress view.
@@ -225,11 +228,45 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The world is written at most this often (a busy endpoint changes it on every request, and
+/// it is one document); the last change is written by the flusher, by `flush`, or on drop.
+const SAVE_EVERY: Duration = Duration::from_millis(250);
+
 impl State {
-    fn save(&self) -> Result<()> {
+    fn save(&mut self) -> Result<()> {
+        if self.saved_at.elapsed() < SAVE_EVERY {
+            self.dirty = true;
+            return Ok(());
+        }
+        self.write()
+    }
+
+    fn write(&mut self) -> Result<()> {
         let doc = serde_json::to_string(&self.world)?;
         self.conn.execute("INSERT INTO world(id, doc) VALUES (1, ?1) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc", [doc])?;
+        self.dirty = false;
+        self.saved_at = std::time::Instant::now();
         Ok(())
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if self.dirty {
+            let _ = self.write();
+        }
+    }
+}
+
+/// Write the world when a change is waiting, until the endpoint is gone.
+fn flusher(state: std::sync::Weak<Mutex<State>>) {
+    loop {
+        std::thread::sleep(SAVE_EVERY);
+        let Some(state) = state.upgrade() else { return };
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.dirty && s.saved_at.elapsed() >= SAVE_EVERY {
+            let _ = s.write();
+        }
     }
 }
 
@@ -271,9 +308,22 @@ impl LocalArm {
             token: token.to_string(),
             page_size: config.page_size.max(1),
             kube_server: None,
+            dirty: false,
+            saved_at: std::time::Instant::now().checked_sub(SAVE_EVERY).unwrap_or_else(std::time::Instant::now),
         };
         let (activity, _) = tokio::sync::broadcast::channel(256);
-        Ok(LocalArm { state: Arc::new(Mutex::new(state)), config: Arc::new(config), activity })
+        let state = Arc::new(Mutex::new(state));
+        let weak = Arc::downgrade(&state);
+        std::thread::Builder::new().name("local-arm-flush".into()).spawn(move || flusher(weak))?;
+        Ok(LocalArm { state, config: Arc::new(config), activity })
+    }
+
+    /// Write any change not yet written (the stack does before it stops).
+    pub fn flush(&self) {
+        let mut s = self.lock();
+        if s.dirty {
+            let _ = s.write();
+        }
     }
 
     /// What happens to the scale sets, as it happens.

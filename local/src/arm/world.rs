@@ -229,10 +229,17 @@ impl ScaleSet {
     }
 }
 
+/// How long a finished operation's status stays readable.
+const OPERATION_RETENTION_MS: i64 = 10 * 60 * 1000;
+
 impl World {
     /// Finish what is due at `now`. Returns whether anything changed.
     pub fn advance(&mut self, now: i64) -> bool {
-        let mut changed = false;
+        // Finished operations stay readable for a while (a poller may come back late), then go,
+        // as ARM forgets them: the world the endpoint saves on every change stays small.
+        let before = self.operations.len();
+        self.operations.retain(|_, o| o.status.is_none() || o.ready_ms > now - OPERATION_RETENTION_MS);
+        let mut changed = self.operations.len() != before;
         let due: Vec<String> =
             self.operations.values().filter(|o| o.status.is_none() && o.ready_ms <= now).map(|o| o.name.clone()).collect();
         for name in due {

@@ -95,6 +95,11 @@ impl LocalHost {
         Ok(LocalHost { app, worker, http_addr, stop, tasks })
     }
 
+    /// Each function's invocation counts since the host started.
+    pub fn invocations(&self) -> std::collections::BTreeMap<String, worker::InvocationCounts> {
+        self.worker.counts()
+    }
+
     /// The handler's recent output lines (its logs), oldest first.
     pub fn handler_log(&self) -> Vec<String> {
         self.worker.log()

@@ -200,8 +200,9 @@ impl TriggerLoop {
         } else {
             self.broker.abandon(path, token).await
         };
-        if let Err(e) = settled {
-            tracing::warn!(target: "host", function = self.function, message_id = m.message_id, "settling failed: {e}");
+        match settled {
+            Ok(()) => self.worker.settled(&self.function, ok),
+            Err(e) => tracing::warn!(target: "host", function = self.function, message_id = m.message_id, "settling failed: {e}"),
         }
     }
 }

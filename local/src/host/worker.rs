@@ -33,7 +33,23 @@ pub struct Worker {
     restarts: Arc<AtomicU32>,
     stop: Arc<tokio::sync::Notify>,
     log: HandlerLog,
+    counts: Counts,
 }
+
+/// What happened to each function's invocations since the host started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InvocationCounts {
+    /// Invocations the handler answered 2xx.
+    pub answered: u64,
+    /// Invocations that failed: unreachable, timed out, or a non-2xx answer.
+    pub failed: u64,
+    /// Service Bus trigger messages completed after their invocation.
+    pub completed: u64,
+    /// Service Bus trigger messages abandoned (they come back, or dead-letter).
+    pub abandoned: u64,
+}
+
+type Counts = Arc<std::sync::Mutex<std::collections::BTreeMap<String, InvocationCounts>>>;
 
 /// The handler's recent output lines (stdout and stderr, across restarts), as the host keeps
 /// them for its log stream.
@@ -120,8 +136,8 @@ impl Worker {
         let first = spawn_ready(&spec, 1).await?;
         live_tx.send_replace(Some(first.0));
         tokio::spawn(supervise(spec, first, live_tx.clone(), kill_rx, restarts.clone(), stop.clone()));
-        let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).build()?;
-        Ok(Worker { live: live_rx, live_tx, kill: kill_tx, http, restarts, stop, log })
+        let http = deploychain_functions::outbound::builder().pool_idle_timeout(Duration::from_secs(30)).build()?;
+        Ok(Worker { live: live_rx, live_tx, kill: kill_tx, http, restarts, stop, log, counts: Counts::default() })
     }
 
     /// The live handler, waiting up to `wait` for one (e.g. during a restart).
@@ -142,9 +158,39 @@ impl Worker {
         self.restarts.load(Ordering::SeqCst)
     }
 
+    /// The port the handler that is up now listens on.
+    pub fn live_port(&self) -> Option<u16> {
+        self.live.borrow().map(|l| l.port)
+    }
+
+    /// Each function's invocation counts so far.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, InvocationCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn count(&self, function: &str, f: impl FnOnce(&mut InvocationCounts)) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match c.get_mut(function) {
+            Some(n) => f(n),
+            None => f(c.entry(function.to_string()).or_default()),
+        }
+    }
+
+    /// A trigger message was completed (`true`) or abandoned after its invocation.
+    pub fn settled(&self, function: &str, completed: bool) {
+        self.count(function, |n| if completed { n.completed += 1 } else { n.abandoned += 1 });
+    }
+
     /// POST the envelope to `/{function}` with the host's headers; kill and restart the handler
     /// when `timeout` passes.
     pub async fn invoke(&self, function: &str, envelope: &serde_json::Value, timeout: Duration) -> Result<Answer, InvokeError> {
+        let r = self.invoke_once(function, envelope, timeout).await;
+        let ok = matches!(&r, Ok(a) if (200..300).contains(&a.status));
+        self.count(function, |n| if ok { n.answered += 1 } else { n.failed += 1 });
+        r
+    }
+
+    async fn invoke_once(&self, function: &str, envelope: &serde_json::Value, timeout: Duration) -> Result<Answer, InvokeError> {
         let live = self.live(Duration::from_secs(30)).await.ok_or_else(|| InvokeError::Unreachable("the handler is not running".into()))?;
         let req = self
             .http
@@ -238,7 +284,7 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
         });
     }
     // Readiness: any HTTP answer to GET / within 30 s, polled every 25 ms.
-    let client = reqwest::Client::new();
+    let client = crate::client::http();
     let start = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {

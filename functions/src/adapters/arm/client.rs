@@ -107,11 +107,7 @@ impl ArmClient {
         operation_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<ArmClient, String> {
-        let http = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .user_agent(concat!("deploychain/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("ARM HTTP client: {e}"))?;
+        let http = crate::outbound::builder().timeout(request_timeout).build().map_err(|e| format!("ARM HTTP client: {e}"))?;
         Ok(ArmClient { http, endpoint, tokens, retry, poll_interval, operation_timeout })
     }
 

@@ -78,9 +78,14 @@ impl AzureIdentity {
     /// Managed identity: App Service / Functions (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`) or the
     /// VM instance metadata service; `client_id` selects a user-assigned identity.
     pub fn managed_identity(client_id: Option<String>) -> std::result::Result<AzureIdentity, String> {
+        // The identity endpoint's client shares the handler's one TLS connector.
+        let http = crate::outbound::builder_013().build().map_err(|e| format!("managed identity HTTP client: {e}"))?;
         let options = azure_identity::ManagedIdentityCredentialOptions {
             user_assigned_id: client_id.map(azure_identity::UserAssignedId::ClientId),
-            ..Default::default()
+            client_options: azure_core_v1::http::ClientOptions {
+                transport: Some(azure_core_v1::http::Transport::new(Arc::new(http))),
+                ..Default::default()
+            },
         };
         let credential = azure_identity::ManagedIdentityCredential::new(Some(options)).map_err(|e| format!("managed identity: {e}"))?;
         Ok(AzureIdentity::new("managed identity", credential))

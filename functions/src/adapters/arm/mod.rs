@@ -94,7 +94,7 @@ impl ArmCompute {
             options.operation_timeout,
             options.request_timeout,
         )?;
-        let checks_http = reqwest::Client::builder()
+        let checks_http = crate::outbound::builder()
             .user_agent(concat!("deploychain-checks/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("acceptance check HTTP client: {e}"))?;

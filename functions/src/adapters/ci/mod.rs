@@ -183,11 +183,7 @@ pub fn segment(s: &str) -> String {
 
 /// The HTTP client the CI adapters share.
 pub fn http_client(timeout: Duration) -> std::result::Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .user_agent(concat!("deploychain/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("CI HTTP client: {e}"))
+    crate::outbound::builder().timeout(timeout).build().map_err(|e| format!("CI HTTP client: {e}"))
 }
 
 /// The build systems the handler can start builds on; `None` where the provider is not configured

@@ -1,0 +1,799 @@
+//! The local stack under load: a benchmark that prints figures, not a timed test.
+//! `cargo bench -p deploychain --bench stack` runs every part; `-- cold-start`, `-- chain`,
+//! `-- throughput` or `-- replay` runs one (several may be named). Numbers set the sizes:
+//! `-- chain 1000` (runs), `-- throughput 100 5` (apps, rounds), `-- replay 10000` (letters).
+//! Under `cargo test --benches` every part runs at a tiny size, as a smoke test.
+//!
+//! Each part prints its figures against a floor measured in the same run:
+//! - cold start: process exec → first 200 on `GET /` (median of 20), idle RSS and binary size of
+//!   the release `handler`, against this benchmark's own binary re-executed as a bare axum server;
+//! - chain: push accepted → production deployed through everything `deploychain up` starts, with
+//!   zero-delay simulators and the production approval given the moment its link is issued, one
+//!   run at a time; per step, against one durable bus hop plus one loopback HTTP call;
+//! - throughput: 100 apps pushing at once, round after round; events and invocations per second,
+//!   nothing lost (every event published is settled, every run succeeds), against the bus's and
+//!   SQLite's own commit rates on the same disk;
+//! - replay: dead-lettered events replayed with the operators' replay (`DeadLetters::replay`, what
+//!   `deploychain dlq replay` and `ops_deadletters` run) through the bus's REST API, against the
+//!   bus moving the same number of messages in process.
+#![allow(clippy::unwrap_used)]
+
+use deploychain::arm::ArmSimConfig;
+use deploychain::client;
+use deploychain::config::SimConfig;
+use deploychain::stack::{Stack, StackOptions};
+use deploychain::watch::Progress;
+use deploychain_bus::{Broker, EntityPath, NewMessage, Queue, Topology};
+use deploychain_events::EventType;
+use deploychain_functions::adapters::sqlite::SqliteStore;
+use deploychain_functions::adapters::{RunQuery, RunStatus, Store};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+const NOOP_ENV: &str = "DEPLOYCHAIN_BENCH_NOOP_PORT";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+}
+
+/// The release handler beside this benchmark (target/release/handler), built first if missing.
+fn handler() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let h = exe.parent().and_then(Path::parent).unwrap().join("handler");
+    if !h.is_file() || cfg!(debug_assertions) {
+        // Under `cargo test --benches` the debug handler beside the tests is used when present.
+        if h.is_file() {
+            return h;
+        }
+        eprintln!("building the release handler …");
+        return deploychain::package::build_handler(&repo()).unwrap();
+    }
+    h
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn data_dir(part: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deploychain-bench-{part}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Everything `deploychain up` starts, with zero-delay simulators, on free ports.
+fn options(part: &str, policy: &str) -> StackOptions {
+    let dir = data_dir(part);
+    let policy_path = dir.join("policy.toml");
+    std::fs::write(&policy_path, policy).unwrap();
+    StackOptions {
+        repo: repo(),
+        data_dir: dir,
+        policy: policy_path,
+        handler: handler(),
+        http_port: 0,
+        bus_port: 0,
+        arm_port: 0,
+        status_port: 0,
+        sim: SimConfig { build_delay: Duration::ZERO, image_delay: Duration::ZERO, failing_builds: vec![], unhealthy_images: vec![] },
+        arm: ArmSimConfig {
+            operation_time: Duration::ZERO,
+            upgrade_time: Duration::ZERO,
+            health_delay: Duration::ZERO,
+            poll_interval: Duration::from_millis(1),
+            health_timeout: Duration::from_secs(30),
+            ..ArmSimConfig::default()
+        },
+        watchdog: deploychain::config::WatchdogConfig::default(),
+        extra_settings: vec![
+            ("DEPLOYCHAIN_BAKE_LOOK_EVERY".into(), "1ms".into()),
+            // The handler's own log lines would be the benchmark's biggest cost.
+            ("RUST_LOG".into(), "warn".into()),
+        ],
+    }
+}
+
+const SUB: &str = "/subscriptions/00000000-0000-0000-0000-000000000000";
+
+/// `apps` GitHub apps, each baked by VM Image Builder and deployed to staging then production.
+fn policy(apps: usize, approval: bool) -> String {
+    let mut p = String::new();
+    for i in 0..apps {
+        let name = format!("app{i:03}");
+        p.push_str(&format!(
+            r#"
+[[app]]
+name = "{name}"
+source = {{ github = "bench/{name}" }}
+branches = ["main"]
+build = {{ provider = "github-actions", pipeline = "build.yml" }}
+image = {{ source = "image-builder", destination = "{SUB}/resourceGroups/rg-images/providers/Microsoft.Compute/galleries/deploychain/images/{name}" }}
+[[app.stage]]
+name = "staging"
+target = "{SUB}/resourceGroups/rg-{name}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}-staging"
+checks = [{{ kind = "http", url = "http://{name}-staging.internal/healthz" }}]
+[[app.stage]]
+name = "production"
+target = "{SUB}/resourceGroups/rg-{name}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}-prod"
+{}
+"#,
+            if approval { r#"approval = { approvers = ["alice@contoso.com"], expires_after = "24h" }"# } else { "" }
+        ));
+    }
+    p
+}
+
+/// A push of a new commit of `app` (the sample payload `deploychain send github push` sends).
+fn push_of(policy_path: &Path, app: usize) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&client::sample_push(policy_path, None, None).unwrap()).unwrap();
+    v["repository"]["full_name"] = Value::String(format!("bench/app{app:03}"));
+    serde_json::to_vec(&v).unwrap()
+}
+
+async fn push(stack: &Stack, body: &[u8]) -> String {
+    let (status, text) = client::send_github(&format!("http://{}", stack.http_addr), &stack.secrets, "push", body).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
+}
+
+/// Counts every chain event the stack's progress view sees (missed ones included, by the
+/// broadcast channel's own count), and passes approval links and run ends on.
+struct Seen {
+    events: Arc<AtomicU64>,
+}
+
+fn follow(stack: &Stack) -> (Seen, tokio::sync::mpsc::UnboundedReceiver<Progress>) {
+    let mut rx = stack.progress.subscribe();
+    let events = Arc::new(AtomicU64::new(0));
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    let counter = events.clone();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(p) => {
+                    if matches!(p, Progress::Event { .. }) {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if matches!(&p, Progress::Approval { .. } | Progress::Event { ty: EventType::RunFinished, .. }) && tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("(the progress view dropped {n} items: counted, but approval links among them are lost)");
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    (Seen { events }, out)
+}
+
+async fn runs_json(stack: &Stack, id: Option<&str>) -> Value {
+    serde_json::from_str(&client::runs(&format!("http://{}", stack.http_addr), &stack.secrets, id, None).await.unwrap()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cold start
+
+/// This binary re-executed as the floor: a bare multi-threaded tokio runtime and an axum route.
+fn noop_server(port: u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ready" }));
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /` answered 200?
+fn ready(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && &buf[9..12] == b"200"
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
+/// Exec → first 200, and the idle RSS a second later, for each of `n` starts.
+fn starts(
+    n: usize,
+    mut first_invocation: Option<&mut Vec<Duration>>,
+    mut command: impl FnMut(u16, usize) -> std::process::Command,
+) -> (Vec<Duration>, Vec<u64>) {
+    let (mut times, mut rss) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let port = free_port();
+        let mut cmd = command(port, i);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        let t = Instant::now();
+        let mut child = cmd.spawn().unwrap();
+        while !ready(port) {
+            assert!(t.elapsed() < Duration::from_secs(20), "no 200 on GET / within 20 s");
+            assert!(child.try_wait().unwrap().is_none(), "the process exited before it was ready");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        times.push(t.elapsed());
+        if let Some(first) = first_invocation.as_mut() {
+            // The first invocation (a `runs` query): answered once the adapters are built.
+            let env =
+                br#"{"Data":{"req":{"Url":"http://127.0.0.1/api/runs","Method":"GET","Query":{},"Headers":{},"Params":{}}},"Metadata":{}}"#;
+            assert!(post_200(port, "/runs", env), "the first invocation was not answered 200");
+            first.push(t.elapsed());
+        }
+        if i < 3 {
+            std::thread::sleep(Duration::from_secs(1));
+            rss.push(rss_kib(child.id()));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    times.sort();
+    if let Some(first) = first_invocation {
+        first.sort();
+    }
+    (times, rss)
+}
+
+/// POST `body` to `path`, as the host posts an invocation: answered 200?
+fn post_200(port: u16, path: &str, body: &[u8]) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && &buf[9..12] == b"200"
+}
+
+fn file_mb(p: &Path) -> f64 {
+    std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0)
+}
+
+fn cold_start(n: usize) {
+    let handler = handler();
+    let dir = data_dir("cold-start");
+    // The app settings `deploychain up` gives the handler (nothing it reaches at start is running:
+    // it connects to nothing before it listens).
+    let opts = options("cold-start-settings", &policy(1, true));
+    let settings = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let stack = Stack::start(opts).await.unwrap();
+            let text = std::fs::read_to_string(stack.data_dir.join("app/local.settings.json")).unwrap();
+            let policy = stack.data_dir.join("policy.toml");
+            let data = stack.data_dir.clone();
+            stack.stop().await;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let mut s: Vec<(String, String)> =
+                v["Values"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect();
+            s.push(("DEPLOYCHAIN_POLICY".into(), policy.display().to_string()));
+            (s, data)
+        })
+    };
+    let (settings, settings_dir) = settings;
+    let exe = std::env::current_exe().unwrap();
+    let (floor, floor_rss) = starts(n, None, |port, _| {
+        let mut c = std::process::Command::new(&exe);
+        c.env(NOOP_ENV, port.to_string());
+        c
+    });
+    let mut first = Vec::new();
+    let (times, rss) = starts(n, Some(&mut first), |port, i| {
+        let mut c = std::process::Command::new(&handler);
+        c.env_clear().envs(settings.iter().cloned()).env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string());
+        // A new, empty SQLite store each start: the schema is created as on a first start.
+        c.env("DEPLOYCHAIN_STORE", format!("sqlite:{}", dir.join(format!("state-{i}.sqlite")).display()));
+        c
+    });
+    let stripped = dir.join("handler.stripped");
+    let strip = std::process::Command::new("strip").arg("-o").arg(&stripped).arg(&handler).status().map(|s| s.success()).unwrap_or(false);
+    let (f50, h50) = (pct(&floor, 0.5), pct(&times, 0.5));
+    println!("cold start ({n} starts each; exec → first 200 on GET /):");
+    println!("  bare axum server (floor)   median {:>9}   min {:>9}   max {:>9}", ms(f50), ms(floor[0]), ms(floor[n - 1]));
+    println!(
+        "  handler                    median {:>9}   min {:>9}   max {:>9}   ({:.2}× the floor; goal < 20 ms)",
+        ms(h50),
+        ms(times[0]),
+        ms(times[n - 1]),
+        h50.as_secs_f64() / f50.as_secs_f64()
+    );
+    println!(
+        "  handler, first invocation answered  median {:>9}   max {:>9}   (the adapters are built while `GET /` already answers)",
+        ms(pct(&first, 0.5)),
+        ms(first[n - 1])
+    );
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64 / 1024.0;
+    println!(
+        "  idle RSS: handler {:.1} MiB, floor {:.1} MiB ({:.2}×; goal < 20 MB)",
+        mean(&rss),
+        mean(&floor_rss),
+        mean(&rss) / mean(&floor_rss)
+    );
+    if strip {
+        println!("  handler binary: {:.1} MB, {:.1} MB stripped (goal < 20 MB)", file_mb(&handler), file_mb(&stripped));
+    } else {
+        println!("  handler binary: {:.1} MB (no `strip` here to strip it)", file_mb(&handler));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&settings_dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floors on the stack's own disk
+
+/// One durable bus hop (send, peek-lock, complete: three commits), `n` times, p50 and rate.
+async fn bus_hop(dir: &Path, n: usize) -> (Duration, f64) {
+    let mut t = Topology::new("floor");
+    t.add_queue(Queue::new("hop")).unwrap();
+    let b = Broker::open(&dir.join("floor-bus.sqlite"), t).unwrap();
+    let q = EntityPath::queue("hop");
+    let body = vec![b'x'; 2048];
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        b.send("hop", NewMessage { message_id: Some(format!("m-{i}")), ..NewMessage::new(body.clone()) }).await.unwrap();
+        let m = b.peek_lock(&q, Duration::ZERO).await.unwrap().unwrap();
+        b.complete(&q, m.lock_token.unwrap()).await.unwrap();
+        lat.push(t.elapsed());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    lat.sort();
+    (pct(&lat, 0.5), rate)
+}
+
+/// Raw SQLite commits per second (WAL, synchronous=FULL, one small insert per transaction).
+fn sqlite_commits(dir: &Path, n: usize) -> f64 {
+    let c = rusqlite::Connection::open(dir.join("floor-raw.sqlite")).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    c.pragma_update(None, "synchronous", "FULL").unwrap();
+    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)", []).unwrap();
+    let body = vec![b'x'; 2048];
+    let start = Instant::now();
+    for i in 0..n {
+        c.execute("INSERT INTO t (id, body) VALUES (?1, ?2)", rusqlite::params![i as i64, body]).unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A loopback HTTP round trip to the running handler (`GET /`), p50.
+async fn http_hop(url: &str, n: usize) -> Duration {
+    let c = reqwest::Client::new();
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        assert!(c.get(url).send().await.unwrap().status().is_success());
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    pct(&lat, 0.5)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chain
+
+async fn chain(n: usize) {
+    let stack = Stack::start(options("chain", &policy(1, true))).await.unwrap();
+    let (_seen, mut rx) = follow(&stack);
+    let policy_path = stack.data_dir.join("policy.toml");
+    let mut latency = Vec::new();
+    let mut invocations = Vec::new();
+    let mut gaps: HashMap<String, Vec<Duration>> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let total = |stack: &Stack| stack.host.invocations().values().map(|c| c.answered + c.failed).sum::<u64>();
+    for i in 0..n + 1 {
+        let before = total(&stack);
+        let body = push_of(&policy_path, 0);
+        let t = Instant::now();
+        let run = push(&stack, &body).await;
+        loop {
+            let p = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("a run took over a minute").unwrap();
+            match p {
+                Progress::Approval { run: r, link, .. } if r == run => {
+                    let (status, text) = client::decide(&link, "approve", Some("benchmark")).await.unwrap();
+                    assert_eq!(status, 200, "{text}");
+                }
+                Progress::Event { run: r, ty: EventType::RunFinished, line } if r == run => {
+                    assert!(line.contains("succeeded"), "run {run}: {line}");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let took = t.elapsed();
+        // The first run warms everything up; it is not counted.
+        if i == 0 {
+            continue;
+        }
+        latency.push(took);
+        // Wait until the last invocations of the run are counted (the watch saw the event first).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        invocations.push(total(&stack) - before);
+        if i <= 20 {
+            let v = runs_json(&stack, Some(&run)).await;
+            let steps = v["steps"].as_array().unwrap();
+            let mut prev: Option<chrono::DateTime<chrono::Utc>> = None;
+            for step in steps {
+                let (Some(at), Some(what)) =
+                    (step["at"].as_str().and_then(|a| a.parse::<chrono::DateTime<chrono::Utc>>().ok()), step["what"].as_str())
+                else {
+                    continue;
+                };
+                if let Some(p) = prev {
+                    if !order.iter().any(|o| o == what) {
+                        order.push(what.to_string());
+                    }
+                    gaps.entry(what.to_string()).or_default().push((at - p).to_std().unwrap_or_default());
+                }
+                prev = Some(at);
+            }
+        }
+    }
+    let hop_dir = stack.data_dir.clone();
+    let (bus, _) = bus_hop(&hop_dir, 500.min(n * 50).max(20)).await;
+    let http = http_hop(&format!("http://127.0.0.1:{}/", handler_port(&stack)), 500.min(n * 50).max(20)).await;
+    stack.stop().await;
+    // Does a run get slower as runs pile up? The first tenth against the last.
+    let tenth = (n / 10).max(1);
+    let median = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        pct(&v, 0.5)
+    };
+    let (early, late) = (median(&latency[..tenth]), median(&latency[n - tenth..]));
+    latency.sort();
+    let per_run = invocations.iter().sum::<u64>() as f64 / invocations.len() as f64;
+    let (p50, p99) = (pct(&latency, 0.5), pct(&latency, 0.99));
+    let floor = bus + http;
+    println!("chain: push accepted → production deployed, {n} runs one at a time (zero-delay simulators, approval given at once):");
+    println!("  per run     p50 {:>9}   p99 {:>9}   min {:>9}   max {:>9}", ms(p50), ms(p99), ms(latency[0]), ms(latency[n - 1]));
+    println!("  p50 of the first tenth of the runs {:>9}, of the last tenth {:>9}", ms(early), ms(late));
+    println!(
+        "  per step    p50 {:>9} ({per_run:.1} handler invocations a run)   floor: a durable bus hop {} + a loopback HTTP call {} = {}   ({:.1}× the floor; goal < 50 ms)",
+        ms(p50.div_f64(per_run)),
+        ms(bus),
+        ms(http),
+        ms(floor),
+        p50.div_f64(per_run).as_secs_f64() / floor.as_secs_f64()
+    );
+    println!("  time to each step of the run's timeline from the one before (p50 over the first {} runs):", n.min(20));
+    for what in order {
+        let mut g = gaps.remove(&what).unwrap_or_default();
+        g.sort();
+        println!("    {what:<40} {:>9}", ms(pct(&g, 0.5)));
+    }
+    let _ = std::fs::remove_dir_all(&hop_dir);
+}
+
+/// The port the stack's handler listens on (from its local.settings-derived environment).
+fn handler_port(stack: &Stack) -> u16 {
+    stack.host.worker.live_port().expect("the handler is live")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput
+
+async fn throughput(apps: usize, rounds: usize) {
+    let stack = Stack::start(options("throughput", &policy(apps, false))).await.unwrap();
+    let (seen, _rx) = follow(&stack);
+    let store = SqliteStore::open(&stack.data_dir.join("state").join("state.sqlite")).unwrap();
+    let policy_path = stack.data_dir.join("policy.toml");
+    let bodies: Vec<Vec<Vec<u8>>> = (0..rounds).map(|_| (0..apps).map(|a| push_of(&policy_path, a)).collect()).collect();
+    let start = Instant::now();
+    let mut runs = Vec::new();
+    for round in bodies {
+        let mut waiting: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let pushes: Vec<_> = round
+            .into_iter()
+            .map(|b| {
+                let base = format!("http://{}", stack.http_addr);
+                let secrets = stack.secrets.clone();
+                tokio::spawn(async move {
+                    let (status, text) = client::send_github(&base, &secrets, "push", &b).await.unwrap();
+                    assert_eq!(status, 202, "{text}");
+                    serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        for p in pushes {
+            let id = p.await.unwrap();
+            waiting.insert(id.clone());
+            runs.push(id);
+        }
+        // The handler's own store says when each run ends (the progress view may drop events).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !waiting.is_empty() {
+            let mut ended = Vec::new();
+            for id in &waiting {
+                if let Some(r) = store.run(id).await.unwrap()
+                    && r.status.is_final()
+                {
+                    assert_eq!(r.status, RunStatus::Succeeded, "run {id}");
+                    ended.push(id.clone());
+                }
+            }
+            for id in ended {
+                waiting.remove(&id);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} runs did not end within five minutes: {:?}",
+                waiting.len(),
+                waiting.iter().take(5).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Everything settles: nothing left on any subscription, nothing dead-lettered or parked.
+    let topology = deploychain::stack::topology(&repo()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let settle = loop {
+        let mut left = Vec::new();
+        for t in &topology.topics {
+            // `audit` is for a sink outside the stack (nothing here reads it).
+            for s in t.subscriptions.iter().filter(|s| s.name != "audit") {
+                let p: EntityPath = format!("{}/subscriptions/{}", t.name, s.name).parse().unwrap();
+                let c = stack.broker.count(&p).await.unwrap();
+                if c.active + c.locked + c.scheduled + c.dead_lettered > 0 {
+                    left.push(format!("{}: {c:?}", s.name));
+                }
+            }
+        }
+        let parked = stack.broker.count(&"deploychain-parked".parse().unwrap()).await.unwrap();
+        if parked.active + parked.dead_lettered > 0 {
+            left.push(format!("parked: {parked:?}"));
+        }
+        if left.is_empty() {
+            break start.elapsed();
+        }
+        assert!(Instant::now() < deadline, "not settled: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let counts = stack.host.invocations();
+    let bus_fns = ["on_push", "on_build_completed", "on_image_due", "on_image_ready", "on_approval", "on_approval_due"];
+    let (mut invoked, mut failed, mut completed, mut abandoned) = (0, 0, 0, 0);
+    for (f, c) in &counts {
+        invoked += c.answered;
+        failed += c.failed;
+        if bus_fns.contains(&f.as_str()) {
+            completed += c.completed;
+            abandoned += c.abandoned;
+        }
+    }
+    let all = store.runs(&RunQuery { app: None, commit: None, limit: usize::MAX }).await.unwrap();
+    let succeeded = all.iter().filter(|r| r.status == RunStatus::Succeeded).count();
+    let events = seen.events.load(Ordering::Relaxed);
+    let dir = stack.data_dir.clone();
+    stack.stop().await;
+    let (_, bus_rate) = bus_hop(&dir, 2000.min(apps * rounds * 20).max(50)).await;
+    let sql_rate = sqlite_commits(&dir, 4000.min(apps * rounds * 40).max(100));
+    let secs = settle.as_secs_f64();
+    println!(
+        "throughput: {apps} apps pushing at once, {rounds} rounds ({} runs), until everything settled ({:.2} s):",
+        apps * rounds,
+        secs
+    );
+    println!(
+        "  {:>8.0} events/s on the topic ({events} events)   {:>8.0} handler invocations/s ({invoked}; {completed} trigger messages completed)",
+        events as f64 / secs,
+        invoked as f64 / secs
+    );
+    println!(
+        "  nothing lost: {succeeded} of {} runs succeeded, {failed} invocations failed, {abandoned} trigger messages abandoned, every subscription and the parking queue empty",
+        apps * rounds
+    );
+    println!(
+        "  floors on the same disk: the bus moves {bus_rate:.0} messages/s (send + peek-lock + complete, one at a time); SQLite commits {sql_rate:.0}/s"
+    );
+    println!("  events/s against the bus's message rate: {:.2}×   (goal ≥ 1,000 events/s)", events as f64 / secs / bus_rate);
+    assert_eq!(succeeded, apps * rounds, "every run succeeds");
+    assert_eq!((failed, abandoned), (0, 0), "nothing failed");
+    let _ = runs;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replay
+
+/// The `push` event of a new commit of `app001`-style app 0, as `github_webhook` publishes it.
+fn push_event(policy: &deploychain_functions::policy::Policy) -> deploychain_functions::adapters::Outbound {
+    use deploychain_events::{DeployEvent, EventData, Provider, Push, TraceContext};
+    let commit = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let run = deploychain_events::run_id("app000", &commit);
+    let ev = DeployEvent {
+        id: deploychain_events::event_id(&run, "push"),
+        source: "/github/bench/app000".into(),
+        time: chrono::Utc::now(),
+        trace: TraceContext { traceparent: Some(deploychain_functions::steps::root_traceparent(&run)), tracestate: None },
+        run_id: run,
+        data: EventData::Push(Push {
+            app: "app000".into(),
+            provider: Provider::Github,
+            repository: "bench/app000".into(),
+            branch: "main".into(),
+            commit,
+            before: None,
+            pusher: Some("bench".into()),
+            message: Some("a change".into()),
+            url: None,
+            delivery: None,
+            pusher_email: None,
+            commits: Vec::new(),
+        }),
+    };
+    let session = deploychain_functions::steps::session_for(&ev, policy);
+    deploychain_functions::adapters::Outbound::from_event(&ev, session)
+}
+
+/// Dead-letter `letters` messages on the push subscription of a stopped stack's bus: ten pushes,
+/// each delivered and set aside many times over (so most replays are no-ops downstream).
+async fn dead_letter(opts: &StackOptions, letters: usize) {
+    let b = Broker::open(&deploychain::stack::bus_file(&opts.data_dir), deploychain::stack::topology(&repo()).unwrap()).unwrap();
+    let sub: EntityPath = "deploychain-events/subscriptions/on-push".parse().unwrap();
+    let policy = deploychain_functions::policy::Policy::from_toml(&std::fs::read_to_string(&opts.policy).unwrap()).unwrap();
+    let pushes: Vec<_> = (0..10).map(|_| push_event(&policy)).collect();
+    let all: Vec<usize> = (0..letters).collect();
+    for chunk in all.chunks(500) {
+        let batch = chunk
+            .iter()
+            .map(|i| {
+                let o = &pushes[i % pushes.len()];
+                NewMessage {
+                    body: o.body.clone().into_bytes(),
+                    message_id: Some(format!("{}.copy-{i}", o.message_id)),
+                    label: Some(o.subject.clone()),
+                    session_id: o.session_id.clone(),
+                    content_type: Some(o.content_type.clone()),
+                    properties: o.properties.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        b.send_batch("deploychain-events", batch).await.unwrap();
+    }
+    let mut n = 0;
+    while let Some(m) = b.peek_lock(&sub, Duration::ZERO).await.unwrap() {
+        b.dead_letter(&sub, m.lock_token.unwrap(), "benchmark", "set aside for the replay benchmark").await.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, letters, "dead-lettered");
+}
+
+/// The floor: the bus moving `n` messages from one queue to another in process (peek-lock,
+/// send, complete), one at a time, as a replay does over REST.
+async fn move_floor(dir: &Path, n: usize) -> f64 {
+    let mut t = Topology::new("floor");
+    t.add_queue(Queue::new("from")).unwrap();
+    t.add_queue(Queue::new("to")).unwrap();
+    let b = Broker::open(&dir.join("floor-move.sqlite"), t).unwrap();
+    let from = EntityPath::queue("from");
+    let body = vec![b'x'; 1500];
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(500) {
+        b.send_batch(
+            "from",
+            chunk.iter().map(|i| NewMessage { message_id: Some(format!("m-{i}")), ..NewMessage::new(body.clone()) }).collect(),
+        )
+        .await
+        .unwrap();
+    }
+    let start = Instant::now();
+    let mut moved = 0;
+    while let Some(m) = b.peek_lock(&from, Duration::ZERO).await.unwrap() {
+        b.send("to", NewMessage { message_id: Some(m.message_id.clone()), ..NewMessage::new(m.body.clone()) }).await.unwrap();
+        b.complete(&from, m.lock_token.unwrap()).await.unwrap();
+        moved += 1;
+    }
+    assert_eq!(moved, n);
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn replay(letters: usize) {
+    use deploychain_functions::ops::{DeadLetters, Filter};
+    let opts = options("replay", &policy(1, true));
+    let dir = opts.data_dir.clone();
+    dead_letter(&opts, letters).await;
+    let stack = Stack::start(opts).await.unwrap();
+    let dlq: EntityPath = "deploychain-events/subscriptions/on-push/$DeadLetterQueue".parse().unwrap();
+    assert_eq!(
+        stack.broker.count(&"deploychain-events/subscriptions/on-push".parse().unwrap()).await.unwrap().dead_lettered,
+        letters as u64
+    );
+    let conn = deploychain_functions::adapters::servicebus::ConnectionString::parse(&format!(
+        "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
+        stack.bus_addr, stack.secrets.bus_key_name, stack.secrets.bus_key
+    ))
+    .unwrap();
+    let topology = deploychain::stack::topology(&repo()).unwrap();
+    let subs = topology.topics[0].subscriptions.iter().map(|s| s.name.clone()).collect();
+    let ops = DeadLetters::new(&conn, "deploychain-events", subs, "deploychain-parked", azure_core::new_http_client());
+    let start = Instant::now();
+    let done = ops.replay(&Filter::default(), false, 0.0, "benchmark").await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(done.len(), letters, "every letter replayed");
+    let _ = dlq;
+    let left = stack.broker.count(&"deploychain-events/subscriptions/on-push".parse().unwrap()).await.unwrap().dead_lettered;
+    assert_eq!(left, 0, "the dead-letter queue is empty");
+    // The replays reach on_push: wait until they are all handled (none set aside again).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let handled = loop {
+        let c = stack.host.invocations().get("on_push").map(|c| c.completed).unwrap_or(0);
+        if c >= letters as u64 {
+            break start.elapsed();
+        }
+        assert!(Instant::now() < deadline, "only {c} of {letters} replayed pushes handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let parked = stack.broker.count(&"deploychain-parked".parse().unwrap()).await.unwrap();
+    let again = stack.broker.count(&"deploychain-events/subscriptions/on-push".parse().unwrap()).await.unwrap().dead_lettered;
+    stack.stop().await;
+    let floor = move_floor(&dir, letters).await;
+    let rate = letters as f64 / took.as_secs_f64();
+    println!("replay: {letters} dead-lettered push events replayed with DeadLetters::replay over the bus's REST API:");
+    println!(
+        "  {rate:>8.0} events/s ({:.2} s)   floor: the bus moving them in process {floor:.0}/s   ({:.2}× the floor)",
+        took.as_secs_f64(),
+        rate / floor
+    );
+    println!(
+        "  every replay handled by on_push {:.2} s after the replay started ({:.0} events/s end to end); {} set aside again, {} parked",
+        handled.as_secs_f64(),
+        letters as f64 / handled.as_secs_f64(),
+        again,
+        parked.active
+    );
+    assert_eq!((again, parked.active), (0, 0), "nothing set aside again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    if let Ok(port) = std::env::var(NOOP_ENV) {
+        noop_server(port.parse().unwrap());
+        return;
+    }
+    let full = std::env::args().any(|a| a == "--bench");
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let parts = ["cold-start", "chain", "throughput", "replay"];
+    let named: Vec<&str> = args.iter().map(String::as_str).filter(|a| parts.contains(a)).collect();
+    let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let num = |i: usize, full_default: usize, smoke: usize| nums.get(i).copied().unwrap_or(if full { full_default } else { smoke });
+    let wanted = |p: &str| named.is_empty() || named.contains(&p);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if wanted("cold-start") {
+        cold_start(if full { 20 } else { 3 });
+    }
+    if wanted("chain") {
+        rt.block_on(chain(num(0, 1000, 3)));
+    }
+    if wanted("throughput") {
+        rt.block_on(throughput(num(0, 100, 5), num(1, 5, 2)));
+    }
+    if wanted("replay") {
+        rt.block_on(replay(num(0, 10_000, 50)));
+    }
+}
