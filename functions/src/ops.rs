@@ -85,6 +85,8 @@ const PAGE: usize = 500;
 const MAX_HELD: usize = 5000;
 /// Sessions a replay or purge works on at once (without a rate limit).
 const IN_FLIGHT: usize = 16;
+/// Letters of one session being completed (and audited) while its next replays go out.
+const FINISHING: usize = 8;
 
 /// What a replay or purge did (or, dry, would do) with one letter.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -317,42 +319,77 @@ impl DeadLetters {
         pause: Duration,
     ) -> (Vec<Handled>, Option<Error>) {
         let mut done = Vec::new();
+        let mut failed: Option<Error> = None;
+        // The replays go out one after another, in order; completing each letter and sending
+        // its audit event run alongside the next sends (a letter is completed only after its
+        // replay was accepted).
+        let mut finishing = futures_util::stream::FuturesUnordered::new();
         let mut lane = lane.into_iter();
         while let Some((l, m)) = lane.next() {
+            if failed.is_some() {
+                let _ = m.unlock_message().await;
+                continue;
+            }
             let h = Handled::of(entity, &l, action, false);
             if let Some(id) = &h.new_message_id
                 && let Err(e) = sender.send_message(&l.body, Some(replay_options(&l, id, self.policy.as_deref()))).await
             {
                 let _ = m.unlock_message().await;
-                self.unlock(lane.collect()).await;
-                return (done, Some(transient(&format!("replaying {} from {entity}", l.message_id), e)));
+                failed = Some(transient(&format!("replaying {} from {entity}", l.message_id), e));
+                continue;
             }
-            if let Err(e) = m.delete_message().await {
-                self.unlock(lane.collect()).await;
-                return (done, Some(transient(&format!("completing {} in {entity}", l.message_id), e)));
+            finishing.push(self.finish(sender, entity, l, m, h, by, action));
+            while finishing.len() >= FINISHING {
+                match finishing.next().await {
+                    Some(Ok(h)) => done.push(h),
+                    Some(Err(e)) => {
+                        failed.get_or_insert(e);
+                    }
+                    None => break,
+                }
             }
-            let audit = audit_event(&l, &h, by, action);
-            let o = crate::adapters::Outbound::from_event(&audit, None);
-            let opts = SendMessageOptions {
-                content_type: Some(o.content_type.clone()),
-                broker_properties: Some(SettableBrokerProperties {
-                    message_id: Some(o.message_id.clone()),
-                    label: Some(o.subject.clone()),
-                    ..Default::default()
-                }),
-                custom_properties: Some(o.properties.iter().map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect()),
-            };
-            if let Err(e) = sender.send_message(&o.body, Some(opts)).await {
-                self.unlock(lane.collect()).await;
-                return (done, Some(transient("sending the audit event", e)));
-            }
-            tracing::info!(entity, message_id = h.message_id, new_message_id = h.new_message_id, by, "dead letter {:?}", action);
-            done.push(h);
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
         }
-        (done, None)
+        while let Some(r) = finishing.next().await {
+            match r {
+                Ok(h) => done.push(h),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        (done, failed)
+    }
+
+    /// Complete a handled letter and send its audit event.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        sender: &azure_messaging_servicebus::service_bus::TopicSender,
+        entity: &str,
+        l: Letter,
+        m: PeekLockResponse,
+        h: Handled,
+        by: &str,
+        action: DeadLetterAction,
+    ) -> Result<Handled> {
+        m.delete_message().await.map_err(|e| transient(&format!("completing {} in {entity}", l.message_id), e))?;
+        let audit = audit_event(&l, &h, by, action);
+        let o = crate::adapters::Outbound::from_event(&audit, None);
+        let opts = SendMessageOptions {
+            content_type: Some(o.content_type.clone()),
+            broker_properties: Some(SettableBrokerProperties {
+                message_id: Some(o.message_id.clone()),
+                label: Some(o.subject.clone()),
+                ..Default::default()
+            }),
+            custom_properties: Some(o.properties.iter().map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect()),
+        };
+        sender.send_message(&o.body, Some(opts)).await.map_err(|e| transient("sending the audit event", e))?;
+        tracing::info!(entity, message_id = h.message_id, new_message_id = h.new_message_id, by, "dead letter {:?}", action);
+        Ok(h)
     }
 }
 
