@@ -324,8 +324,7 @@ impl DeadLetters {
         // its audit event run alongside the next sends (a letter is completed only after its
         // replay was accepted).
         let mut finishing = futures_util::stream::FuturesUnordered::new();
-        let mut lane = lane.into_iter();
-        while let Some((l, m)) = lane.next() {
+        for (l, m) in lane {
             if failed.is_some() {
                 let _ = m.unlock_message().await;
                 continue;
