@@ -705,8 +705,16 @@ async fn an_unanswered_approval_is_reminded_then_its_timeout_applies_through_sch
         wait_for(&mut rx, "approval links", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await;
         links += 1;
     }
-    let waiting = run_json(&stack, &run).await;
-    assert!(waiting.to_string().contains("approvers of production reminded"), "{waiting}");
+    // The reminder's notices go out before its step commits: the step shows up a moment later.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting = run_json(&stack, &run).await;
+        if waiting.to_string().contains("approvers of production reminded") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reminder step: {waiting}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let done = wait_status(&stack, &run, "succeeded").await;
     assert!(done.to_string().contains("approval of production timed out"), "{done}");
     assert_eq!(deployed_stages(&stack, &run), ["staging", "production"], "promoted by the timeout's default action");
