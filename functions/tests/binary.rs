@@ -38,14 +38,19 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     d
 }
 
-fn run_to_exit(env: &[(&str, String)]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+/// The handler with exactly `env` (stderr kept for the assertions).
+fn spawn_handler(env: &[(&str, String)]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_handler"))
         .env_clear()
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn run_to_exit(env: &[(&str, String)]) -> (Option<i32>, String) {
+    let mut child = spawn_handler(env);
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -255,13 +260,7 @@ fn with_managed_identity_the_publisher_sends_an_entra_bearer_and_never_a_key() {
     env.push(("ServiceBusConnection__credential", "managedidentity".into()));
     env.push(("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{stub}/msi/token")));
     env.push(("IDENTITY_HEADER", "identity-header-value".into()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_handler(&env);
     let result = rt.block_on(async {
         let start = Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {

@@ -42,19 +42,16 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
 }
 
-/// The release handler beside this benchmark (target/release/handler), built first if missing.
+/// The handler beside this benchmark (target/release/handler; under `cargo test --benches` the
+/// debug one beside the tests), the release one built first if it is missing.
 fn handler() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let h = exe.parent().and_then(Path::parent).unwrap().join("handler");
-    if !h.is_file() || cfg!(debug_assertions) {
-        // Under `cargo test --benches` the debug handler beside the tests is used when present.
-        if h.is_file() {
-            return h;
-        }
-        eprintln!("building the release handler …");
-        return deploychain::package::build_handler(&repo()).unwrap();
+    if h.is_file() {
+        return h;
     }
-    h
+    eprintln!("building the release handler …");
+    deploychain::package::build_handler(&repo()).unwrap()
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -505,7 +502,6 @@ async fn throughput(apps: usize, rounds: usize) {
     let policy_path = stack.data_dir.join("policy.toml");
     let bodies: Vec<Vec<Vec<u8>>> = (0..rounds).map(|_| (0..apps).map(|a| push_of(&policy_path, a)).collect()).collect();
     let start = Instant::now();
-    let mut runs = Vec::new();
     for round in bodies {
         let mut waiting: std::collections::HashSet<String> = std::collections::HashSet::new();
         let pushes: Vec<_> = round
@@ -522,8 +518,7 @@ async fn throughput(apps: usize, rounds: usize) {
             .collect();
         for p in pushes {
             let id = p.await.unwrap();
-            waiting.insert(id.clone());
-            runs.push(id);
+            waiting.insert(id);
         }
         // The handler's own store says when each run ends (the progress view may drop events).
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -613,7 +608,6 @@ async fn throughput(apps: usize, rounds: usize) {
     println!("  events/s against the bus's message rate: {:.2}×   (goal ≥ 1,000 events/s)", events as f64 / secs / bus_rate);
     assert_eq!(succeeded, apps * rounds, "every run succeeds");
     assert_eq!((failed, abandoned), (0, 0), "nothing failed");
-    let _ = runs;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -719,7 +713,6 @@ async fn replay(letters: usize) {
     let dir = opts.data_dir.clone();
     dead_letter(&opts, letters).await;
     let stack = Stack::start(opts).await.unwrap();
-    let dlq: EntityPath = "deploychain-events/subscriptions/on-push/$DeadLetterQueue".parse().unwrap();
     assert_eq!(
         stack.broker.count(&"deploychain-events/subscriptions/on-push".parse().unwrap()).await.unwrap().dead_lettered,
         letters as u64
@@ -736,7 +729,6 @@ async fn replay(letters: usize) {
     let done = ops.replay(&Filter::default(), false, 0.0, "benchmark").await.unwrap();
     let took = start.elapsed();
     assert_eq!(done.len(), letters, "every letter replayed");
-    let _ = dlq;
     let left = stack.broker.count(&"deploychain-events/subscriptions/on-push".parse().unwrap()).await.unwrap().dead_lettered;
     assert_eq!(left, 0, "the dead-letter queue is empty");
     // The replays reach on_push: wait until they are all handled (none set aside again).
