@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 fn topology() -> anyhow::Result<Topology> {
     let mut t = Topology::new("bench");
     t.add_queue(Queue::new("work"))?;
+    t.add_queue(Queue::new("later"))?;
+    let mut sessions = Queue::new("runs");
+    sessions.requires_session = true;
+    t.add_queue(sessions)?;
     let mut topic = Topic::new("events");
     topic.requires_duplicate_detection = true;
     for s in ["a", "b", "c"] {
@@ -75,6 +79,56 @@ async fn concurrent(b: &Broker, n: usize, tasks: usize) -> anyhow::Result<Durati
     Ok(start.elapsed())
 }
 
+/// Receives (plain and by session) with and without `waiting` scheduled messages ahead of the
+/// due ones in sequence order, like a chain whose runs each hold a reminder for tomorrow.
+/// Returns (plain, with waiting; by session, with waiting).
+async fn behind_schedule(b: &Broker, n: usize, waiting: usize) -> anyhow::Result<[Duration; 4]> {
+    async fn drain(b: &Broker, queue: &str, n: usize) -> anyhow::Result<Duration> {
+        let path = EntityPath::queue(queue);
+        let start = Instant::now();
+        for _ in 0..n {
+            let m = b.peek_lock(&path, Duration::ZERO).await?.ok_or_else(|| anyhow::anyhow!("{queue}: a message is missing"))?;
+            b.complete(&path, m.lock_token.ok_or_else(|| anyhow::anyhow!("no lock token"))?).await?;
+        }
+        Ok(start.elapsed())
+    }
+    async fn drain_sessions(b: &Broker, n: usize) -> anyhow::Result<Duration> {
+        let path = EntityPath::queue("runs");
+        let start = Instant::now();
+        for _ in 0..n {
+            let s = b.accept_session(&path, Duration::ZERO).await?.ok_or_else(|| anyhow::anyhow!("runs: a session is missing"))?;
+            let m = b.session_peek_lock(&s, Duration::ZERO).await?.ok_or_else(|| anyhow::anyhow!("runs: a message is missing"))?;
+            b.complete(&path, m.lock_token.ok_or_else(|| anyhow::anyhow!("no lock token"))?).await?;
+            b.release_session(&s).await?;
+        }
+        Ok(start.elapsed())
+    }
+    let due = |i: usize, session: bool| NewMessage {
+        message_id: Some(format!("d-{i}")),
+        session_id: session.then(|| format!("due-{i}")),
+        ..NewMessage::new(vec![b'x'; 1024])
+    };
+    let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
+    let scheduled = |i: usize, session: bool| NewMessage {
+        message_id: Some(format!("s-{i}")),
+        session_id: session.then(|| format!("waiting-{i}")),
+        scheduled_enqueue_time: Some(tomorrow),
+        ..NewMessage::new(vec![b'x'; 1024])
+    };
+    let mut out = [Duration::ZERO; 4];
+    for (k, session) in [false, true].into_iter().enumerate() {
+        let (queue, with) = if session { ("runs", "runs") } else { ("work", "later") };
+        b.send_batch(queue, (0..n).map(|i| due(i, session)).collect()).await?;
+        out[2 * k] = if session { drain_sessions(b, n).await? } else { drain(b, queue, n).await? };
+        for chunk in (0..waiting).collect::<Vec<_>>().chunks(500) {
+            b.send_batch(with, chunk.iter().map(|&i| scheduled(i, session)).collect()).await?;
+        }
+        b.send_batch(with, (0..n).map(|i| due(n + i, session)).collect()).await?;
+        out[2 * k + 1] = if session { drain_sessions(b, n).await? } else { drain(b, with, n).await? };
+    }
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; a bare number overrides the message count.
@@ -96,6 +150,19 @@ async fn main() -> anyhow::Result<()> {
             "  send to a queue, 32 senders at once {}  ({:.1}x the one-at-a-time rate)",
             rate(n, together),
             r[0].as_secs_f64() / together.as_secs_f64()
+        );
+        let waiting = 10 * n;
+        let [plain, plain_waiting, session, session_waiting] = behind_schedule(&b, n, waiting).await?;
+        println!("  with {waiting} scheduled messages waiting ahead (each receive vs the same with none, same run)");
+        println!(
+            "    peek-lock + complete         {}  ({:.2}x)",
+            rate(n, plain_waiting),
+            plain_waiting.as_secs_f64() / plain.as_secs_f64()
+        );
+        println!(
+            "    accept session + lock + complete + release {}  ({:.2}x)",
+            rate(n, session_waiting),
+            session_waiting.as_secs_f64() / session.as_secs_f64()
         );
         anyhow::Ok(r)
     }

@@ -242,7 +242,7 @@ impl Broker {
             return Err(BusError::SessionRequired(r.display.clone()));
         }
         let dlq = path.dead_letter;
-        self.poll(&r.key, wait, move |tx, r, now| store::take_next(tx, r, dlq, now)).await
+        self.poll(&r.key, wait, move |tx, r, _| store::take_next(tx, r, dlq)).await
     }
 
     /// Delete a locked message. `LockLost` if the lock expired, was settled, or is unknown.
@@ -363,7 +363,7 @@ impl Broker {
             .run(move |tx, inner, now| {
                 let r = inner.receiver(&key)?;
                 let changed = store::housekeep(tx, r, now)?;
-                Ok((store::counts(tx, r, now)?, changed))
+                Ok((store::counts(tx, r)?, changed))
             })
             .await?;
         if changed {

@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS messages (
     body                BLOB NOT NULL,
     enqueued_at         INTEGER NOT NULL,
     visible_at          INTEGER NOT NULL,
+    -- 1 while a scheduled message waits for its time (visible_at is later than the last look):
+    -- receives walk only the messages that are due, however many wait behind them.
+    pending             INTEGER NOT NULL DEFAULT 0,
     scheduled_at        INTEGER,
     expires_at          INTEGER,
     ttl_ms              INTEGER,
@@ -55,7 +58,8 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_queue ON messages (entity, dlq, seq);
 CREATE INDEX IF NOT EXISTS messages_session ON messages (entity, session_id, seq) WHERE session_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_visible ON messages (entity, visible_at);
+CREATE INDEX IF NOT EXISTS messages_active ON messages (entity, dlq, seq) WHERE pending = 0;
+CREATE INDEX IF NOT EXISTS messages_pending ON messages (entity, visible_at) WHERE pending = 1;
 CREATE INDEX IF NOT EXISTS messages_locked ON messages (entity, locked_until) WHERE lock_token IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_token ON messages (lock_token) WHERE lock_token IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_expiry ON messages (entity, expires_at) WHERE expires_at IS NOT NULL AND dlq = 0;
@@ -73,8 +77,19 @@ CREATE TABLE IF NOT EXISTS sessions (
     locked_until INTEGER NOT NULL,
     PRIMARY KEY (entity, session_id)
 );
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
+
+/// Version 1 kept scheduled messages in the queue's index, so every receive stepped over all of
+/// them: mark the ones still waiting and drop the index version 2 replaces.
+fn from_v1(conn: &Connection) -> Result<(), BusError> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch("ALTER TABLE messages ADD COLUMN pending INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS messages_visible;")?;
+    tx.execute("UPDATE messages SET pending = 1 WHERE visible_at > ?1", params![Utc::now().timestamp_millis()])?;
+    tx.execute_batch(SCHEMA)?;
+    tx.commit()?;
+    Ok(())
+}
 
 /// Open or create the database with the settings durability needs.
 pub(crate) fn init(conn: &Connection, file_backed: bool) -> Result<(), BusError> {
@@ -89,8 +104,11 @@ pub(crate) fn init(conn: &Connection, file_backed: bool) -> Result<(), BusError>
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > 1 {
-        return Err(BusError::Storage(format!("the bus database has schema version {version}; this build knows version 1")));
+    if version > 2 {
+        return Err(BusError::Storage(format!("the bus database has schema version {version}; this build knows up to version 2")));
+    }
+    if version == 1 {
+        from_v1(conn)?;
     }
     conn.execute_batch(SCHEMA)?;
     Ok(())
@@ -360,8 +378,8 @@ pub(crate) fn send(
             let props = serde_json::to_string(&copy.properties).map_err(|e| BusError::InvalidMessage(format!("properties: {e}")))?;
             tx.prepare_cached(
                 "INSERT INTO messages (entity, seq, message_id, session_id, label, content_type, correlation_id, reply_to,
-                    reply_to_session_id, to_addr, properties, body, enqueued_at, visible_at, scheduled_at, expires_at, ttl_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16)",
+                    reply_to_session_id, to_addr, properties, body, enqueued_at, visible_at, pending, scheduled_at, expires_at, ttl_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16, ?17)",
             )?
             .execute(params![
                 receiver.key,
@@ -377,6 +395,7 @@ pub(crate) fn send(
                 props,
                 msg.body,
                 visible_at,
+                visible_at > now,
                 msg.scheduled_enqueue_time.map(|t| t.timestamp_millis()),
                 expires_at,
                 ttl.map(ms),
@@ -418,7 +437,11 @@ fn rule_matches(rule: &Rule, m: &dyn FilterFields) -> bool {
 
 /// Apply everything time has done to `r` since the last look. Returns whether anything changed.
 pub(crate) fn housekeep(tx: &Connection, r: &Receiver, now: i64) -> Result<bool, BusError> {
-    let mut changed = false;
+    // Scheduled messages whose time has come join the queue.
+    let mut changed = tx
+        .prepare_cached("UPDATE messages SET pending = 0 WHERE entity = ?1 AND pending = 1 AND visible_at <= ?2")?
+        .execute(params![r.key, now])?
+        > 0;
     // Expired locks: the message is available again, or dead-lettered if it used up its deliveries.
     let expired = query_rows(tx, "entity = ?1 AND lock_token IS NOT NULL AND locked_until <= ?2", params![r.key, now])?;
     for row in expired {
@@ -474,7 +497,7 @@ pub(crate) fn next_due(tx: &Connection, r: &Receiver, now: i64) -> Result<Option
     let due: Option<i64> = tx
         .prepare_cached(
             "SELECT MIN(t) FROM (
-                SELECT MIN(visible_at) AS t FROM messages WHERE entity = ?1 AND visible_at > ?2
+                SELECT MIN(visible_at) AS t FROM messages WHERE entity = ?1 AND pending = 1
                 UNION ALL SELECT MIN(locked_until) FROM messages WHERE entity = ?1 AND lock_token IS NOT NULL
                 UNION ALL SELECT MIN(locked_until) FROM sessions WHERE entity = ?1 AND locked_until > ?2)",
         )?
@@ -485,17 +508,18 @@ pub(crate) fn next_due(tx: &Connection, r: &Receiver, now: i64) -> Result<Option
 // ---------------------------------------------------------------------------------------------
 // Receive
 
-// Queries that walk a queue in sequence order write `+visible_at` so that SQLite keeps to the
-// (entity, dlq, seq) index instead of picking (entity, visible_at) and sorting every message.
+// Receives run after `housekeep`, so `pending = 0` is exactly "due": the walk in sequence order
+// uses the index of due messages and never steps over the scheduled ones.
+const NEXT_DUE: &str = "entity = ?1 AND dlq = ?2 AND pending = 0 AND lock_token IS NULL ORDER BY seq LIMIT 1";
+const NEXT_SESSION: &str = "SELECT m.session_id FROM messages m
+     WHERE m.entity = ?1 AND m.dlq = 0 AND m.pending = 0 AND m.session_id IS NOT NULL
+       AND (m.lock_token IS NULL OR m.session_lock IS NOT NULL)
+       AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.entity = m.entity AND s.session_id = m.session_id AND s.locked_until > ?2)
+     ORDER BY m.seq LIMIT 1";
 
 /// Peek-lock the first available message (not for session entities' main queue).
 pub(crate) fn lock_next(tx: &Connection, r: &Receiver, dlq: bool, now: i64) -> Result<Option<Message>, BusError> {
-    let Some(row) = query_row(
-        tx,
-        "entity = ?1 AND dlq = ?2 AND +visible_at <= ?3 AND lock_token IS NULL ORDER BY seq LIMIT 1",
-        params![r.key, dlq, now],
-    )?
-    else {
+    let Some(row) = query_row(tx, NEXT_DUE, params![r.key, dlq])? else {
         return Ok(None);
     };
     lock_row(tx, r, row, now, None).map(Some)
@@ -516,13 +540,8 @@ fn lock_row(tx: &Connection, r: &Receiver, row: StoredRow, now: i64, session_loc
 }
 
 /// Receive-and-delete the first available message.
-pub(crate) fn take_next(tx: &Connection, r: &Receiver, dlq: bool, now: i64) -> Result<Option<Message>, BusError> {
-    let Some(row) = query_row(
-        tx,
-        "entity = ?1 AND dlq = ?2 AND +visible_at <= ?3 AND lock_token IS NULL ORDER BY seq LIMIT 1",
-        params![r.key, dlq, now],
-    )?
-    else {
+pub(crate) fn take_next(tx: &Connection, r: &Receiver, dlq: bool) -> Result<Option<Message>, BusError> {
+    let Some(row) = query_row(tx, NEXT_DUE, params![r.key, dlq])? else {
         return Ok(None);
     };
     tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?.execute(params![row.id])?;
@@ -603,17 +622,7 @@ pub(crate) fn settle(
 /// message and no live holder. Returns (session id, token, locked until).
 pub(crate) fn accept_session(tx: &Connection, r: &Receiver, now: i64) -> Result<Option<(String, Uuid, i64)>, BusError> {
     // A message locked under a dead session lock counts as available: the next holder gets it.
-    let session: Option<String> = tx
-        .prepare_cached(
-            "SELECT m.session_id FROM messages m
-             WHERE m.entity = ?1 AND m.dlq = 0 AND m.session_id IS NOT NULL AND m.visible_at <= ?2
-               AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.entity = m.entity AND s.session_id = m.session_id AND s.locked_until > ?2)
-             GROUP BY m.session_id
-             HAVING SUM(CASE WHEN m.lock_token IS NULL OR m.session_lock IS NOT NULL THEN 1 ELSE 0 END) > 0
-             ORDER BY MIN(m.seq) LIMIT 1",
-        )?
-        .query_row(params![r.key, now], |x| x.get(0))
-        .optional()?;
+    let session: Option<String> = tx.prepare_cached(NEXT_SESSION)?.query_row(params![r.key, now], |x| x.get(0)).optional()?;
     let Some(session_id) = session else { return Ok(None) };
     let orphans = query_rows(tx, "entity = ?1 AND session_id = ?2 AND session_lock IS NOT NULL", params![r.key, session_id])?;
     for row in orphans {
@@ -645,11 +654,8 @@ pub(crate) fn session_lock_next(
     if !session_held(tx, r, session_id, token, now)? {
         return Err(BusError::LockLost);
     }
-    let Some(row) = query_row(
-        tx,
-        "entity = ?1 AND dlq = 0 AND session_id = ?2 AND +visible_at <= ?3 ORDER BY seq LIMIT 1",
-        params![r.key, session_id, now],
-    )?
+    let Some(row) =
+        query_row(tx, "entity = ?1 AND dlq = 0 AND session_id = ?2 AND pending = 0 ORDER BY seq LIMIT 1", params![r.key, session_id])?
     else {
         return Ok(None);
     };
@@ -685,7 +691,8 @@ pub(crate) fn release_session(tx: &Connection, r: &Receiver, session_id: &str, t
         session_id,
         token.to_string()
     ])?;
-    let rows = query_rows(tx, "entity = ?1 AND session_lock = ?2", params![r.key, token.to_string()])?;
+    // (A session lock comes with a message lock: `lock_token` lets the query use the index of locks.)
+    let rows = query_rows(tx, "entity = ?1 AND lock_token IS NOT NULL AND session_lock = ?2", params![r.key, token.to_string()])?;
     for row in rows {
         unlock(tx, r, &row)?;
     }
@@ -709,14 +716,39 @@ pub(crate) fn peek(tx: &Connection, r: &Receiver, dlq: bool, from: i64, max: usi
         .collect())
 }
 
-pub(crate) fn counts(tx: &Connection, r: &Receiver, now: i64) -> Result<EntityCounts, BusError> {
+pub(crate) fn counts(tx: &Connection, r: &Receiver) -> Result<EntityCounts, BusError> {
     let (active, scheduled, dead, locked): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) = tx
         .prepare_cached(
-            "SELECT SUM(dlq = 0 AND visible_at <= ?2 AND lock_token IS NULL), SUM(dlq = 0 AND visible_at > ?2),
+            "SELECT SUM(dlq = 0 AND pending = 0 AND lock_token IS NULL), SUM(dlq = 0 AND pending = 1),
                     SUM(dlq = 1), SUM(lock_token IS NOT NULL)
              FROM messages WHERE entity = ?1",
         )?
-        .query_row(params![r.key, now], |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?)))?;
+        .query_row(params![r.key], |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?)))?;
     let n = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
     Ok(EntityCounts { active: n(active), scheduled: n(scheduled), dead_lettered: n(dead), locked: n(locked) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map(params!["q", 0], |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    }
+
+    #[test]
+    fn receives_walk_the_index_of_due_messages_in_order() {
+        let conn = Connection::open_in_memory().unwrap();
+        init(&conn, false).unwrap();
+        // Scheduled messages stay out of `messages_active`, so however many wait for their
+        // time, a receive reads only due ones; and no sort step: the index gives `seq` order.
+        for sql in [format!("SELECT {COLUMNS} FROM messages WHERE {NEXT_DUE}"), NEXT_SESSION.to_string()] {
+            let plan = plan(&conn, &sql);
+            assert!(plan.contains("USING INDEX messages_active"), "{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+    }
 }

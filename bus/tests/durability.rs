@@ -237,3 +237,34 @@ async fn concurrent_operations_commit_together_and_fail_alone() {
     let expected: BTreeSet<String> = (0..n).filter(|i| i % 3 != 0).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected, "every acknowledged send survived the reopening, once");
 }
+
+#[tokio::test]
+async fn a_version_1_file_is_upgraded_in_place_and_keeps_its_schedule() {
+    let dir = temp_dir("upgrade");
+    let db = dir.join("bus.sqlite");
+    let later = Utc::now() + chrono::Duration::hours(1);
+    {
+        let b = Broker::open(&db, topology()).unwrap();
+        b.send("q", NewMessage { scheduled_enqueue_time: Some(later), ..msg("later") }).await.unwrap();
+        b.send("q", msg("now")).await.unwrap();
+    }
+    // Turn the file back into what version 1 wrote: no `pending` column, the old index.
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "DROP INDEX messages_active; DROP INDEX messages_pending; ALTER TABLE messages DROP COLUMN pending;
+             CREATE INDEX messages_visible ON messages (entity, visible_at); PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+
+    let b = Broker::open(&db, topology()).unwrap();
+    let c = b.count(&q("q")).await.unwrap();
+    assert_eq!((c.active, c.scheduled), (1, 1), "the scheduled message still waits");
+    let m = lock(&b, &q("q")).await;
+    assert_eq!(text(&m), "now");
+    b.complete(&q("q"), m.lock_token.unwrap()).await.unwrap();
+    assert!(b.peek_lock(&q("q"), NOW).await.unwrap().is_none(), "nothing else is due");
+    let version: i64 = rusqlite::Connection::open(&db).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 2);
+}
