@@ -265,6 +265,34 @@ async fn a_newer_build_supersedes_a_pending_approval_and_its_links_decide_nothin
 }
 
 #[tokio::test]
+async fn a_state_file_from_before_the_open_approval_index_still_supersedes() {
+    use deploychain_functions::adapters::sqlite::SqliteStore;
+    let dir = std::env::temp_dir().join(format!("deploychain-approvals-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.join("state.sqlite");
+    let policy = policy(r#"{ approvers = ["alice@example.com", "bob@example.com"] }"#);
+    let older = {
+        let mut h = Harness::with_policy(Arc::new(SqliteStore::open(&file).unwrap()), &policy);
+        to_approval(&mut h, A).await
+    };
+    // What the file looked like before: approvals were (id, doc) only.
+    {
+        let c = rusqlite::Connection::open(&file).unwrap();
+        c.execute_batch(
+            "DROP INDEX approvals_open; ALTER TABLE approvals DROP COLUMN open;
+             ALTER TABLE approvals DROP COLUMN stage; ALTER TABLE approvals DROP COLUMN app;",
+        )
+        .unwrap();
+    }
+    let mut h = Harness::with_policy(Arc::new(SqliteStore::open(&file).unwrap()), &policy);
+    let newer = to_approval(&mut h, B).await;
+    assert_eq!(h.state.store.run(&older).await.unwrap().unwrap().status, RunStatus::Superseded);
+    let open = h.state.store.open_approvals("hello", "production").await.unwrap();
+    assert_eq!(open.iter().map(|a| a.run_id.as_str()).collect::<Vec<_>>(), [newer.as_str()], "only the newer run's is open");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_waiting_run_says_on_whom_and_since_when() {
     let mut h = Harness::with_policy(
         Arc::new(MemoryStore::default()),

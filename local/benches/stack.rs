@@ -400,7 +400,8 @@ async fn chain(n: usize) {
     let policy_path = stack.data_dir.join("policy.toml");
     let mut latency = Vec::new();
     let mut invocations = Vec::new();
-    let mut gaps: HashMap<String, Vec<Duration>> = HashMap::new();
+    // Step timelines of the first and the last 20 runs: where the time goes, and what grows.
+    let mut gaps: [HashMap<String, Vec<Duration>>; 2] = Default::default();
     let mut order: Vec<String> = Vec::new();
     let total = |stack: &Stack| stack.host.invocations().values().map(|c| c.answered + c.failed).sum::<u64>();
     for i in 0..n + 1 {
@@ -431,7 +432,14 @@ async fn chain(n: usize) {
         // Wait until the last invocations of the run are counted (the watch saw the event first).
         tokio::time::sleep(Duration::from_millis(5)).await;
         invocations.push(total(&stack) - before);
-        if i <= 20 {
+        let sample = if i <= 20 {
+            Some(0)
+        } else if i + 20 > n {
+            Some(1)
+        } else {
+            None
+        };
+        if let Some(k) = sample {
             let v = runs_json(&stack, Some(&run)).await;
             let steps = v["steps"].as_array().unwrap();
             let mut prev: Option<chrono::DateTime<chrono::Utc>> = None;
@@ -445,7 +453,7 @@ async fn chain(n: usize) {
                     if !order.iter().any(|o| o == what) {
                         order.push(what.to_string());
                     }
-                    gaps.entry(what.to_string()).or_default().push((at - p).to_std().unwrap_or_default());
+                    gaps[k].entry(what.to_string()).or_default().push((at - p).to_std().unwrap_or_default());
                 }
                 prev = Some(at);
             }
@@ -478,11 +486,14 @@ async fn chain(n: usize) {
         ms(floor),
         p50.div_f64(per_run).as_secs_f64() / floor.as_secs_f64()
     );
-    println!("  time to each step of the run's timeline from the one before (p50 over the first {} runs):", n.min(20));
+    println!("  time to each step of the run's timeline from the one before (p50 over the first and the last {} runs):", n.min(20));
     for what in order {
-        let mut g = gaps.remove(&what).unwrap_or_default();
-        g.sort();
-        println!("    {what:<40} {:>9}", ms(pct(&g, 0.5)));
+        let [first, last] = [0, 1].map(|k| {
+            let mut g = gaps[k].remove(&what).unwrap_or_default();
+            g.sort();
+            if g.is_empty() { "-".to_string() } else { ms(pct(&g, 0.5)) }
+        });
+        println!("    {what:<40} {first:>9} {last:>9}");
     }
     let _ = std::fs::remove_dir_all(&hop_dir);
 }

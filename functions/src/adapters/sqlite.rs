@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_commit ON runs(commit_sha);
 CREATE INDEX IF NOT EXISTS runs_by_app ON runs(app, sequence);
+CREATE INDEX IF NOT EXISTS runs_recent ON runs(created_at, sequence);
+CREATE INDEX IF NOT EXISTS runs_recent_by_app ON runs(app, created_at, sequence);
 CREATE TABLE IF NOT EXISTS steps (
   run_id TEXT NOT NULL,
   key TEXT NOT NULL,
@@ -33,7 +35,10 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 CREATE TABLE IF NOT EXISTS approvals (
   id TEXT PRIMARY KEY,
-  doc TEXT NOT NULL
+  doc TEXT NOT NULL,
+  app TEXT NOT NULL DEFAULT '',
+  stage TEXT NOT NULL DEFAULT '',
+  open INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS sequences (
   app TEXT PRIMARY KEY,
@@ -46,6 +51,38 @@ CREATE TABLE IF NOT EXISTS stage_failures (
   PRIMARY KEY (app, stage)
 );
 ";
+
+/// After [`SCHEMA`] (and [`add_approval_columns`] on a file written before them): the open
+/// approvals of a stage are an index range, not a scan of every approval ever asked.
+const INDEXES: &str = "CREATE INDEX IF NOT EXISTS approvals_open ON approvals(app, stage) WHERE open = 1;";
+
+/// A file from before approvals carried `app`, `stage` and `open`: add them, filled from the
+/// documents.
+fn add_approval_columns(conn: &mut Connection) -> rusqlite::Result<()> {
+    let has_open: bool = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('approvals') WHERE name = 'open'", [], |r| r.get(0))?;
+    if has_open {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(
+        "ALTER TABLE approvals ADD COLUMN app TEXT NOT NULL DEFAULT '';
+         ALTER TABLE approvals ADD COLUMN stage TEXT NOT NULL DEFAULT '';
+         ALTER TABLE approvals ADD COLUMN open INTEGER NOT NULL DEFAULT 0;",
+    )?;
+    let docs: Vec<(String, String)> =
+        tx.prepare("SELECT id, doc FROM approvals")?.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+    for (id, doc) in docs {
+        // A document this build cannot read stays out of the index (and `open` = 0), as it would
+        // have failed the old scan.
+        if let Ok(a) = serde_json::from_str::<ApprovalRecord>(&doc) {
+            tx.execute(
+                "UPDATE approvals SET app = ?2, stage = ?3, open = ?4 WHERE id = ?1",
+                params![id, a.app, a.stage, a.why_closed().is_none()],
+            )?;
+        }
+    }
+    tx.commit()
+}
 
 fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Transient(format!("state store: {e}"))
@@ -72,11 +109,13 @@ impl SqliteStore {
         Self::init(Connection::open_in_memory().map_err(|e| e.to_string())?)
     }
 
-    fn init(conn: Connection) -> std::result::Result<SqliteStore, String> {
+    fn init(mut conn: Connection) -> std::result::Result<SqliteStore, String> {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(|e| e.to_string())?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| e.to_string())?;
         conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        add_approval_columns(&mut conn).map_err(|e| e.to_string())?;
+        conn.execute_batch(INDEXES).map_err(|e| e.to_string())?;
         Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -111,7 +150,8 @@ impl SqliteStore {
             };
             let (changed, out) = f(&mut a);
             if changed {
-                tx.execute("UPDATE approvals SET doc = ?2 WHERE id = ?1", params![id, to_json(&a)?]).map_err(db_err)?;
+                tx.execute("UPDATE approvals SET doc = ?2, open = ?3 WHERE id = ?1", params![id, to_json(&a)?, a.why_closed().is_none()])
+                    .map_err(db_err)?;
             }
             tx.commit().map_err(db_err)?;
             Ok((a, out))
@@ -230,11 +270,15 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let limit = if q.limit == 0 { 50 } else { q.limit } as i64;
             let commit = q.commit.map(|s| format!("{}%", s.to_ascii_lowercase().replace(['%', '_'], "")));
+            // Two statements, so that each walks its index newest first instead of sorting every run.
             let mut st = c
-                .prepare(
-                    "SELECT doc FROM runs WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR commit_sha LIKE ?2)
-                     ORDER BY created_at DESC, sequence DESC LIMIT ?3",
-                )
+                .prepare_cached(if q.app.is_some() {
+                    "SELECT doc FROM runs WHERE app = ?1 AND (?2 IS NULL OR commit_sha LIKE ?2)
+                     ORDER BY created_at DESC, sequence DESC LIMIT ?3"
+                } else {
+                    "SELECT doc FROM runs WHERE ?1 IS NULL AND (?2 IS NULL OR commit_sha LIKE ?2)
+                     ORDER BY created_at DESC, sequence DESC LIMIT ?3"
+                })
                 .map_err(db_err)?;
             let docs = st
                 .query_map(params![q.app, commit, limit], |r| r.get::<_, String>(0))
@@ -250,7 +294,10 @@ impl Store for SqliteStore {
         let a = a.clone();
         self.with(move |c| {
             let n = c
-                .execute("INSERT INTO approvals(id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO NOTHING", params![a.id, to_json(&a)?])
+                .execute(
+                    "INSERT INTO approvals(id, doc, app, stage, open) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(id) DO NOTHING",
+                    params![a.id, to_json(&a)?, a.app, a.stage, a.why_closed().is_none()],
+                )
                 .map_err(db_err)?;
             Ok(n == 1)
         })
@@ -288,11 +335,9 @@ impl Store for SqliteStore {
     async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>> {
         let (app, stage) = (app.to_string(), stage.to_string());
         self.with(move |c| {
-            // Approval ids are `<app>-<commit>.<stage>`; the prefix narrows, the record decides.
-            let pattern = format!("{}-%.{}", app.replace('%', ""), stage.replace('%', ""));
-            let mut st = c.prepare("SELECT doc FROM approvals WHERE id LIKE ?1").map_err(db_err)?;
+            let mut st = c.prepare_cached("SELECT doc FROM approvals WHERE app = ?1 AND stage = ?2 AND open = 1").map_err(db_err)?;
             let docs = st
-                .query_map([pattern], |r| r.get::<_, String>(0))
+                .query_map(params![app, stage], |r| r.get::<_, String>(0))
                 .map_err(db_err)?
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(db_err)?;

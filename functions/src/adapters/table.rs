@@ -7,12 +7,16 @@
 //! | a committed step (outbox, published) | run id | `step|{key}` |
 //! | an app's run sequence | `seq|{app}` | `seq` |
 //! | an approval (its document) | `approval|{id}` | `approval` |
+//! | an open approval, indexed by stage | `open|{app}|{stage}` | approval id |
+//! | what layout the table holds | `meta` | `layout` |
 //! | a stage's unrecovered failure | `stage|{app}|{stage}` | `failure` |
 //!
 //! A step's commit is one entity-group transaction on the run's partition — the step inserted,
 //! the run replaced on the ETag it was read with — so it lands whole or not at all, and a second
 //! commit of the same step fails on the step's insert and changes nothing. Sequences and
 //! approvals change with ETag conditions (read, change, write `If-Match`; a 412 reads again).
+//! The open-approval index is a hint, the approval's document decides: a row is written before
+//! its approval, removed after the approval closes, and one found closed is removed when read.
 //! Auth: the account key (SharedKeyLite; Azurite) or an Entra bearer (managed identity).
 
 use super::*;
@@ -26,6 +30,8 @@ use std::sync::Arc;
 
 const TABLE: &str = "deploychain";
 const VERSION: &str = "2019-02-02";
+/// The table's layout: 2 added the open-approval index.
+const LAYOUT: i64 = 2;
 
 pub enum TableAuth {
     Key { account: String, key: Secret },
@@ -69,13 +75,45 @@ impl TableStore {
         self
     }
 
-    /// Create the table if it is not there (idempotent).
+    /// Create the table if it is not there, and bring a table written by an older build up to
+    /// this layout (idempotent).
     pub async fn ensure_table(&self) -> Result<()> {
         let a = self.send(reqwest::Method::POST, "Tables", None, Some(&json!({ "TableName": self.table })), None).await?;
-        match a.status {
-            201 | 204 | 409 => Ok(()),
-            s => Err(db(format!("creating the table: {s} {}", a.text))),
+        if !matches!(a.status, 201 | 204 | 409) {
+            return Err(db(format!("creating the table: {} {}", a.status, a.text)));
         }
+        let layout = self.get("meta", "layout").await?.and_then(|(v, _)| v["version"].as_i64()).unwrap_or(1);
+        if layout < LAYOUT {
+            // Layout 2 added the open-approval index: index the approvals still open.
+            for v in self.query("kind eq 'approval'").await? {
+                let a: ApprovalRecord = serde_json::from_str(v["doc"].as_str().unwrap_or_default()).map_err(db)?;
+                if a.why_closed().is_none() {
+                    self.index_open(&a).await?;
+                }
+            }
+            let a = self
+                .send(
+                    reqwest::Method::PUT,
+                    &self.entity_path("meta", "layout"),
+                    None,
+                    Some(&json!({ "PartitionKey": "meta", "RowKey": "layout", "version": LAYOUT })),
+                    None,
+                )
+                .await?;
+            if !matches!(a.status, 201 | 204) {
+                return Err(db(format!("recording the table layout: {} {}", a.status, a.text)));
+            }
+        }
+        Ok(())
+    }
+
+    fn open_partition(app: &str, stage: &str) -> String {
+        format!("open|{app}|{stage}")
+    }
+
+    /// Put `a` in its stage's open-approval index (already there: fine).
+    async fn index_open(&self, a: &ApprovalRecord) -> Result<()> {
+        self.write(&Self::open_partition(&a.app, &a.stage), &a.id, json!({ "kind": "open-approval" }), None).await.map(|_| ())
     }
 
     fn url(&self, path: &str) -> url::Url {
@@ -288,6 +326,12 @@ impl TableStore {
             }
             let e = json!({ "doc": serde_json::to_string(&a).map_err(db)?, "app": a.app, "stage": a.stage, "kind": "approval" });
             if self.write(&pk, "approval", e, Some(&etag)).await? {
+                if a.why_closed().is_some() {
+                    // The index is a hint: a row left behind is removed when next read.
+                    if let Err(e) = self.delete(&Self::open_partition(&a.app, &a.stage), &a.id).await {
+                        tracing::warn!(approval = a.id, "could not drop a closed approval from the open index: {e}");
+                    }
+                }
                 return Ok((a, out));
             }
         }
@@ -385,6 +429,9 @@ impl Store for TableStore {
     }
 
     async fn put_approval(&self, a: &ApprovalRecord) -> Result<bool> {
+        if a.why_closed().is_none() {
+            self.index_open(a).await?;
+        }
         let e = json!({ "doc": serde_json::to_string(a).map_err(db)?, "app": a.app, "stage": a.stage, "kind": "approval" });
         self.write(&format!("approval|{}", a.id), "approval", e, None).await
     }
@@ -413,14 +460,20 @@ impl Store for TableStore {
     }
 
     async fn open_approvals(&self, app: &str, stage: &str) -> Result<Vec<ApprovalRecord>> {
-        let filter = format!("kind eq 'approval' and app eq '{}' and stage eq '{}'", app.replace('\'', "''"), stage.replace('\'', "''"));
-        let all: Vec<ApprovalRecord> = self
-            .query(&filter)
-            .await?
-            .iter()
-            .map(|v| serde_json::from_str(v["doc"].as_str().unwrap_or_default()).map_err(db))
-            .collect::<Result<_>>()?;
-        Ok(all.into_iter().filter(|a| a.why_closed().is_none()).collect())
+        let partition = Self::open_partition(app, stage);
+        let rows = self.query(&format!("PartitionKey eq '{}'", partition.replace('\'', "''"))).await?;
+        let mut open = Vec::new();
+        for row in rows {
+            let Some(id) = row["RowKey"].as_str() else { continue };
+            match self.approval(id).await? {
+                Some(a) if a.why_closed().is_none() && a.app == app && a.stage == stage => open.push(a),
+                Some(_) => self.delete(&partition, id).await?,
+                // Not written yet (its put writes the index row first) or its put failed and
+                // will be retried: leave the row.
+                None => {}
+            }
+        }
+        Ok(open)
     }
 
     async fn stage_failure(&self, app: &str, stage: &str) -> Result<Option<StageFailure>> {
