@@ -617,6 +617,23 @@ async fn throughput(apps: usize, rounds: usize) {
         "  floors on the same disk: the bus moves {bus_rate:.0} messages/s (send + peek-lock + complete, one at a time); SQLite commits {sql_rate:.0}/s"
     );
     println!("  events/s against the bus's message rate: {:.2}×   (goal ≥ 1,000 events/s)", events as f64 / secs / bus_rate);
+    // Where a run's time goes under load: the gap before each step of its timeline.
+    let mut gaps: HashMap<String, Vec<Duration>> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for r in &all {
+        for w in r.steps.windows(2) {
+            if !order.contains(&w[1].name) && !w[1].name.contains('@') {
+                order.push(w[1].name.clone());
+            }
+            gaps.entry(w[1].name.clone()).or_default().push((w[1].at - w[0].at).to_std().unwrap_or_default());
+        }
+    }
+    println!("  time to each step of a run's timeline from the one before (p50, p99 over every run):");
+    for what in order {
+        let mut g = gaps.remove(&what).unwrap_or_default();
+        g.sort();
+        println!("    {what:<40} {:>9} {:>9}", ms(pct(&g, 0.5)), ms(pct(&g, 0.99)));
+    }
     assert_eq!(succeeded, apps * rounds, "every run succeeds");
     assert_eq!((failed, abandoned), (0, 0), "nothing failed");
     let _ = std::fs::remove_dir_all(&dir);

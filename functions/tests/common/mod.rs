@@ -482,7 +482,14 @@ pub fn table_store() -> Arc<dyn deploychain_functions::adapters::Store> {
         let bin = root.join("target/azurite/node_modules/.bin/azurite-table");
         assert!(bin.is_file(), "Azurite is missing: run `bash scripts/install-azurite.sh` (the test command does)");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new(bin)
+        // Statics are never dropped: a watcher shell ends Azurite once this test process is gone
+        // (nextest runs every test in a process of its own).
+        let watcher = r#"parent=$1; shift; "$@" & child=$!
+            while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
+            kill "$child" 2>/dev/null"#;
+        let child = std::process::Command::new("sh")
+            .args(["-c", watcher, "sh", &std::process::id().to_string()])
+            .arg(bin)
             .args([
                 "--tableHost",
                 "127.0.0.1",

@@ -188,9 +188,9 @@ struct State {
     page_size: usize,
     /// The local Kubernetes API's base URL, for AKS clusters' kubeconfigs.
     kube_server: Option<String>,
-    /// A change not yet written, and when the world was last written.
-    dirty: bool,
-    saved_at: std::time::Instant,
+    /// Changes made to the world, and how many of them are written.
+    changes: u64,
+    written: u64,
 }
 
 /// Something that happened to a scale set, for the progress view.
@@ -228,44 +228,57 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The world is written at most this often (a busy endpoint changes it on every request, and
-/// it is one document); the last change is written by the flusher, by `flush`, or on drop.
+/// The world is written at most this often (a busy endpoint changes it on every request, and it
+/// is one document), by the flusher thread; the last change also by `flush` and on drop.
 const SAVE_EVERY: Duration = Duration::from_millis(250);
 
 impl State {
+    /// Note a change to the world (the flusher writes it).
     fn save(&mut self) -> Result<()> {
-        if self.saved_at.elapsed() < SAVE_EVERY {
-            self.dirty = true;
-            return Ok(());
-        }
-        self.write()
+        self.changes += 1;
+        Ok(())
     }
 
-    fn write(&mut self) -> Result<()> {
-        let doc = serde_json::to_string(&self.world)?;
+    /// Write the world now if a change is not written yet.
+    fn write_now(&mut self) -> Result<()> {
+        if self.changes > self.written {
+            let doc = serde_json::to_string(&self.world)?;
+            self.store(self.changes, &doc)?;
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, changes: u64, doc: &str) -> Result<()> {
         self.conn.execute("INSERT INTO world(id, doc) VALUES (1, ?1) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc", [doc])?;
-        self.dirty = false;
-        self.saved_at = std::time::Instant::now();
+        self.written = changes;
         Ok(())
     }
 }
 
 impl Drop for State {
     fn drop(&mut self) {
-        if self.dirty {
-            let _ = self.write();
-        }
+        let _ = self.write_now();
     }
 }
 
-/// Write the world when a change is waiting, until the endpoint is gone.
+/// Write the world when a change is waiting, until the endpoint is gone. The document is made
+/// from a copy outside the lock, so requests do not wait while a large world is serialized; a
+/// copy older than what `flush` wrote meanwhile is not written.
 fn flusher(state: std::sync::Weak<Mutex<State>>) {
     loop {
         std::thread::sleep(SAVE_EVERY);
         let Some(state) = state.upgrade() else { return };
+        let (changes, world) = {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.changes == s.written {
+                continue;
+            }
+            (s.changes, s.world.clone())
+        };
+        let Ok(doc) = serde_json::to_string(&world) else { continue };
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.dirty && s.saved_at.elapsed() >= SAVE_EVERY {
-            let _ = s.write();
+        if changes > s.written {
+            let _ = s.store(changes, &doc);
         }
     }
 }
@@ -308,8 +321,8 @@ impl LocalArm {
             token: token.to_string(),
             page_size: config.page_size.max(1),
             kube_server: None,
-            dirty: false,
-            saved_at: std::time::Instant::now().checked_sub(SAVE_EVERY).unwrap_or_else(std::time::Instant::now),
+            changes: 0,
+            written: 0,
         };
         let (activity, _) = tokio::sync::broadcast::channel(256);
         let state = Arc::new(Mutex::new(state));
@@ -320,10 +333,7 @@ impl LocalArm {
 
     /// Write any change not yet written (the stack does before it stops).
     pub fn flush(&self) {
-        let mut s = self.lock();
-        if s.dirty {
-            let _ = s.write();
-        }
+        let _ = self.lock().write_now();
     }
 
     /// What happens to the scale sets, as it happens.

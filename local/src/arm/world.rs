@@ -127,6 +127,13 @@ pub struct World {
     /// By lower-case resource id.
     pub scale_sets: BTreeMap<String, ScaleSet>,
     pub operations: BTreeMap<String, Operation>,
+    /// Names of the operations not finished yet (a superset: checked against `operations`),
+    /// so a request's look at what is due does not walk every finished one; built on first use.
+    #[serde(skip)]
+    pub pending: Option<std::collections::BTreeSet<String>>,
+    /// When finished operations were last forgotten.
+    #[serde(skip)]
+    pub pruned_ms: i64,
     pub next_operation: u64,
     /// Artifact ids (lower case) whose application fails its health probe.
     pub unhealthy_artifacts: Vec<String>,
@@ -231,17 +238,26 @@ impl ScaleSet {
 
 /// How long a finished operation's status stays readable.
 const OPERATION_RETENTION_MS: i64 = 10 * 60 * 1000;
+/// How often finished operations past their retention are looked for.
+const PRUNE_EVERY_MS: i64 = 5_000;
 
 impl World {
     /// Finish what is due at `now`. Returns whether anything changed.
     pub fn advance(&mut self, now: i64) -> bool {
         // Finished operations stay readable for a while (a poller may come back late), then go,
         // as ARM forgets them: the world the endpoint saves on every change stays small.
-        let before = self.operations.len();
-        self.operations.retain(|_, o| o.status.is_none() || o.ready_ms > now - OPERATION_RETENTION_MS);
-        let mut changed = self.operations.len() != before;
-        let due: Vec<String> =
-            self.operations.values().filter(|o| o.status.is_none() && o.ready_ms <= now).map(|o| o.name.clone()).collect();
+        let mut changed = false;
+        if now - self.pruned_ms >= PRUNE_EVERY_MS {
+            self.pruned_ms = now;
+            let before = self.operations.len();
+            self.operations.retain(|_, o| o.status.is_none() || o.ready_ms > now - OPERATION_RETENTION_MS);
+            changed = self.operations.len() != before;
+        }
+        let pending =
+            self.pending.get_or_insert_with(|| self.operations.values().filter(|o| o.status.is_none()).map(|o| o.name.clone()).collect());
+        let ops = &self.operations;
+        pending.retain(|n| ops.get(n).is_some_and(|o| o.status.is_none()));
+        let due: Vec<String> = pending.iter().filter(|n| ops.get(*n).is_some_and(|o| o.ready_ms <= now)).cloned().collect();
         for name in due {
             let Some(op) = self.operations.get(&name).cloned() else { continue };
             if matches!(op.effect, Effect::Provision | Effect::ImageRun) {
@@ -318,10 +334,7 @@ impl World {
                 changed = true;
             }
         }
-        // Keep finished operations an hour, as ARM keeps their status.
-        let before = self.operations.len();
-        self.operations.retain(|_, o| o.status.is_none() || o.ready_ms > now - 3_600_000);
-        changed || before != self.operations.len()
+        changed
     }
 
     pub fn new_operation(&mut self, scale_set: &str, effect: Effect, now: i64, ready_ms: i64, fail_with: Option<Value>) -> String {
@@ -331,6 +344,9 @@ impl World {
             name.clone(),
             Operation { name: name.clone(), scale_set: scale_set.to_string(), effect, start_ms: now, ready_ms, status: None, fail_with },
         );
+        if let Some(p) = &mut self.pending {
+            p.insert(name.clone());
+        }
         name
     }
 
