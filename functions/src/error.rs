@@ -27,6 +27,8 @@ pub enum Error {
     Gone(String),
     #[error("too large: {0}")]
     TooLarge(String),
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
     #[error("refused: {0}")]
     Refused(String),
 }
@@ -48,6 +50,7 @@ impl Error {
             Error::Conflict(_) => 409,
             Error::Gone(_) => 410,
             Error::TooLarge(_) => 413,
+            Error::UnsupportedMediaType(_) => 415,
             Error::Refused(_) => 422,
         }
     }
@@ -63,6 +66,7 @@ impl Error {
             Error::Conflict(_) => "Conflict",
             Error::Gone(_) => "Expired",
             Error::TooLarge(_) => "TooLarge",
+            Error::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Error::Refused(_) => "Refused",
         }
     }
@@ -78,6 +82,7 @@ impl Error {
             | Error::Conflict(s)
             | Error::Gone(s)
             | Error::TooLarge(s)
+            | Error::UnsupportedMediaType(s)
             | Error::Refused(s) => s,
         }
     }

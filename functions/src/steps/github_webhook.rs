@@ -2,6 +2,9 @@
 //!
 //! - Auth: `X-Hub-Signature-256` = `sha256=` HMAC-SHA256(secret, raw body), compared in constant
 //!   time against `GITHUB_WEBHOOK_SECRET`. Missing or forged → 401, nothing published.
+//! - Content-Type `application/json`, or GitHub's `application/x-www-form-urlencoded` (`payload=`
+//!   the JSON); anything else → 415. One `X-GitHub-Event` (a repeated header → 400). A push
+//!   naming a branch git would refuse (`git check-ref-format`) → 400.
 //! - `ping` → 200. `push` to a configured branch → `push` (a run starts); tag pushes and branch
 //!   deletions → 202 ignored with the reason. `workflow_run` completed → `build.completed` (for the run its
 //!   `display_title` names when deploychain dispatched it, else the run of its `head_sha`).
@@ -28,8 +31,29 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     let secret = state.config.github_secret.as_ref().ok_or_else(|| Error::Unauthorized("GitHub webhooks are not configured".into()))?;
     verify_signature(secret.expose().as_bytes(), &req.body, req.header("x-hub-signature-256"))?;
     let event = req.header("x-github-event").ok_or_else(|| Error::Malformed("missing X-GitHub-Event header".into()))?.to_string();
+    if event.contains(',') {
+        // The host joins a repeated header's values with commas: GitHub sends one.
+        return Err(Error::Malformed("X-GitHub-Event names more than one event".into()));
+    }
     let delivery = req.header("x-github-delivery").map(str::to_string);
-    let body = strip_bom(&req.body);
+    let form_payload;
+    let body = match media_type(req.header("content-type")).as_str() {
+        "application/json" => strip_bom(&req.body),
+        // GitHub's other content type: the JSON is the form's `payload` field (signed as sent).
+        "application/x-www-form-urlencoded" => {
+            form_payload = form_field(&req.body, b"payload")
+                .ok_or_else(|| Error::Malformed("a form-encoded delivery without its `payload` field".into()))?;
+            if std::str::from_utf8(&form_payload).is_err() {
+                return Err(Error::Malformed("the form's `payload` is not UTF-8".into()));
+            }
+            strip_bom(&form_payload)
+        }
+        other => {
+            return Err(Error::UnsupportedMediaType(format!(
+                "Content-Type `{other}`: GitHub webhooks are `application/json` (or `application/x-www-form-urlencoded`)"
+            )));
+        }
+    };
     if event == "push" {
         // The hot path: only the fields a run needs are read (the rest is skipped unparsed).
         if let Ok(p) = serde_json::from_slice::<PushPayload>(body) {
@@ -61,6 +85,38 @@ pub fn verify_signature(secret: &[u8], body: &[u8], header: Option<&str>) -> Res
     mac.update(body);
     // verify_slice compares in constant time.
     mac.verify_slice(&given).map_err(|_| Error::Unauthorized("X-Hub-Signature-256 does not match the body".into()))
+}
+
+/// The bytes of field `name` of an `application/x-www-form-urlencoded` body, decoded strictly
+/// (no replacement of bytes that are not UTF-8: the caller decides).
+fn form_field(body: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    body.split(|b| *b == b'&').find_map(|pair| {
+        let value = pair.strip_prefix(name)?.strip_prefix(b"=")?;
+        let plus_as_space: Vec<u8> = value.iter().map(|b| if *b == b'+' { b' ' } else { *b }).collect();
+        Some(percent_encoding::percent_decode(&plus_as_space).collect())
+    })
+}
+
+/// The media type of a Content-Type value, lower case, without parameters (`""` when absent).
+pub fn media_type(content_type: Option<&str>) -> String {
+    content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+/// Whether git would accept `name` as a branch (`git check-ref-format --branch`): no control
+/// characters, space, `~ ^ : ? * [ \`, `..`, `@{`, `//`; no part starting with `.` or ending in
+/// `.lock`; not ending in `/` or `.`; not `@`. A payload naming anything else was not written by
+/// git, however it is signed.
+pub fn is_branch_name(name: &str) -> bool {
+    let bad_char = |c: char| c.is_ascii_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\');
+    !name.is_empty()
+        && name != "@"
+        && !name.chars().any(bad_char)
+        && !name.contains("..")
+        && !name.contains("@{")
+        && !name.contains("//")
+        && !name.ends_with('/')
+        && !name.ends_with('.')
+        && name.split('/').all(|part| !part.is_empty() && !part.starts_with('.') && !part.ends_with(".lock"))
 }
 
 pub fn strip_bom(b: &[u8]) -> &[u8] {
@@ -152,6 +208,9 @@ async fn push(state: &AppState, p: &PushPayload, delivery: Option<String>) -> Re
     let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
         return Ok(ignored(format!("`{git_ref}` is not a branch (tag pushes do not start runs)")));
     };
+    if !is_branch_name(branch) {
+        return Err(Error::Malformed(format!("`{}` is not a branch name git allows", branch.escape_debug())));
+    }
     let after = p.after.as_deref().unwrap_or_default();
     if p.deleted == Some(true) || after == ZERO_SHA {
         return Ok(ignored(format!("branch `{branch}` was deleted")));

@@ -377,7 +377,8 @@ pub fn http_envelope(
     );
     let ct = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| v.to_ascii_lowercase()).unwrap_or_default();
     if !body.is_empty() {
-        let b = if ct.starts_with("application/octet-stream") {
+        // As the host does: binary media types travel as base64.
+        let b = if ct.starts_with("application/octet-stream") || ct.starts_with("multipart/") {
             base64::engine::general_purpose::STANDARD.encode(body)
         } else {
             String::from_utf8_lossy(body).into_owned()
