@@ -1024,6 +1024,55 @@ async fn a_chunked_body_without_content_length_is_dropped_as_the_host_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_door_refuses_what_the_hosts_web_server_refuses_and_invokes_nothing() {
+    let app = AppRoot::new("limits", json!({}));
+    app.http_function("upload", Some("upload"), &["post"], "anonymous");
+    let r = Running::start(&app, Topology::new("local")).await;
+    let post = || r.http.post(r.url("/api/upload")).header("content-type", "application/json");
+    // A URL over 4 KiB.
+    let long = format!("/api/upload?x={}", "a".repeat(5000));
+    assert_eq!(r.http.post(r.url(&long)).body("{}").send().await.unwrap().status(), 414);
+    // Over 100 headers, or over 32 KiB of them.
+    let mut many = post();
+    for i in 0..101 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    assert_eq!(many.body("{}").send().await.unwrap().status(), 431);
+    assert_eq!(post().header("x-big", "v".repeat(40 * 1024)).body("{}").send().await.unwrap().status(), 431);
+    // A slow body: a byte a second against the 240 bytes a second the host requires after 5 s.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = r.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            n = tcp.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                answer.extend_from_slice(&buf[..n]);
+                if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") { break; }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                assert!(started.elapsed() < Duration::from_secs(20), "the slow body was never cut off");
+                let _ = tcp.write_all(b" ").await;
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_secs(5), "the grace is 5 s");
+    // None of it reached the handler; a normal request still does.
+    assert!(app.starts("upload").is_empty(), "{:?}", app.starts("upload"));
+    assert_eq!(post().body("{}").send().await.unwrap().status(), 201);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_sessions_bounds_how_many_sessions_run_at_once() {
     // One session at a time: sessions A and B never overlap, though nothing orders them.
     let app = AppRoot::new("max-sessions", json!({ "extensions": { "serviceBus": { "maxConcurrentSessions": 1 } } }));

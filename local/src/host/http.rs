@@ -2,6 +2,11 @@
 //! filter (no match → 404), `authLevel` key checks (`x-functions-key` header first, then the `code`
 //! query; failure → 401), then the default-mode invocation and the mapping of `Outputs.res`.
 //! A handler failure (non-2xx, not JSON, timeout) reaches the caller as an empty 500, as in Azure.
+//!
+//! Before any of that, the limits the Functions host's web server (Kestrel) applies in Azure, so
+//! that what the handler is tested behind locally refuses what Azure refuses ([`Limits`]): a URL
+//! over 4 KiB → 414; over 100 headers or 32 KiB of them → 431; a body over 100 MB → 413; a body
+//! that arrives slower than 240 bytes a second after a 5 s grace → 408.
 
 use super::app::{AuthLevel, FunctionApp, HttpTrigger, Trigger};
 use super::envelope::{HttpInput, check_answer, http_envelope, http_output};
@@ -89,8 +94,35 @@ fn percent_decode(s: &str) -> String {
     url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
 }
 
+/// The request limits of the Functions host in Azure (its web server's defaults, and the
+/// documented 100 MB request and 4 KiB URL limits of HTTP triggers).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_url: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_body: usize,
+    /// A body slower than `min_body_rate` bytes a second, once `body_grace` has passed, is cut off.
+    pub min_body_rate: u64,
+    pub body_grace: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_url: 4096,
+            max_headers: 100,
+            max_header_bytes: 32 * 1024,
+            max_body: 100 * 1024 * 1024,
+            min_body_rate: 240,
+            body_grace: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
 pub struct FrontDoor {
     prefix: String,
+    limits: Limits,
     routes: Vec<Route>,
     worker: Worker,
     keys: Keys,
@@ -118,6 +150,7 @@ impl FrontDoor {
             .collect();
         Arc::new(FrontDoor {
             prefix: app.host.route_prefix.clone(),
+            limits: Limits::default(),
             routes,
             worker,
             keys,
@@ -128,7 +161,8 @@ impl FrontDoor {
     }
 
     pub fn router(self: Arc<Self>) -> axum::Router {
-        axum::Router::new().fallback(handle).layer(axum::extract::DefaultBodyLimit::max(100 * 1024 * 1024)).with_state(self)
+        let max = self.limits.max_body;
+        axum::Router::new().fallback(handle).layer(axum::extract::DefaultBodyLimit::max(max)).with_state(self)
     }
 
     fn authorize(&self, level: AuthLevel, header_key: Option<&str>, code: Option<&str>) -> Option<&'static str> {
@@ -161,8 +195,50 @@ fn empty(status: StatusCode) -> Response {
     r
 }
 
+/// Read the body within the limits: at most `max_body` bytes, and no slower than
+/// `min_body_rate` bytes a second once `body_grace` has passed (a slow-body attack holds a
+/// connection and a worker for as long as the server waits).
+async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, StatusCode> {
+    use http_body_util::BodyExt;
+    let start = tokio::time::Instant::now();
+    let mut body = body;
+    let mut out = Vec::new();
+    loop {
+        let allowed = limits.body_grace + std::time::Duration::from_secs_f64(out.len() as f64 / limits.min_body_rate.max(1) as f64);
+        let frame = match tokio::time::timeout_at(start + allowed, body.frame()).await {
+            Err(_) => return Err(StatusCode::REQUEST_TIMEOUT),
+            Ok(None) => return Ok(Bytes::from(out)),
+            Ok(Some(Err(_))) => return Err(StatusCode::BAD_REQUEST),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limits.max_body {
+                return Err(StatusCode::PAYLOAD_TOO_LARGE);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+}
+
+/// The URL and header limits; `None` when the request is within them.
+fn over_limits(parts: &axum::http::request::Parts, limits: &Limits) -> Option<StatusCode> {
+    let url = parts.uri.path_and_query().map(|p| p.as_str().len()).unwrap_or(0);
+    if url > limits.max_url {
+        return Some(StatusCode::URI_TOO_LONG);
+    }
+    let bytes: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if parts.headers.len() > limits.max_headers || bytes > limits.max_header_bytes {
+        return Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+    None
+}
+
 async fn handle(State(fd): State<Arc<FrontDoor>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    if let Some(status) = over_limits(&parts, &fd.limits) {
+        tracing::info!(target: "host", status = status.as_u16(), "refused before routing: over the host's request limits");
+        return empty(status);
+    }
     let path = parts.uri.path().to_string();
     let rest = match path.trim_start_matches('/').strip_prefix(&fd.prefix) {
         Some(r) if fd.prefix.is_empty() || r.is_empty() || r.starts_with('/') => r.trim_start_matches('/').to_string(),
@@ -189,9 +265,12 @@ async fn handle(State(fd): State<Arc<FrontDoor>>, req: Request) -> Response {
         tracing::info!(target: "host", function = route.function, "401: missing or wrong function key");
         return empty(StatusCode::UNAUTHORIZED);
     };
-    let body: Bytes = match axum::body::to_bytes(body, 100 * 1024 * 1024).await {
+    let body: Bytes = match read_body(body, &fd.limits).await {
         Ok(b) => b,
-        Err(_) => return empty(StatusCode::PAYLOAD_TOO_LARGE),
+        Err(status) => {
+            tracing::info!(target: "host", function = route.function, status = status.as_u16(), "the request body was refused");
+            return empty(status);
+        }
     };
     // The host copies a body only when the request says its length (reference §2.5): a chunked
     // body without Content-Length reaches the function as no body at all.
