@@ -13,12 +13,7 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// The probot push fixture for `repo` at `branch` (the `probot` app takes `bkeepers-patch-*`).
 fn push(repo: &str, branch: &str) -> Vec<u8> {
-    let mut p = fixture_json("github/push.branch-updated.probot.json");
-    p["repository"]["full_name"] = json!(repo);
-    p["ref"] = json!(format!("refs/heads/{branch}"));
-    p["after"] = json!(COMMIT);
-    p["head_commit"]["id"] = json!(COMMIT);
-    serde_json::to_vec(&p).unwrap()
+    push_payload(repo, branch, COMMIT)
 }
 
 async fn nothing_changed(h: &Harness, what: &str) {

@@ -13,15 +13,6 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// The probot push fixture rewritten to another repository, branch and commit (its shape kept).
-fn push_payload(repo: &str, branch: &str, commit: &str) -> Vec<u8> {
-    let mut p = fixture_json("github/push.branch-updated.probot.json");
-    p["repository"]["full_name"] = json!(repo);
-    p["ref"] = json!(format!("refs/heads/{branch}"));
-    p["after"] = json!(commit);
-    p["head_commit"]["id"] = json!(commit);
-    serde_json::to_vec(&p).unwrap()
-}
-
 fn workflow_run_payload(repo: &str, branch: &str, commit: &str, path: &str, conclusion: &str) -> Vec<u8> {
     let mut p = fixture_json("github/workflow_run.completed.success.json");
     p["repository"]["full_name"] = json!(repo);

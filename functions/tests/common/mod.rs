@@ -91,6 +91,16 @@ pub fn fixture_json(path: &str) -> Value {
     serde_json::from_slice(b.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&b)).unwrap()
 }
 
+/// The probot push fixture, moved to `repo`, `branch` and `commit`.
+pub fn push_payload(repo: &str, branch: &str, commit: &str) -> Vec<u8> {
+    let mut p = fixture_json("github/push.branch-updated.probot.json");
+    p["repository"]["full_name"] = json!(repo);
+    p["ref"] = json!(format!("refs/heads/{branch}"));
+    p["after"] = json!(commit);
+    p["head_commit"]["id"] = json!(commit);
+    serde_json::to_vec(&p).unwrap()
+}
+
 pub fn sign(body: &[u8]) -> String {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(GH_SECRET.as_bytes()).unwrap();
     m.update(body);
