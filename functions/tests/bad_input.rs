@@ -197,3 +197,26 @@ async fn path_traversal_in_route_parameters_finds_nothing() {
     }
     nothing_changed(&h, "traversal").await;
 }
+
+#[tokio::test]
+async fn the_other_webhooks_refuse_bodies_that_are_not_json_with_415() {
+    let h = Harness::new(Arc::new(MemoryStore::default()));
+    let body = br#"{"eventType":"git.push","build":{"phase":"FINALIZED"}}"#;
+    let ado = vec![("Authorization", basic(ADO_USER, ADO_SECRET))];
+    let cases = [
+        ("azure_devops_webhook", "hooks/azure-devops", ado),
+        ("jenkins_webhook", "hooks/jenkins", vec![]),
+        ("eventgrid_webhook", "hooks/eventgrid", vec![("aeg-event-type", "Notification".into())]),
+    ];
+    for (function, route, extra) in cases {
+        for ct in ["text/plain", "application/x-www-form-urlencoded", "application/xml"] {
+            let mut headers = extra.clone();
+            headers.push(("Content-Type", ct.into()));
+            let env = http_envelope(function, "POST", route, &[], &headers, &[], body);
+            let (s, _, text) = h.http(function, &env).await;
+            assert_eq!(s, 415, "{function} {ct}: {text}");
+            assert!(text.contains("application/json"), "{function}: the answer says what to send: {text}");
+        }
+    }
+    nothing_changed(&h, "other webhooks").await;
+}

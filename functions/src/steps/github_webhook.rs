@@ -97,6 +97,14 @@ fn form_field(body: &[u8], name: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// Refuse (415) a body whose Content-Type is not JSON: `application/json` or a `+json` type
+/// (`application/cloudevents+json`, …). `who` names the sender for the message.
+pub fn require_json(req: &HttpRequest, who: &str) -> Result<()> {
+    let media = media_type(req.header("content-type"));
+    let json = media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"));
+    if json { Ok(()) } else { Err(Error::UnsupportedMediaType(format!("Content-Type `{media}`: {who} delivers `application/json`"))) }
+}
+
 /// The media type of a Content-Type value, lower case, without parameters (`""` when absent).
 pub fn media_type(content_type: Option<&str>) -> String {
     content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase()

@@ -29,6 +29,7 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     if req.body.len() > state.config.max_body_bytes {
         return Err(Error::TooLarge(format!("the body is {} bytes; the limit is {}", req.body.len(), state.config.max_body_bytes)));
     }
+    super::github_webhook::require_json(&req, "the Notification plugin")?;
     let p: Value = serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
     let b = &p["build"];
     let phase = s(b, &["phase"]).ok_or_else(|| Error::Malformed("no `build.phase`: not a Notification plugin message".into()))?;
