@@ -6,10 +6,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use deploychain::host::app::BusTrigger;
-use deploychain::host::envelope::{HttpInput, bus_envelope, http_envelope};
+use deploychain::host::envelope::bus_envelope;
 use deploychain_fuzz::*;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Which function takes an event type from the bus (the subscriptions' rules, infra/servicebus.json).
@@ -61,20 +60,8 @@ fn main() {
             let body = std::fs::read(&path).unwrap();
             let selector = WEBHOOK_EVENTS.iter().position(|e| *e == event).unwrap_or(2) as u8;
             write(&out.join("webhook"), &name, &[&[selector][..], &body].concat());
-            let input = HttpInput {
-                method: "POST".into(),
-                url: "https://deploychain-fuzz.azurewebsites.net/api/hooks/github".into(),
-                query: Vec::new(),
-                headers: vec![
-                    ("Content-Type".into(), "application/json".into()),
-                    ("X-GitHub-Event".into(), event.clone()),
-                    ("X-GitHub-Delivery".into(), format!("seed-{name}")),
-                    ("X-Hub-Signature-256".into(), github_signature(&body)),
-                ],
-                params: BTreeMap::new(),
-                body,
-            };
-            let env = serde_json::to_vec(&http_envelope("github_webhook", "req", &input, None)).unwrap();
+            let signature = github_signature(&body);
+            let env = github_envelope(&event, signature, body);
             write(&out.join("envelope"), &name, &[&[envelope_selector("github_webhook")][..], &env].concat());
             invoke(&h, "github_webhook", env);
         }

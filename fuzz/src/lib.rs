@@ -11,7 +11,7 @@ use deploychain_functions::links::{ApprovalLinks, Claims};
 use deploychain_functions::policy::Policy;
 use hmac::{Hmac, Mac};
 use http_body_util::BodyExt;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::Sha256;
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
@@ -111,20 +111,23 @@ pub fn invoke(h: &Handler, function: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
     })
 }
 
-/// The host's envelope of an HTTP trigger (`req`) with `headers` and `body`.
-pub fn http_envelope(route: &str, headers: &[(&str, String)], body: &str) -> Value {
-    let mut h = Map::new();
-    for (k, v) in headers {
-        h.insert((*k).to_string(), json!([v]));
-    }
-    h.insert("Content-Length".into(), json!([body.len().to_string()]));
-    json!({
-        "Data": { "req": {
-            "Url": format!("https://deploychain-fuzz.azurewebsites.net/api/{route}"),
-            "Method": "POST", "Query": {}, "Headers": h, "Params": {}, "Body": body,
-        } },
-        "Metadata": {},
-    })
+/// A GitHub delivery of `body` as event `event` with `signature`, in the envelope the local
+/// Functions host builds for the `github_webhook` trigger.
+pub fn github_envelope(event: &str, signature: String, body: Vec<u8>) -> Vec<u8> {
+    let input = deploychain::host::envelope::HttpInput {
+        method: "POST".into(),
+        url: "https://deploychain-fuzz.azurewebsites.net/api/hooks/github".into(),
+        query: Vec::new(),
+        headers: vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("X-GitHub-Event".into(), event.into()),
+            ("X-GitHub-Delivery".into(), "72d3162e-cc78-11e3-81ab-4c9367dc0958".into()),
+            ("X-Hub-Signature-256".into(), signature),
+        ],
+        params: std::collections::BTreeMap::new(),
+        body,
+    };
+    serde_json::to_vec(&deploychain::host::envelope::http_envelope("github_webhook", "req", &input, None)).unwrap()
 }
 
 pub fn github_signature(body: &[u8]) -> String {

@@ -7,7 +7,7 @@
 //! - `build.complete` → `build.completed` for the app whose Azure Pipelines definition it is.
 //! - Anything else → 202 ignored with the reason.
 
-use super::github_webhook::{accepted, build_run_trace, ignored, publish_event, strip_bom};
+use super::github_webhook::{accepted, build_run_trace, ignored, publish_event, require_json, strip_bom};
 use super::*;
 use crate::invoke::{HttpRequest, HttpResponse};
 use base64::Engine;
@@ -26,7 +26,7 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     if let Err(e) = check_basic_auth(&state, req.header("authorization")) {
         return Ok(crate::error_response(&e).with_header("WWW-Authenticate", "Basic realm=\"deploychain\""));
     }
-    super::github_webhook::require_json(&req, "an Azure DevOps service hook")?;
+    require_json(&req, "an Azure DevOps service hook")?;
     let p: Value = serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
     let event_type = p["eventType"].as_str().ok_or_else(|| Error::Malformed("missing `eventType`".into()))?;
     match event_type {

@@ -14,7 +14,7 @@
 //! - Other event types, repositories no app takes, and tags that name no run → 202 ignored with
 //!   the reason; a body that is not Event Grid's JSON → 400. Nothing is published for those.
 
-use super::github_webhook::{ignored, publish_event, run_trace, strip_bom};
+use super::github_webhook::{ignored, publish_event, require_json, run_trace, strip_bom};
 use super::*;
 use crate::invoke::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
@@ -42,7 +42,7 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     if req.body.len() > state.config.max_body_bytes {
         return Err(Error::TooLarge(format!("the body is {} bytes; the limit is {}", req.body.len(), state.config.max_body_bytes)));
     }
-    super::github_webhook::require_json(&req, "Event Grid")?;
+    require_json(&req, "Event Grid")?;
     let body: Value = serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
     let events: Vec<Value> = match body {
         Value::Array(a) => a,

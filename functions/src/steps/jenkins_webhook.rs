@@ -11,7 +11,7 @@
 //! - Other phases, jobs no pipeline names, or builds without the parameter → 202 ignored with the
 //!   reason. A body that is not the plugin's JSON → 400.
 
-use super::github_webhook::{accepted, ignored, publish_event, run_trace, strip_bom};
+use super::github_webhook::{accepted, ignored, publish_event, require_json, run_trace, strip_bom};
 use super::*;
 use crate::invoke::{HttpRequest, HttpResponse};
 use serde_json::Value;
@@ -29,7 +29,7 @@ pub async fn handle(state: AppState, req: HttpRequest) -> Result<HttpResponse> {
     if req.body.len() > state.config.max_body_bytes {
         return Err(Error::TooLarge(format!("the body is {} bytes; the limit is {}", req.body.len(), state.config.max_body_bytes)));
     }
-    super::github_webhook::require_json(&req, "the Notification plugin")?;
+    require_json(&req, "the Notification plugin")?;
     let p: Value = serde_json::from_slice(strip_bom(&req.body)).map_err(|e| Error::Malformed(format!("the body is not JSON: {e}")))?;
     let b = &p["build"];
     let phase = s(b, &["phase"]).ok_or_else(|| Error::Malformed("no `build.phase`: not a Notification plugin message".into()))?;
