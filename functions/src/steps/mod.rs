@@ -219,9 +219,36 @@ pub async fn active_run(state: &AppState, ev: &DeployEvent) -> Result<std::resul
         return Err(Error::Malformed(format!("event for app `{}` names run `{}` of app `{}`", ev.data.app(), run.id, run.app)));
     }
     if run.status.is_final() {
-        return Ok(Err(format!("run `{}` already {}", run.id, run.status.as_str())));
+        let again = republish_pending(state, &run).await?;
+        let note = if again > 0 { format!(" (re-published the {again} messages its last step had committed)") } else { String::new() };
+        return Ok(Err(format!("run `{}` already {}{note}", run.id, run.status.as_str())));
     }
     Ok(Ok(run))
+}
+
+/// Publish what the run's committed steps have not published yet, and mark them published; how
+/// many messages. A step that ends a run commits the end and its `run.finished` together; if its
+/// invocation died before publishing, the redelivered message finds the run already final and
+/// never reaches that step's [`run_step`] — so the end is said here instead (same MessageIds:
+/// the broker drops what did go out).
+pub async fn republish_pending(state: &AppState, run: &Run) -> Result<usize> {
+    let mut keys: Vec<&str> = Vec::new();
+    for s in run.steps.iter().rev() {
+        if !keys.contains(&s.key.as_str()) {
+            keys.push(&s.key);
+        }
+    }
+    let mut sent = 0;
+    for key in keys {
+        if let Some(rec) = state.store.step(&run.id, key).await?
+            && !rec.published
+        {
+            publish_all(state, &rec.outbox).await?;
+            state.store.mark_published(&run.id, key).await?;
+            sent += rec.outbox.len();
+        }
+    }
+    Ok(sent)
 }
 
 pub fn app_of<'a>(state: &'a AppState, name: &str) -> Result<&'a App> {

@@ -1,0 +1,58 @@
+//! The step that ends a run commits the end and its `run.finished` together; when its invocation
+//! dies between the commit and the publish (found by the fault soak: a handler killed there), the
+//! redelivered message finds the run already final. It must still say the end — once — not drop it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use deploychain_functions::adapters::RunStatus;
+use serde_json::json;
+
+const POLICY: &str = r#"
+[[app]]
+name = "hello"
+source = { github = "Codertocat/Hello-World" }
+branches = ["master"]
+build = { provider = "github-actions", pipeline = "build.yml" }
+image = { source = "registry", destination = "ghcr.io/codertocat/hello-world" }
+[[app.stage]]
+name = "staging"
+target = "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/hello-staging"
+"#;
+
+#[tokio::test]
+async fn a_run_ended_by_a_step_that_died_before_publishing_is_said_to_end_on_redelivery_once() {
+    for (name, store) in stores() {
+        let mut h = Harness::with_policy(store, POLICY);
+        let commit = "d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0";
+        let run = push_master(&mut h, "Codertocat/Hello-World", commit).await;
+        // The build fails: its report is on the bus, not yet delivered.
+        let mut wr = fixture_json("github/workflow_run.completed.success.json");
+        wr["repository"]["full_name"] = json!("Codertocat/Hello-World");
+        wr["workflow_run"]["head_branch"] = json!("master");
+        wr["workflow_run"]["head_sha"] = json!(commit);
+        wr["workflow_run"]["path"] = json!(".github/workflows/build.yml");
+        wr["workflow_run"]["conclusion"] = json!("failure");
+        assert_eq!(h.github_signed("workflow_run", &serde_json::to_vec(&wr).unwrap()).await.0, 202, "{name}");
+        let completed = h.publisher.sent().into_iter().rfind(|m| m.subject == "dev.deploychain.build.completed.v1").unwrap();
+        let finished = |h: &Harness| h.publisher.sent().iter().filter(|m| m.message_id == format!("{run}.run-finished")).count();
+
+        // The step commits the run's end, then cannot publish (the invocation dies there).
+        h.publisher.set_down(true);
+        let (status, v) = h.deliver("on_build_completed", &completed, 1).await;
+        assert_ne!(status, 200, "{name}: the invocation fails: {v}");
+        assert_eq!(h.state.store.run(&run).await.unwrap().unwrap().status, RunStatus::Failed, "{name}: the end is committed");
+        assert_eq!(finished(&h), 0, "{name}: and not said");
+
+        // Redelivered: the run is final, and its end goes out now.
+        h.publisher.set_down(false);
+        let (status, v) = h.deliver("on_build_completed", &completed, 2).await;
+        assert_eq!(status, 200, "{name}: {v}");
+        assert_eq!(finished(&h), 1, "{name}: run.finished published on redelivery");
+        // Delivered once more (or any late message of the run): nothing again.
+        let (status, _) = h.deliver("on_build_completed", &completed, 3).await;
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(finished(&h), 1, "{name}: once");
+    }
+}
