@@ -116,6 +116,9 @@ pub struct ArmConfig {
     pub poll_interval: Duration,
     /// `DEPLOYCHAIN_HEALTH_TIMEOUT` (default 10m): how long a batch may take to become healthy.
     pub health_timeout: Duration,
+    /// `DEPLOYCHAIN_ARM_REQUEST_TIMEOUT` (default 60s): how long one ARM request may take before
+    /// it is given up and retried (the change may have landed: the next read decides).
+    pub request_timeout: Duration,
 }
 
 /// Where ARM tokens come from.
@@ -548,7 +551,8 @@ fn arm_config(get: &dyn Fn(&str) -> Option<String>, errs: &mut Vec<String>) -> A
     };
     let poll_interval = duration("DEPLOYCHAIN_ARM_POLL_INTERVAL", Duration::from_secs(5));
     let health_timeout = duration("DEPLOYCHAIN_HEALTH_TIMEOUT", Duration::from_secs(600));
-    ArmConfig { endpoint, credential, poll_interval, health_timeout }
+    let request_timeout = duration("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT", Duration::from_secs(60));
+    ArmConfig { endpoint, credential, poll_interval, health_timeout, request_timeout }
 }
 
 fn placeholder_url() -> url::Url {

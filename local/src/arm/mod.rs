@@ -106,6 +106,9 @@ pub enum FaultAction {
     Answer { status: u16, headers: Vec<(String, String)>, body: Value },
     /// Hold the answer this long first (a client timeout), then answer normally.
     Delay(Duration),
+    /// Do the request at once but hold its answer this long: a client that times out first never
+    /// learns that the change landed (the ambiguous outcome a retry must not repeat).
+    LateAnswer(Duration),
     /// Another writer changes the scale set (tag `owner`) just before this request: its ETag moves.
     ConcurrentWrite,
     /// Do the request, but its long-running operation ends `Failed` with this ARM error.
@@ -535,6 +538,11 @@ impl LocalArm {
 
     pub fn push_fault(&self, fault: Fault) {
         self.lock().faults.push_back(fault);
+    }
+
+    /// Faults pushed (or configured) that have not fired yet.
+    pub fn pending_faults(&self) -> usize {
+        self.lock().faults.len()
     }
 
     /// The next rolling upgrade of scale set `id` ends `Faulted` with this ARM error.

@@ -74,53 +74,60 @@ async fn handle(Ax(arm): Ax<LocalArm>, method: Method, uri: Uri, headers: Header
         if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "$invalid": true })) };
     let path = uri.path().to_string();
 
-    // A delay fault holds the answer without holding the endpoint.
-    let delay = {
+    // A delay fault holds the answer without holding the endpoint: before the request is done
+    // (`Delay`) or after (`LateAnswer`).
+    let (delay, late) = {
         let mut s = arm.lock();
-        take_fault(&mut s, method.as_str(), &path, |a| matches!(a, FaultAction::Delay(_))).and_then(|a| match a {
-            FaultAction::Delay(d) => Some(d),
-            _ => None,
-        })
+        match take_fault(&mut s, method.as_str(), &path, |a| matches!(a, FaultAction::Delay(_) | FaultAction::LateAnswer(_))) {
+            Some(FaultAction::Delay(d)) => (Some(d), None),
+            Some(FaultAction::LateAnswer(d)) => (None, Some(d)),
+            _ => (None, None),
+        }
     };
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
     }
 
-    let mut s = arm.lock();
-    let now = now_ms();
-    let authorized = header("authorization").is_some_and(|a| a.strip_prefix("Bearer ").is_some_and(|t| t == s.token));
-    let answer = if !authorized {
-        Answer::error(
-            401,
-            if header("authorization").is_some() { "InvalidAuthenticationToken" } else { "AuthenticationFailed" },
-            "Authentication failed. The 'Authorization' header is missing or its bearer token is not valid for this endpoint.",
-        )
-        .header("www-authenticate", "Bearer authorization_uri=\"https://login.microsoftonline.com/common\", error=\"invalid_token\"")
-    } else {
-        if s.world.advance(now) {
-            let _ = s.save();
+    let answer = {
+        let mut s = arm.lock();
+        let now = now_ms();
+        let authorized = header("authorization").is_some_and(|a| a.strip_prefix("Bearer ").is_some_and(|t| t == s.token));
+        let answer = if !authorized {
+            Answer::error(
+                401,
+                if header("authorization").is_some() { "InvalidAuthenticationToken" } else { "AuthenticationFailed" },
+                "Authentication failed. The 'Authorization' header is missing or its bearer token is not valid for this endpoint.",
+            )
+            .header("www-authenticate", "Bearer authorization_uri=\"https://login.microsoftonline.com/common\", error=\"invalid_token\"")
+        } else {
+            if s.world.advance(now) {
+                let _ = s.save();
+            }
+            answer(&mut s, &method, &uri, header("if-match"), &body, &base, now)
+        };
+        if let Some(line) = activity(&method, &path, &body, &answer) {
+            arm.tell(name_of(scale_set_key(&path).map(|k| k.0).unwrap_or_default().as_str()), line);
         }
-        answer(&mut s, &method, &uri, header("if-match"), &body, &base, now)
+        log_request(
+            &s.conn,
+            &Request {
+                seq: 0,
+                app: None,
+                at: chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
+                method: method.to_string(),
+                path: path.clone(),
+                query: uri.query().unwrap_or_default().to_string(),
+                if_match: header("if-match"),
+                authorized,
+                body,
+                status: answer.status,
+            },
+        );
+        answer
     };
-    if let Some(line) = activity(&method, &path, &body, &answer) {
-        arm.tell(name_of(scale_set_key(&path).map(|k| k.0).unwrap_or_default().as_str()), line);
+    if let Some(d) = late {
+        tokio::time::sleep(d).await;
     }
-    log_request(
-        &s.conn,
-        &Request {
-            seq: 0,
-            app: None,
-            at: chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
-            method: method.to_string(),
-            path: path.clone(),
-            query: uri.query().unwrap_or_default().to_string(),
-            if_match: header("if-match"),
-            authorized,
-            body,
-            status: answer.status,
-        },
-    );
-    drop(s);
     answer.into_response()
 }
 
@@ -162,7 +169,7 @@ fn answer(s: &mut State, method: &Method, uri: &Uri, if_match: Option<String>, b
     }
     let path = uri.path();
     let mut fail_with = None;
-    match take_fault(s, method.as_str(), path, |a| !matches!(a, FaultAction::Delay(_))) {
+    match take_fault(s, method.as_str(), path, |a| !matches!(a, FaultAction::Delay(_) | FaultAction::LateAnswer(_))) {
         Some(FaultAction::Answer { status, headers, body }) => return Answer { status, headers, body: (!body.is_null()).then_some(body) },
         Some(FaultAction::ConcurrentWrite) => {
             if let Some(ss) = scale_set_key(path).and_then(|(k, _)| s.world.scale_sets.get_mut(&k)) {
@@ -171,7 +178,7 @@ fn answer(s: &mut State, method: &Method, uri: &Uri, if_match: Option<String>, b
             }
         }
         Some(FaultAction::FailOperation(e)) => fail_with = Some(e),
-        Some(FaultAction::Delay(_)) | None => {}
+        Some(FaultAction::Delay(_) | FaultAction::LateAnswer(_)) | None => {}
     }
     if images {
         return super::images::answer(s, method, uri, body, base, now, fail_with);

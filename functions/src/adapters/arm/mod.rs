@@ -112,8 +112,12 @@ impl ArmCompute {
     /// The production wiring: options and credential from the app settings.
     pub fn from_config(c: &crate::config::ArmConfig) -> std::result::Result<ArmCompute, String> {
         let tokens = token_source(&c.credential)?;
-        let options =
-            ArmOptions { poll_interval: c.poll_interval, health_timeout: c.health_timeout, ..ArmOptions::new(c.endpoint.clone()) };
+        let options = ArmOptions {
+            poll_interval: c.poll_interval,
+            health_timeout: c.health_timeout,
+            request_timeout: c.request_timeout,
+            ..ArmOptions::new(c.endpoint.clone())
+        };
         ArmCompute::new(options, tokens)
     }
 }
@@ -121,7 +125,7 @@ impl ArmCompute {
 /// An ARM client from the settings (its own token cache), for the bake adapters.
 pub fn client_from_config(c: &crate::config::ArmConfig) -> std::result::Result<ArmClient, String> {
     let o = ArmOptions::new(c.endpoint.clone());
-    ArmClient::new(c.endpoint.clone(), token_source(&c.credential)?, o.retry, c.poll_interval, o.operation_timeout, o.request_timeout)
+    ArmClient::new(c.endpoint.clone(), token_source(&c.credential)?, o.retry, c.poll_interval, o.operation_timeout, c.request_timeout)
 }
 
 /// The token source a credential setting names (one per use: each caches its own scope).
