@@ -292,7 +292,7 @@ impl Stack {
             links: Default::default(),
             http: crate::client::http(),
         };
-        tasks.push(tokio::spawn(status.clone().collect_links(progress.subscribe())));
+        tasks.push(tokio::spawn(status.clone().collect_links(progress.subscribe(), stop_rx.clone())));
         let status_listener = bind(opts.status_port).await?;
         let status_addr = status_listener.local_addr()?;
         tasks.push(serve(status_listener, status.router(), stop_rx.clone()));
@@ -322,8 +322,10 @@ impl Stack {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         self.host.stop().await;
+        // One deadline for all of them, not one each.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         for t in self.tasks {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+            let _ = tokio::time::timeout_at(deadline, t).await;
         }
         self.arm.flush();
     }

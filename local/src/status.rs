@@ -33,9 +33,14 @@ impl StatusPage {
     }
 
     /// Keep the links the notify webhook receives (the local stack is the approvers' inbox).
-    pub async fn collect_links(self, mut rx: broadcast::Receiver<Progress>) {
+    /// Keep the approval links the progress view passes on, until the stack stops.
+    pub async fn collect_links(self, mut rx: broadcast::Receiver<Progress>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            match rx.recv().await {
+            let got = tokio::select! {
+                got = rx.recv() => got,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match got {
                 Ok(Progress::Approval { run, approver, link }) => {
                     if let Ok(mut m) = self.links.lock() {
                         m.insert((run, approver), link);

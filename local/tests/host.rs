@@ -1073,6 +1073,41 @@ async fn the_front_door_refuses_what_the_hosts_web_server_refuses_and_invokes_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_whose_headers_never_end_is_cut_off_after_the_headers_timeout_and_invokes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = AppRoot::new("slowloris", json!({}));
+    app.http_function("upload", Some("upload"), &["post"], "anonymous");
+    let r = Running::start(&app, Topology::new("local")).await;
+    let addr = r.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(format!("POST /api/upload HTTP/1.1\r\nHost: {addr}\r\n").as_bytes()).await.unwrap();
+    // A header line every two seconds, never the blank line that ends them.
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let mut i = 0;
+    let closed = loop {
+        tokio::select! {
+            n = tcp.read(&mut buf) => break n.unwrap_or(0),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                assert!(started.elapsed() < Duration::from_secs(60), "the slow headers were never cut off");
+                i += 1;
+                if tcp.write_all(format!("X-Slow-{i}: a\r\n").as_bytes()).await.is_err() {
+                    break 0;
+                }
+            }
+        }
+    };
+    assert_eq!(closed, 0, "the connection is closed, not answered: {:?}", String::from_utf8_lossy(&buf));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(29) && took < Duration::from_secs(40), "cut off after {took:?}, not the 30 s headers timeout");
+    assert!(app.starts("upload").is_empty(), "{:?}", app.starts("upload"));
+    // The front door still serves everyone else.
+    let ok = r.http.post(r.url("/api/upload")).header("content-type", "application/json").body("{}").send().await.unwrap();
+    assert_eq!(ok.status(), 201);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_sessions_bounds_how_many_sessions_run_at_once() {
     // One session at a time: sessions A and B never overlap, though nothing orders them.
     let app = AppRoot::new("max-sessions", json!({ "extensions": { "serviceBus": { "maxConcurrentSessions": 1 } } }));

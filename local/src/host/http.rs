@@ -6,7 +6,8 @@
 //! Before any of that, the limits the Functions host's web server (Kestrel) applies in Azure, so
 //! that what the handler is tested behind locally refuses what Azure refuses ([`Limits`]): a URL
 //! over 4 KiB → 414; over 100 headers or 32 KiB of them → 431; a body over 100 MB → 413; a body
-//! that arrives slower than 240 bytes a second after a 5 s grace → 408.
+//! that arrives slower than 240 bytes a second after a 5 s grace → 408; request headers not
+//! complete within 30 s (Kestrel's `RequestHeadersTimeout`) → the connection is closed ([`serve`]).
 
 use super::app::{AuthLevel, FunctionApp, HttpTrigger, Trigger};
 use super::envelope::{HttpInput, check_answer, http_envelope, http_output};
@@ -118,6 +119,50 @@ impl Default for Limits {
             body_grace: std::time::Duration::from_secs(5),
         }
     }
+}
+
+/// How long a client may take to send a request's line and headers (Kestrel's
+/// `RequestHeadersTimeout`): a slowloris sending a header line now and then is cut off.
+pub const HEADERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serve the front door on `listener` until `stop` turns true, then let open requests finish
+/// (up to the host's drain). Its own accept loop rather than `axum::serve`, which sets no timer
+/// and so no header-read timeout: a connection whose headers are not complete within
+/// `headers_timeout` is closed, having invoked nothing.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    headers_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(headers_timeout);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before it was accepted: go on.
+                tracing::warn!(target: "host", "front door accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(target: "host", "front door connection ended: {e}");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(super::DRAIN, graceful.shutdown()).await;
 }
 
 pub struct FrontDoor {

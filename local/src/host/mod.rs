@@ -17,6 +17,9 @@ use std::net::SocketAddr;
 use tokio::sync::watch;
 use worker::Worker;
 
+/// How long a stopping host lets in-flight invocations finish.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct LocalHost {
     pub app: FunctionApp,
     pub worker: Worker,
@@ -65,15 +68,7 @@ impl LocalHost {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let router = http::FrontDoor::new(&app, worker.clone(), keys, broker.clone()).router();
-        let mut http_stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(http, router).with_graceful_shutdown(shutdown).await {
-                tracing::error!(target: "host", "front door stopped: {e}");
-            }
-        }));
+        tasks.push(tokio::spawn(http::serve(http, router, stop_rx.clone(), http::HEADERS_TIMEOUT)));
         for f in &app.functions {
             if let Trigger::Timer(t) = &f.trigger {
                 tasks.push(tokio::spawn(timer::run(f.name.clone(), t.clone(), worker.clone(), app.host.function_timeout, stop_rx.clone())));
@@ -105,11 +100,13 @@ impl LocalHost {
         self.worker.log()
     }
 
-    /// Stop receiving, let in-flight invocations settle, then stop the handler.
+    /// Stop receiving, let in-flight invocations settle (up to [`DRAIN`] in all), then stop the
+    /// handler: what is still in flight then fails and its messages come back.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + DRAIN;
         for t in self.tasks {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+            let _ = tokio::time::timeout_at(deadline, t).await;
         }
         self.worker.shutdown();
     }
