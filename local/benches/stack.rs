@@ -31,8 +31,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
@@ -105,8 +105,15 @@ const SUB: &str = "/subscriptions/00000000-0000-0000-0000-000000000000";
 
 /// `apps` GitHub apps, each baked by VM Image Builder and deployed to staging then production.
 fn policy(apps: usize, approval: bool) -> String {
+    policy_with(apps, if approval { 1 } else { 0 }, "24h")
+}
+
+/// As [`policy`], production approved by alice in every `approval_every`-th app (none for 0),
+/// each approval expiring after `expires`.
+fn policy_with(apps: usize, approval_every: usize, expires: &str) -> String {
     let mut p = String::new();
     for i in 0..apps {
+        let approval = approval_every > 0 && i % approval_every == 0;
         let name = format!("app{i:03}");
         p.push_str(&format!(
             r#"
@@ -125,7 +132,7 @@ name = "production"
 target = "{SUB}/resourceGroups/rg-{name}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}-prod"
 {}
 "#,
-            if approval { r#"approval = { approvers = ["alice@contoso.com"], expires_after = "24h" }"# } else { "" }
+            if approval { format!(r#"approval = {{ approvers = ["alice@contoso.com"], expires_after = "{expires}" }}"#) } else { String::new() }
         ));
     }
     p
@@ -791,6 +798,522 @@ async fn replay(letters: usize) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fault soak
+
+/// xorshift64*: the soak's one source of chance, seeded (and printed) so a failing soak replays.
+#[derive(Clone)]
+struct Chance(u64);
+
+impl Chance {
+    fn new(seed: u64) -> Chance {
+        Chance(seed.max(1))
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn odds(&mut self, p: f64) -> bool {
+        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        lo + Duration::from_millis(self.below(hi.saturating_sub(lo).as_millis() as u64 + 1))
+    }
+}
+
+/// The soak's size and how hard it shakes the stack.
+struct SoakPlan {
+    apps: usize,
+    /// Chain events to publish (new runs start until the topic carried this many).
+    events: u64,
+    /// Bus restarts (the whole stack stopped and started again on its data directory), spread
+    /// evenly over the events.
+    restarts: usize,
+    /// Pause between handler kills (SIGKILL), drawn between these.
+    kill_every: (Duration, Duration),
+    /// Pause between injected ARM faults.
+    fault_every: (Duration, Duration),
+    /// Pause between duplicated deliveries (copies of published events under new MessageIds).
+    duplicate_every: (Duration, Duration),
+    /// Messages that are not chain events, put on the topic.
+    poison: usize,
+}
+
+/// What the soak did, counted as it went.
+#[derive(Default)]
+struct SoakCounts {
+    kills: AtomicU64,
+    restarts: AtomicU64,
+    handler_restarts: AtomicU64,
+    faults_pushed: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    faults_fired: AtomicU64,
+    duplicates: AtomicU64,
+    redeliveries: AtomicU64,
+    push_retries: AtomicU64,
+    approvals: AtomicU64,
+    /// Per bus restart: how long the stack took to stop, and to be back.
+    downtime: Mutex<Vec<(Duration, Duration)>>,
+}
+
+const TOPIC: &str = "deploychain-events";
+const SOAK_MARK: &str = "soak-";
+
+fn audit() -> EntityPath {
+    "deploychain-events/subscriptions/audit".parse().unwrap()
+}
+
+/// POST the push until the front door accepts it (a restart or a kill may be under way: a
+/// sender retries, as GitHub redelivers); anything but 202 or "unavailable" is a failure.
+async fn push_until_accepted(base: &str, secrets: &deploychain::secrets::Secrets, body: &[u8], counts: &SoakCounts) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        match client::send_github(base, secrets, "push", body).await {
+            Ok((202, text)) => return serde_json::from_str::<Value>(&text).unwrap()["run"].as_str().unwrap().to_string(),
+            Ok((status, text)) if status < 500 => panic!("a push was refused: {status} {text}"),
+            Ok(_) | Err(_) => {}
+        }
+        counts.push_retries.fetch_add(1, Ordering::Relaxed);
+        assert!(Instant::now() < deadline, "the front door did not accept a push for three minutes");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// One app's developer: push a commit, wait for its run to end, push the next, until the topic
+/// carried the plan's events. Sometimes the webhook is delivered twice.
+#[allow(clippy::too_many_arguments)]
+async fn developer(
+    app: usize,
+    base: String,
+    secrets: deploychain::secrets::Secrets,
+    policy_path: PathBuf,
+    store: Arc<SqliteStore>,
+    events: Arc<AtomicU64>,
+    target: u64,
+    counts: Arc<SoakCounts>,
+    accepted: Arc<Mutex<Vec<String>>>,
+    mut chance: Chance,
+) {
+    // Start at different moments, as developers do.
+    tokio::time::sleep(chance.between(Duration::ZERO, Duration::from_millis(2000))).await;
+    while events.load(Ordering::Relaxed) < target {
+        let body = push_of(&policy_path, app);
+        let run = push_until_accepted(&base, &secrets, &body, &counts).await;
+        accepted.lock().unwrap().push(run.clone());
+        if chance.odds(0.15) {
+            // GitHub's redelivery: the same delivery again is the same run, not a second one.
+            let again = push_until_accepted(&base, &secrets, &body, &counts).await;
+            assert_eq!(again, run, "a redelivered push is the same run");
+            counts.redeliveries.fetch_add(1, Ordering::Relaxed);
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok(Some(r)) = store.run(&run).await
+                && r.status.is_final()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "run {run} did not end within ten minutes");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// Approve every approval link the stack's progress view passes on (retrying through kills and
+/// restarts; a link that decides nothing any more — expired, decided — is left).
+fn approver(stack: &Stack, counts: Arc<SoakCounts>) -> tokio::task::JoinHandle<()> {
+    let (_seen, mut rx) = follow(stack);
+    tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            let Progress::Approval { link, .. } = p else { continue };
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(180);
+                while Instant::now() < deadline {
+                    match client::decide(&link, "approve", Some("soak")).await {
+                        Ok((200, _)) => {
+                            counts.approvals.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok((s, _)) if s < 500 && s != 429 => return,
+                        _ => tokio::time::sleep(Duration::from_millis(300)).await,
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// One ARM fault on a random app's staging or production scale set.
+fn arm_fault(chance: &mut Chance, apps: usize, request_timeout: Duration) -> (&'static str, deploychain::arm::Fault) {
+    use deploychain::arm::{Fault, FaultAction};
+    let app = chance.below(apps as u64);
+    let stage = if chance.odds(0.5) { "staging" } else { "prod" };
+    let ss = format!("/app{app:03}-{stage}");
+    let late = request_timeout + Duration::from_millis(500);
+    match chance.below(10) {
+        0..=2 => ("429 Too Many Requests", Fault::error("PATCH", &ss, 429, "TooManyRequests", "throttled").with_header("retry-after", "1")),
+        3..=4 => ("500 Internal Server Error", Fault::error("GET", &ss, 500, "InternalServerError", "try again").times(2)),
+        5 => ("503 on the instance list", Fault::error("GET", &format!("{ss}/virtualMachines"), 503, "ServiceUnavailable", "busy")),
+        6 => ("timeout before the request", Fault::new("GET", &ss, FaultAction::Delay(late))),
+        7..=8 => ("timeout after the update landed", Fault::new("PATCH", &ss, FaultAction::LateAnswer(late))),
+        _ => (
+            "failed long-running operation",
+            Fault::new(
+                "PATCH",
+                &ss,
+                FaultAction::FailOperation(serde_json::json!({ "code": "AllocationFailed", "message": "Allocation failed (soak)." })),
+            ),
+        ),
+    }
+}
+
+/// Copies of `n` events published earlier, sent again under new MessageIds (past the bus's
+/// duplicate detection): at-least-once delivery at its worst.
+async fn duplicate_deliveries(stack: &Stack, chance: &mut Chance, n: usize, made: &AtomicU64) {
+    let published = stack.broker.count(&audit()).await.map(|c| c.active).unwrap_or(0);
+    if published == 0 {
+        return;
+    }
+    let from = chance.below(published) as i64;
+    let Ok(msgs) = stack.broker.peek(&audit(), from, n * 3).await else { return };
+    for m in msgs.into_iter().filter(|m| !m.message_id.starts_with(SOAK_MARK)).take(n) {
+        let i = made.fetch_add(1, Ordering::Relaxed);
+        let copy = NewMessage {
+            body: m.body,
+            message_id: Some(format!("{SOAK_MARK}dup-{i}.{}", m.message_id)),
+            session_id: m.session_id,
+            label: m.label,
+            content_type: m.content_type,
+            correlation_id: m.correlation_id,
+            properties: m.properties,
+            ..Default::default()
+        };
+        let _ = stack.broker.send(TOPIC, copy).await;
+    }
+}
+
+/// True poison: messages on the push subscription's label that are not chain events.
+async fn send_poison(stack: &Stack, i: usize) {
+    let body: &[u8] = match i % 3 {
+        0 => b"{\"specversion\":\"1.0\",\"truncated",
+        1 => br#"{"specversion":"1.0","id":"x","source":"/soak","type":"dev.deploychain.push.v1","data":{"app":42}}"#,
+        _ => b"\xff\xfe not even UTF-8",
+    };
+    let m = NewMessage {
+        body: body.to_vec(),
+        message_id: Some(format!("{SOAK_MARK}poison-{i}")),
+        session_id: Some("app000".into()),
+        label: Some("dev.deploychain.push.v1".into()),
+        ..Default::default()
+    };
+    stack.broker.send(TOPIC, m).await.unwrap();
+}
+
+/// Chain events on the topic so far: everything the audit subscription holds but the soak's own
+/// copies and poison (read on the soak's clock, so lagging a little).
+async fn chain_events(stack: &Stack, injected: u64) -> u64 {
+    stack.broker.count(&audit()).await.map(|c| c.active.saturating_sub(injected)).unwrap_or(0)
+}
+
+/// Every message in `path`, oldest first.
+async fn peek_all(broker: &Broker, path: &EntityPath) -> Vec<deploychain_bus::Message> {
+    let mut out: Vec<deploychain_bus::Message> = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = broker.peek(path, from, 1000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.sequence_number + 1;
+        out.extend(page);
+    }
+    out
+}
+
+/// The soak: the plan run once calm (no faults: the baseline) and once under faults, on the same
+/// machine, each checked the same way.
+async fn soak(plan: SoakPlan) {
+    let seed = std::env::var("DEPLOYCHAIN_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    println!("soak: {} apps, runs started until the topic carried {} chain events (seed {seed}):", plan.apps, plan.events);
+    let (calm_events, calm_secs) = soak_run(&plan, seed, false).await;
+    let (events, secs) = soak_run(&plan, seed, true).await;
+    println!(
+        "  under faults: {:.0} events/s against {:.0} calm ({:.2}× the calm rate)",
+        events as f64 / secs,
+        calm_events as f64 / calm_secs,
+        (events as f64 / secs) / (calm_events as f64 / calm_secs)
+    );
+}
+
+/// One pass of the plan, with the faults (`chaos`) or without; its chain events and seconds.
+async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
+    let mut chance = Chance::new(seed);
+    let request_timeout = Duration::from_millis(1000);
+    let mut opts = options(if chaos { "soak" } else { "soak-calm" }, &policy_with(plan.apps, 3, "3m"));
+    // Fixed ports: the stack comes back where senders and approval links expect it.
+    (opts.http_port, opts.bus_port, opts.arm_port, opts.status_port) = (free_port(), free_port(), free_port(), free_port());
+    opts.arm.health_timeout = Duration::from_secs(60);
+    opts.extra_settings.push(("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT".into(), format!("{}ms", request_timeout.as_millis())));
+    let policy_path = opts.data_dir.join("policy.toml");
+    let mut stack = Stack::start(opts.clone()).await.unwrap();
+    let base = format!("http://{}", stack.http_addr);
+    let store = Arc::new(SqliteStore::open(&stack.data_dir.join("state").join("state.sqlite")).unwrap());
+    let counts = Arc::new(SoakCounts::default());
+    let events = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let developers: Vec<_> = (0..plan.apps)
+        .map(|a| {
+            tokio::spawn(developer(
+                a,
+                base.clone(),
+                stack.secrets.clone(),
+                policy_path.clone(),
+                store.clone(),
+                events.clone(),
+                plan.events,
+                counts.clone(),
+                accepted.clone(),
+                Chance::new(seed ^ (a as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            ))
+        })
+        .collect();
+    let mut approvals = approver(&stack, counts.clone());
+    let (mut next_kill, mut next_fault, mut next_dup) = (
+        Instant::now() + chance.between(plan.kill_every.0, plan.kill_every.1),
+        Instant::now() + chance.between(plan.fault_every.0, plan.fault_every.1),
+        Instant::now() + chance.between(plan.duplicate_every.0, plan.duplicate_every.1),
+    );
+    let (mut pushed_here, mut poison_sent) = (0u64, 0usize);
+    let injected = |c: &SoakCounts, poison: usize| c.duplicates.load(Ordering::Relaxed) + poison as u64;
+    while developers.iter().any(|d| !d.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = chain_events(&stack, injected(&counts, poison_sent)).await;
+        events.store(seen, Ordering::Relaxed);
+        let now = Instant::now();
+        if chaos && now >= next_kill && seen < plan.events {
+            if let Some(live) = stack.host.worker.live(Duration::from_millis(200)).await {
+                let _ = std::process::Command::new("kill").args(["-9", &live.pid.to_string()]).status();
+                counts.kills.fetch_add(1, Ordering::Relaxed);
+            }
+            next_kill = now + chance.between(plan.kill_every.0, plan.kill_every.1);
+        }
+        if chaos && now >= next_fault && seen < plan.events {
+            let (kind, fault) = arm_fault(&mut chance, plan.apps, request_timeout);
+            stack.arm.push_fault(fault);
+            *counts.faults_pushed.lock().unwrap().entry(kind).or_default() += 1;
+            pushed_here += 1;
+            next_fault = now + chance.between(plan.fault_every.0, plan.fault_every.1);
+        }
+        if chaos && now >= next_dup && seen < plan.events {
+            let n = 1 + chance.below(3) as usize;
+            duplicate_deliveries(&stack, &mut chance, n, &counts.duplicates).await;
+            next_dup = now + chance.between(plan.duplicate_every.0, plan.duplicate_every.1);
+        }
+        if chaos && poison_sent < plan.poison && seen >= plan.events * (poison_sent as u64 + 1) / (plan.poison as u64 + 1) {
+            send_poison(&stack, poison_sent).await;
+            poison_sent += 1;
+        }
+        let restarts = counts.restarts.load(Ordering::Relaxed) as usize;
+        if chaos && restarts < plan.restarts && seen >= plan.events * (restarts as u64 + 1) / (plan.restarts as u64 + 1) {
+            counts.faults_fired.fetch_add(pushed_here - stack.arm.pending_faults() as u64, Ordering::Relaxed);
+            counts.handler_restarts.fetch_add(u64::from(stack.host.worker.restarts()), Ordering::Relaxed);
+            pushed_here = 0;
+            approvals.abort();
+            let down = Instant::now();
+            stack.stop().await;
+            let stopped = down.elapsed();
+            // The bus is down for a moment: senders and the approvers retry.
+            tokio::time::sleep(chance.between(Duration::from_millis(200), Duration::from_millis(1500))).await;
+            stack = loop {
+                match Stack::start(opts.clone()).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        eprintln!("(the stack did not start again yet: {e:#})");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            };
+            approvals = approver(&stack, counts.clone());
+            counts.restarts.fetch_add(1, Ordering::Relaxed);
+            counts.downtime.lock().unwrap().push((stopped, down.elapsed()));
+        }
+    }
+    for d in developers {
+        d.await.unwrap();
+    }
+    let ran = start.elapsed();
+    counts.faults_fired.fetch_add(pushed_here - stack.arm.pending_faults() as u64, Ordering::Relaxed);
+    counts.handler_restarts.fetch_add(u64::from(stack.host.worker.restarts()), Ordering::Relaxed);
+
+    // Everything settles: nothing receivable or locked on any subscription the chain reads.
+    let topology = deploychain::stack::topology(&repo()).unwrap();
+    let subscriptions: Vec<EntityPath> = topology.topics[0]
+        .subscriptions
+        .iter()
+        .filter(|s| s.name != "audit")
+        .map(|s| format!("{TOPIC}/subscriptions/{}", s.name).parse().unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let scheduled = loop {
+        let mut left = Vec::new();
+        let mut scheduled = 0;
+        for p in &subscriptions {
+            let c = stack.broker.count(p).await.unwrap();
+            scheduled += c.scheduled;
+            if c.active + c.locked > 0 {
+                left.push(format!("{p}: {c:?}"));
+            }
+        }
+        if left.is_empty() {
+            break scheduled;
+        }
+        assert!(Instant::now() < deadline, "not settled: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Every accepted push is a run that ended, and its end is on the topic.
+    let accepted = accepted.lock().unwrap().clone();
+    let topic_log = peek_all(&stack.broker, &audit()).await;
+    let ids: std::collections::HashSet<&str> = topic_log.iter().map(|m| m.message_id.as_str()).collect();
+    let mut statuses: std::collections::BTreeMap<&'static str, usize> = Default::default();
+    let mut lost = Vec::new();
+    for run in &accepted {
+        match store.run(run).await.unwrap() {
+            Some(r) if r.status.is_final() && ids.contains(format!("{run}.run-finished").as_str()) => {
+                *statuses.entry(r.status.as_str()).or_default() += 1
+            }
+            other => lost.push(format!("{run}: {:?}", other.map(|r| r.status))),
+        }
+    }
+    let chain_events = topic_log.iter().filter(|m| !m.message_id.starts_with(SOAK_MARK)).count();
+
+    // Step effects: each run's model update of each stage at most once (its rollback, at most once).
+    let mut effects: HashMap<(String, String, bool), usize> = HashMap::new();
+    for r in stack.arm.requests().iter().filter(|r| r.method == "PATCH" && r.status < 300) {
+        let tags = &r.body["tags"];
+        let (run, rollback) = match tags["deploychain.rolledback"].as_str() {
+            Some(by) => (by.to_string(), true),
+            None => (tags["deploychain.run"].as_str().unwrap_or_default().to_string(), false),
+        };
+        *effects.entry((r.path.to_ascii_lowercase(), run, rollback)).or_default() += 1;
+    }
+    let doubles: Vec<_> = effects.iter().filter(|(_, n)| **n > 1).map(|(k, n)| format!("{k:?} ×{n}")).collect();
+    let mut missing = Vec::new();
+    for run in &accepted {
+        if let Some(r) = store.run(run).await.unwrap()
+            && r.status == RunStatus::Succeeded
+        {
+            let app = &r.app;
+            for stage in ["staging", "prod"] {
+                let key = (
+                    format!("{SUB}/resourceGroups/rg-{app}/providers/Microsoft.Compute/virtualMachineScaleSets/{app}-{stage}")
+                        .to_ascii_lowercase(),
+                    run.clone(),
+                    false,
+                );
+                if effects.get(&key).copied().unwrap_or(0) != 1 {
+                    missing.push(format!("{run} {stage}"));
+                }
+            }
+        }
+    }
+
+    // The dead letters and the parking queue hold the poison, all of it, each with its reason, and nothing else.
+    let mut set_aside = Vec::new();
+    for p in subscriptions.iter().chain(std::iter::once(&audit())) {
+        for m in peek_all(&stack.broker, &p.dead_letter_queue()).await {
+            set_aside.push((format!("{p} dead letter"), m.message_id.clone(), m.dead_letter_reason().map(str::to_string)));
+        }
+    }
+    for m in peek_all(&stack.broker, &"deploychain-parked".parse().unwrap()).await {
+        let prop = |k: &str| m.properties.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).and_then(|(_, v)| v.as_str()).map(str::to_string);
+        set_aside.push(("parked".into(), prop("OriginalMessageId").unwrap_or_default(), prop("DeadLetterReason")));
+    }
+    let not_poison: Vec<_> = set_aside.iter().filter(|(_, id, _)| !id.starts_with(&format!("{SOAK_MARK}poison-"))).collect();
+    let no_reason: Vec<_> = set_aside.iter().filter(|(_, _, r)| r.as_deref().unwrap_or_default().is_empty()).collect();
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, _, r) in &set_aside {
+        *reasons.entry(r.clone().unwrap_or_default()).or_default() += 1;
+    }
+    let poison_found: std::collections::HashSet<&str> = set_aside.iter().map(|(_, id, _)| id.as_str()).collect();
+    let poison_lost: Vec<String> =
+        (0..poison_sent).map(|i| format!("{SOAK_MARK}poison-{i}")).filter(|id| !poison_found.contains(id.as_str())).collect();
+    let counts_now = stack.host.invocations();
+    let invoked: u64 = counts_now.values().map(|c| c.answered + c.failed).sum();
+    let dir = stack.data_dir.clone();
+    approvals.abort();
+    stack.stop().await;
+
+    let secs = ran.as_secs_f64();
+    let c = &counts;
+    let faults = c.faults_pushed.lock().unwrap().clone();
+    let pushed: u64 = faults.values().sum();
+    let summary = format!(
+        "  {}: {chain_events} chain events, {} runs accepted in {secs:.1} s ({:.0} events/s; {invoked} handler invocations since the last start)",
+        if chaos { "under faults" } else { "calm (the baseline)" },
+        accepted.len(),
+        chain_events as f64 / secs
+    );
+    println!("{summary}");
+    println!("    runs by how they ended: {}", statuses.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "    lost {} (accepted pushes whose run did not end), double effects {} (model updates of a stage for one run beyond the first), \
+         succeeded runs without their two model updates {}",
+        lost.len(),
+        doubles.len(),
+        missing.len()
+    );
+    if chaos {
+        println!(
+            "    faults: {} handler SIGKILLs ({} handler restarts), {} bus restarts (down {}), {} ARM faults injected ({} fired: {}), \
+         {} duplicated deliveries, {} redelivered webhooks, {} pushes retried, {} poison messages",
+            c.kills.load(Ordering::Relaxed),
+            c.handler_restarts.load(Ordering::Relaxed),
+            c.restarts.load(Ordering::Relaxed),
+            c.downtime
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(stop, back)| format!("{:.1} s, {:.1} s of it stopping", back.as_secs_f64(), stop.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join("; "),
+            pushed,
+            c.faults_fired.load(Ordering::Relaxed),
+            faults.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
+            c.duplicates.load(Ordering::Relaxed),
+            c.redeliveries.load(Ordering::Relaxed),
+            c.push_retries.load(Ordering::Relaxed),
+            poison_sent
+        );
+        println!(
+            "    set aside: {} ({}), of them not poison {}; poison not set aside {}; {} approvals given; {scheduled} scheduled messages left (approval reminders and expiries)",
+            set_aside.len(),
+            reasons.iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", "),
+            not_poison.len(),
+            poison_lost.len(),
+            c.approvals.load(Ordering::Relaxed)
+        );
+    }
+    assert!(lost.is_empty(), "accepted pushes whose run did not end: {lost:?}");
+    assert!(doubles.is_empty(), "step effects repeated: {doubles:?}");
+    assert!(missing.is_empty(), "succeeded runs without exactly one model update per stage: {missing:?}");
+    assert!(not_poison.is_empty(), "set aside but not poison: {not_poison:?}");
+    assert!(no_reason.is_empty(), "set aside without a reason: {no_reason:?}");
+    assert!(poison_lost.is_empty(), "poison not set aside: {poison_lost:?}");
+    assert!(chain_events as u64 >= plan.events, "the topic carried {chain_events} chain events, fewer than {}", plan.events);
+    let _ = std::fs::remove_dir_all(&dir);
+    (chain_events, secs)
+}
+
 fn main() {
     if let Ok(port) = std::env::var(NOOP_ENV) {
         noop_server(port.parse().unwrap());
@@ -798,7 +1321,7 @@ fn main() {
     }
     let full = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let parts = ["cold-start", "chain", "throughput", "replay"];
+    let parts = ["cold-start", "chain", "throughput", "replay", "soak"];
     let named: Vec<&str> = args.iter().map(String::as_str).filter(|a| parts.contains(a)).collect();
     let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let num = |i: usize, full_default: usize, smoke: usize| nums.get(i).copied().unwrap_or(if full { full_default } else { smoke });
@@ -815,5 +1338,31 @@ fn main() {
     }
     if wanted("replay") {
         rt.block_on(replay(num(0, 10_000, 50)));
+    }
+    if wanted("soak") {
+        let ms = Duration::from_millis;
+        let plan = if full {
+            SoakPlan {
+                apps: num(0, 200, 200),
+                events: num(1, 10_000, 10_000) as u64,
+                restarts: 2,
+                kill_every: (ms(2000), ms(6000)),
+                fault_every: (ms(100), ms(500)),
+                duplicate_every: (ms(50), ms(300)),
+                poison: 10,
+            }
+        } else {
+            // The short profile CI runs: every kind of fault, a few times.
+            SoakPlan {
+                apps: num(0, 12, 12),
+                events: num(1, 400, 400) as u64,
+                restarts: 1,
+                kill_every: (ms(1500), ms(4000)),
+                fault_every: (ms(150), ms(500)),
+                duplicate_every: (ms(100), ms(400)),
+                poison: 3,
+            }
+        };
+        rt.block_on(soak(plan));
     }
 }
