@@ -56,3 +56,66 @@ async fn a_run_ended_by_a_step_that_died_before_publishing_is_said_to_end_on_red
         assert_eq!(finished(&h), 1, "{name}: once");
     }
 }
+
+/// The step that asks for approval notifies the approvers, then commits the run's wait; a handler
+/// that dies in between commits it on the redelivery — and a quick approver may decide before
+/// that (found by the fault soak: the decision was parked and the run waited for ever). The early
+/// decision is looked at again later, a bounded number of times, then parked.
+#[tokio::test]
+async fn a_decision_that_comes_before_its_runs_wait_is_committed_is_looked_at_again_then_parked() {
+    use deploychain_events::{ApprovalDecided, Decision, EventData, ImageKind, ImageRef};
+    use deploychain_functions::steps::on_approval::{EARLY_PROPERTY, EARLY_RETRIES};
+    use deploychain_functions::steps::{RunRef, emit};
+    let policy = format!(
+        "{POLICY}[[app.stage]]\nname = \"production\"\ntarget = \"/subscriptions/0/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/hello-prod\"\napproval = {{ approvers = [\"alice@example.com\"] }}\n"
+    );
+    for (name, store) in stores() {
+        let mut h = Harness::with_policy(store, &policy);
+        let commit = "a1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0";
+        let run = push_master(&mut h, "Codertocat/Hello-World", commit).await;
+        // The run has no image yet (its wait not committed): a decision for it arrives.
+        let image =
+            ImageRef { kind: ImageKind::Container, id: "ghcr.io/codertocat/hello-world@sha256:ab".into(), version: None, digest: None };
+        let decided = EventData::ApprovalDecided(ApprovalDecided {
+            app: "hello".into(),
+            stage: "production".into(),
+            approval_id: format!("{run}.production"),
+            image,
+            commit: commit.into(),
+            decision: Decision::Approved,
+            decided_by: vec!["alice@example.com".into()],
+            comment: None,
+        });
+        let (ev, first) =
+            emit(&h.state, &RunRef { id: run.clone(), traceparent: None }, "approval-decided.production", "approval", decided);
+        let mut msg = first.clone();
+        for look in 1..=EARLY_RETRIES {
+            let before = h.publisher.sent().len();
+            let (status, v) = h.deliver("on_approval", &msg, 1).await;
+            assert_eq!(status, 200, "{name}: {v}");
+            let sent = h.publisher.sent();
+            assert_eq!(sent.len(), before + 1, "{name}: one look scheduled: {v}");
+            let again = sent.last().unwrap().clone();
+            assert_eq!(again.message_id, format!("{}.early-{look}", ev.id), "{name}");
+            assert_eq!(again.properties.get(EARLY_PROPERTY).map(String::as_str), Some(look.to_string().as_str()), "{name}");
+            assert_eq!(again.session_id, first.session_id, "{name}: in the stage's session");
+            let wait = again.scheduled_at.unwrap() - chrono::Utc::now();
+            let expected = (5i64 << (look - 1).min(16)).min(60);
+            assert!((expected - 1..=expected).contains(&wait.num_seconds()), "{name}: look {look} after {wait}, not {expected} s");
+            assert!(h.publisher.parked().is_empty(), "{name}: not parked while it is looked at again");
+            msg = again;
+        }
+        // Its looks spent: parked, with the reason, for an operator to replay.
+        let (status, _) = h.deliver("on_approval", &msg, 1).await;
+        assert_eq!(status, 200, "{name}");
+        let parked = h.publisher.parked();
+        assert_eq!(parked.len(), 1, "{name}");
+        assert_eq!(parked[0].reason, "Refused", "{name}");
+        assert!(
+            parked[0].description.contains("no image yet") && parked[0].description.contains("looked again 10 times"),
+            "{name}: {}",
+            parked[0].description
+        );
+        assert_eq!(h.state.store.run(&run).await.unwrap().unwrap().status, RunStatus::Running, "{name}: the run is untouched");
+    }
+}

@@ -33,7 +33,10 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
         Some(img) => {
             return Err(Error::Refused(format!("the approval is for image {} but run {} deploys {}", decided.image.id, run.id, img.id)));
         }
-        None => return Err(Error::Refused(format!("run {} has no image yet", run.id))),
+        // The step that asks for approval notifies the approvers and then commits the run's wait;
+        // a handler that dies in between commits it on the redelivery, and a quick approver can
+        // decide before that. The decision is not wrong, only early: look again shortly.
+        None => return early(&state, &ev, &msg, format!("run {} has no image yet", run.id)).await,
     }
     // A human decision must match the approval record the votes made; a policy decision needs a
     // stage without an approval rule.
@@ -78,6 +81,38 @@ pub async fn handle(state: AppState, msg: BusMessage) -> Result<String> {
     })
     .await?;
     Ok(done.describe())
+}
+
+/// How many times a decision that came before its run's wait is looked at again, the first
+/// after [`EARLY_FIRST`], each wait doubling up to [`EARLY_MOST`] (about seven minutes in all:
+/// past a dead host's message lock, after which the asking step is redelivered). Then it is
+/// parked, for an operator to replay.
+pub const EARLY_RETRIES: u32 = 10;
+pub const EARLY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+pub const EARLY_MOST: std::time::Duration = std::time::Duration::from_secs(60);
+/// The application property counting the looks.
+pub const EARLY_PROPERTY: &str = "deploychain_early";
+
+/// The same decision again, scheduled for later (a deterministic MessageId per look, so a retried
+/// invocation does not schedule two), or — its looks spent — refused.
+async fn early(state: &AppState, ev: &DeployEvent, msg: &BusMessage, why: String) -> Result<String> {
+    let looks =
+        msg.properties.get(EARLY_PROPERTY).and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))).unwrap_or(0) as u32;
+    if looks >= EARLY_RETRIES {
+        return Err(Error::Refused(format!("{why} (looked again {looks} times)")));
+    }
+    let wait = EARLY_FIRST.saturating_mul(1 << looks.min(16)).min(EARLY_MOST);
+    let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+    let mut again = Outbound::from_event(ev, msg.session_id.clone()).scheduled(at);
+    again.message_id = format!("{}.early-{}", ev.id, looks + 1);
+    again.properties.insert(EARLY_PROPERTY.into(), (looks + 1).to_string());
+    state.publisher.publish(&again).await?;
+    Ok(StepDone::Ignored(format!(
+        "{why}: the decision came before the run committed its wait; looking again in {}s ({} of {EARLY_RETRIES})",
+        wait.as_secs(),
+        looks + 1
+    ))
+    .describe())
 }
 
 fn decision_word(d: Decision) -> &'static str {
