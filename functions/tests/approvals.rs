@@ -315,3 +315,55 @@ async fn a_waiting_run_says_on_whom_and_since_when() {
         "{text}"
     );
 }
+
+/// The approval function stores the vote, then commits its step (entry, events, `approval.decided`);
+/// a request that dies in between leaves a vote the page shows but nothing said (found by the
+/// fault soak: the run waited for ever). A second click commits it; the watchdog does too.
+#[tokio::test]
+async fn a_vote_stored_by_a_request_that_died_is_committed_by_a_second_click_or_the_watchdog() {
+    use deploychain_events::Decision;
+    use deploychain_functions::adapters::Vote;
+    for (name, store) in stores() {
+        // Quorum 2: alice's stored vote, her second click.
+        let mut h = Harness::with_policy(store.clone(), &policy(r#"{ approvers = ["group:release-managers"], quorum = 2 }"#));
+        let run = to_approval(&mut h, A).await;
+        let id = format!("{run}.production");
+        let alice = Vote { approver: "alice@example.com".into(), decision: Decision::Approved, at: chrono::Utc::now(), comment: None };
+        h.state.store.vote(&id, &alice).await.unwrap();
+        let voted = |h: &Harness, who: &str| {
+            h.publisher.sent().iter().filter(|m| m.subject == "dev.deploychain.approval.changed.v1" && m.body.contains(who)).count()
+        };
+        assert_eq!(voted(&h, "alice@example.com"), 0, "{name}: the request died: nothing said");
+        assert_eq!(post(&h, &link_of(&h, "alice@example.com"), "approve").await, 200, "{name}");
+        assert_eq!(voted(&h, "alice@example.com"), 1, "{name}: the second click committed the vote");
+
+        // Quorum 1: the deciding vote stored, nobody clicks again; the watchdog's next tick.
+        let mut h = Harness::with_policy(store, &policy(r#"{ approvers = ["alice@example.com", "bob@example.com"] }"#));
+        let run = to_approval(&mut h, B).await;
+        let id = format!("{run}.production");
+        let bob =
+            Vote { approver: "bob@example.com".into(), decision: Decision::Approved, at: chrono::Utc::now(), comment: Some("ship".into()) };
+        h.state.store.vote(&id, &bob).await.unwrap();
+        h.pump().await;
+        assert_eq!(h.state.store.run(&run).await.unwrap().unwrap().status, RunStatus::Waiting, "{name}: nothing said, the run waits");
+        let (status, v) = h.tick_watchdog().await;
+        assert_eq!(status, 200, "{name}: {v}");
+        assert!(
+            v["ReturnValue"].to_string().contains("committed stored votes") || v.to_string().contains("committed stored votes"),
+            "{name}: {v}"
+        );
+        h.pump().await;
+        let r = h.state.store.run(&run).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Succeeded, "{name}: promoted on bob's decision: {:?}", r.steps);
+        let decided: Vec<_> =
+            h.publisher.sent().into_iter().filter(|m| m.message_id == format!("{run}.approval-decided.production")).collect();
+        assert_eq!(decided.len(), 1, "{name}");
+        assert!(decided[0].body.contains("bob@example.com") && decided[0].body.contains("ship"), "{name}: {}", decided[0].body);
+        // The next tick finds nothing to do.
+        let before = h.publisher.sent().len();
+        let (status, v) = h.tick_watchdog().await;
+        assert_eq!(status, 200, "{name}");
+        assert!(!v.to_string().contains("committed stored votes"), "{name}: {v}");
+        assert_eq!(h.publisher.sent().len(), before, "{name}");
+    }
+}

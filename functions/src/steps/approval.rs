@@ -202,14 +202,12 @@ async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, vie
     }
     let vote = Vote { approver: approver.to_string(), decision: form.decision, at: now, comment: form.comment.clone() };
     let (record, result) = state.store.vote(&record.id, &vote).await?;
-    match result {
-        VoteResult::Recorded => {}
-        // A second click of the same button: show what is recorded (and make sure a decision it
-        // made went out, should a crash have cut the first request short).
-        VoteResult::Repeated(_) => {
-            run_step(state, &run.id, &vote_key(&record.stage, approver), || async { Ok(None) }).await?;
-            return Ok(page(state, &record, view, Some(form.decision)));
-        }
+    let recorded = match result {
+        VoteResult::Recorded => vote,
+        // A second click of the same button: show what is recorded — and make sure the vote's
+        // step is committed and its events went out, should a crash have cut the first request
+        // short after the vote was stored.
+        VoteResult::Repeated(v) => v,
         VoteResult::Contradicts(v) => {
             return Err(Error::Conflict(format!(
                 "you {} this at {}; a decision is not changed",
@@ -218,15 +216,31 @@ async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, vie
             )));
         }
         VoteResult::Closed(why) => return Err(Error::Conflict(format!("approval `{}` is {why}", record.id))),
-    }
-    let rr = RunRef::from(&run);
+    };
+    let commit = vote_commit(state, &run, &record, &recorded);
+    run_step(state, &run.id, &commit.key.clone(), || async { Ok(Some(commit)) }).await?;
+    Ok(page(state, &record, view, Some(form.decision)))
+}
+
+/// What a stored vote commits on its run: its entry and its `approval.changed` event, and — when
+/// it is the vote that decided (counting the votes up to it) — `approval.decided`. The approval
+/// function commits it right after storing the vote; the watchdog commits it for a vote stored
+/// by a request that died before its commit.
+pub fn vote_commit(state: &AppState, run: &Run, record: &ApprovalRecord, vote: &Vote) -> StepCommit {
+    let rr = RunRef::from(run);
     let stage = record.stage.clone();
+    let approver = vote.approver.as_str();
     let key = vote_key(&stage, approver);
-    let outcome = record.outcome();
+    // The outcome as this vote left it.
+    let mut upto = record.clone();
+    let i = record.votes.iter().position(|v| v.approver.eq_ignore_ascii_case(approver)).unwrap_or(record.votes.len());
+    upto.votes.truncate(i + 1);
+    upto.closed = None;
+    let outcome = upto.outcome();
     // Every vote is an event (audit); the one that decides is followed by `approval.decided`.
-    let detail = match &form.comment {
-        Some(c) => format!("{}: {c}", word(form.decision)),
-        None => word(form.decision).to_string(),
+    let detail = match &vote.comment {
+        Some(c) => format!("{}: {c}", word(vote.decision)),
+        None => word(vote.decision).to_string(),
     };
     let voted = EventData::ApprovalChanged(ApprovalChanged {
         app: record.app.clone(),
@@ -241,10 +255,10 @@ async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, vie
     let mut outbox = vec![
         emit(state, &rr, &format!("approval-changed.{stage}.voted.{}", short_digest(&[&approver.to_ascii_lowercase()])), NAME, voted).1,
     ];
-    let mut entries = vec![entry(&key, format!("{approver} {} {stage}", word(form.decision)), form.comment.clone())];
+    let mut entries = vec![entry(&key, format!("{approver} {} {stage}", word(vote.decision)), vote.comment.clone())];
     if let Some(o) = outcome {
-        let by: Vec<String> = record.votes.iter().filter(|v| v.decision == o).map(|v| v.approver.clone()).collect();
-        let comment = record.votes.iter().rev().find_map(|v| v.comment.clone());
+        let by: Vec<String> = upto.votes.iter().filter(|v| v.decision == o).map(|v| v.approver.clone()).collect();
+        let comment = upto.votes.iter().rev().find_map(|v| v.comment.clone());
         outbox.push(
             emit(
                 state,
@@ -266,10 +280,20 @@ async fn decide(state: &AppState, req: &HttpRequest, record: ApprovalRecord, vie
         );
         entries.push(entry(&key, format!("approval of {stage} decided: {}", word(o)), Some(format!("by {}", by.join(", ")))));
     }
-    let waiting = if outcome.is_none() { waiting_for_approval(&record) } else { format!("promotion to {stage}") };
-    let commit = StepCommit::of_run(&run.id, &key, entries, RunStatus::Waiting, Some(waiting), outbox);
-    run_step(state, &run.id, &key, || async { Ok(Some(commit)) }).await?;
-    Ok(page(state, &record, view, Some(form.decision)))
+    let waiting = if outcome.is_none() { waiting_for_approval(&upto) } else { format!("promotion to {stage}") };
+    StepCommit::of_run(&run.id, &key, entries, RunStatus::Waiting, Some(waiting), outbox)
+}
+
+/// A vote stored whose step was never committed (its request died in between), for the
+/// watchdog: the keys of `record`'s votes without a committed step, with their commits.
+pub async fn uncommitted_votes(state: &AppState, run: &Run, record: &ApprovalRecord) -> Result<Vec<StepCommit>> {
+    let mut out = Vec::new();
+    for v in &record.votes {
+        if state.store.step(&run.id, &vote_key(&record.stage, &v.approver)).await?.is_none() {
+            out.push(vote_commit(state, run, record, v));
+        }
+    }
+    Ok(out)
 }
 
 /// One run entry per approver's vote (idempotent per approver).

@@ -7,6 +7,9 @@
 //! - Output: none on the bus; the runs API and `deploychain runs` show the flag.
 //! - Retry: none (timers are not redelivered); the next tick looks again, and a wait already
 //!   flagged is not flagged twice.
+//! - Also: a vote the approval function stored but whose step it never committed (the request
+//!   died in between: the approver saw an error, and the page now shows the vote) is committed
+//!   here, with the `approval.decided` it made — the run does not wait for a decision already made.
 
 use super::runs::waiting;
 use super::*;
@@ -17,6 +20,20 @@ pub const NAME: &str = "watchdog";
 pub async fn handle(state: AppState) -> Result<String> {
     let now = Utc::now();
     let runs = state.store.runs(&RunQuery { app: None, commit: None, limit: 500 }).await?;
+    let mut recovered = Vec::new();
+    for run in runs.iter().filter(|r| r.status == RunStatus::Waiting) {
+        let Some(app) = state.policy.app(&run.app) else { continue };
+        for stage in app.stages.iter().filter(|s| s.approval.is_some()) {
+            let Some(record) = state.store.approval(&format!("{}.{}", run.id, stage.name)).await? else { continue };
+            for c in super::approval::uncommitted_votes(&state, run, &record).await? {
+                let key = c.key.clone();
+                if run_step(&state, &run.id, &key, || async { Ok(Some(c)) }).await? == StepDone::Done {
+                    tracing::warn!(run = run.id, key, "a stored vote had no committed step: committed it");
+                    recovered.push(format!("{} {key}", run.id));
+                }
+            }
+        }
+    }
     let mut flagged = Vec::new();
     for run in runs.iter().filter(|r| !r.status.is_final()) {
         let Some(w) = waiting(&state, run).await? else { continue };
@@ -58,5 +75,6 @@ pub async fn handle(state: AppState) -> Result<String> {
             flagged.push(run.id.clone());
         }
     }
-    Ok(if flagged.is_empty() { "no run is stuck".into() } else { format!("flagged {}", flagged.join(", ")) })
+    let stuck = if flagged.is_empty() { "no run is stuck".to_string() } else { format!("flagged {}", flagged.join(", ")) };
+    Ok(if recovered.is_empty() { stuck } else { format!("{stuck}; committed stored votes: {}", recovered.join(", ")) })
 }
