@@ -1260,6 +1260,42 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
     for line in &log {
         assert!(!secrets.iter().any(|s| line.contains(s.as_str())), "a secret in the handler's log: {line}");
     }
+    // Nor in any message the bus carried (bodies and properties) …
+    let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
+    let carried = stack.broker.peek(&audit, 0, 1000).await.unwrap();
+    assert!(carried.iter().any(|m| m.message_id == format!("{run}.run-finished")), "the run's events were read");
+    for m in &carried {
+        let text = format!("{} {:?}", String::from_utf8_lossy(&m.body), m.properties);
+        assert!(!secrets.iter().any(|s| text.contains(s.as_str())), "a secret in bus message {}", m.message_id);
+    }
+    // … nor in the answers to what is refused: a forged webhook, a tampered link, the ops API
+    // with the wrong key, an unknown run; nor in the run as the runs API shows it.
+    let body = client::sample_push(&repo().join("policy.toml"), None, None).unwrap();
+    let forger = deploychain::secrets::Secrets { github_webhook: "not-the-secret".into(), ..stack.secrets.clone() };
+    let (status, forged) = client::send_github(&base(&stack), &forger, "push", &body).await.unwrap();
+    assert_eq!(status, 401, "{forged}");
+    let tampered = format!("{}x", &link[..link.len() - 1]);
+    let http = reqwest::Client::new();
+    let mut answers = vec![forged];
+    for (url, key) in [
+        (tampered, None),
+        (format!("{}/api/ops/deadletters", base(&stack)), Some(stack.secrets.function_key.clone())),
+        (format!("{}/api/runs/web-0000000000", base(&stack)), Some(stack.secrets.function_key.clone())),
+        (format!("{}/api/runs/{run}", base(&stack)), Some(stack.secrets.function_key.clone())),
+    ] {
+        let mut req = http.get(&url).header("accept", "application/json");
+        if let Some(k) = key {
+            req = req.header("x-functions-key", k);
+        }
+        let rsp = req.send().await.unwrap();
+        let status = rsp.status().as_u16();
+        let text = rsp.text().await.unwrap();
+        assert!(status < 500, "{url}: {status} {text}");
+        answers.push(text);
+    }
+    for text in &answers {
+        assert!(!secrets.iter().any(|s| text.contains(s.as_str())), "a secret in an answer: {text}");
+    }
     stack.stop().await;
 }
 
