@@ -7,7 +7,9 @@
 //!   (refused if it is not the run's image); then as `on_image_ready` for what comes next.
 //! - Output: `deployment.*` then `approval.requested` / `approval.decided` / `run.finished`;
 //!   `run.finished` with outcome `rejected` when rejected.
-//! - Retry: transient failures are redelivered; idempotency key `promote.STAGE`.
+//! - Retry: transient failures are redelivered; idempotency key `promote.STAGE`. A decision that
+//!   arrives before its run committed the wait (the asking step died after notifying) is scheduled
+//!   again, backing off, [`EARLY_RETRIES`] times, then parked.
 
 use super::*;
 use crate::invoke::BusMessage;
