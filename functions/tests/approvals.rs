@@ -48,13 +48,8 @@ async fn to_approval(h: &mut Harness, commit: &str) -> String {
     let (s, v) = h.github_signed("push", &serde_json::to_vec(&push).unwrap()).await;
     assert_eq!(s, 202, "{v}");
     h.pump().await;
-    let mut wr = fixture_json("github/workflow_run.completed.success.json");
-    wr["repository"]["full_name"] = json!("Codertocat/Hello-World");
-    wr["workflow_run"]["head_branch"] = json!("master");
-    wr["workflow_run"]["head_sha"] = json!(commit);
-    wr["workflow_run"]["path"] = json!(".github/workflows/build.yml");
-    wr["workflow_run"]["conclusion"] = json!("success");
-    assert_eq!(h.github_signed("workflow_run", &serde_json::to_vec(&wr).unwrap()).await.0, 202);
+    let wr = workflow_run_payload("Codertocat/Hello-World", "master", commit, ".github/workflows/build.yml", "success");
+    assert_eq!(h.github_signed("workflow_run", &wr).await.0, 202);
     h.pump().await;
     let mut pkg = fixture_json("github/registry_package.published.container.json");
     let digest = format!("sha256:{}", "ab".repeat(16) + &commit[..32]);

@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use deploychain_functions::adapters::RunStatus;
-use serde_json::json;
 
 #[tokio::test]
 async fn a_run_ended_by_a_step_that_died_before_publishing_is_said_to_end_on_redelivery_once() {
@@ -18,13 +17,8 @@ async fn a_run_ended_by_a_step_that_died_before_publishing_is_said_to_end_on_red
         let commit = "d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0";
         let run = push_master(&mut h, "Codertocat/Hello-World", commit).await;
         // The build fails: its report is on the bus, not yet delivered.
-        let mut wr = fixture_json("github/workflow_run.completed.success.json");
-        wr["repository"]["full_name"] = json!("Codertocat/Hello-World");
-        wr["workflow_run"]["head_branch"] = json!("master");
-        wr["workflow_run"]["head_sha"] = json!(commit);
-        wr["workflow_run"]["path"] = json!(".github/workflows/build.yml");
-        wr["workflow_run"]["conclusion"] = json!("failure");
-        assert_eq!(h.github_signed("workflow_run", &serde_json::to_vec(&wr).unwrap()).await.0, 202, "{name}");
+        let wr = workflow_run_payload("Codertocat/Hello-World", "master", commit, ".github/workflows/build.yml", "failure");
+        assert_eq!(h.github_signed("workflow_run", &wr).await.0, 202, "{name}");
         let completed = h.publisher.sent().into_iter().rfind(|m| m.subject == "dev.deploychain.build.completed.v1").unwrap();
         let finished = |h: &Harness| h.publisher.sent().iter().filter(|m| m.message_id == format!("{run}.run-finished")).count();
 

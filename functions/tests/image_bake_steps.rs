@@ -44,12 +44,8 @@ fn version(n: u32) -> ImageRef {
 /// Push and build `COMMIT`: the run is at its image. Returns the run id.
 async fn to_image(h: &mut Harness) -> String {
     push_master(h, "Codertocat/Hello-World", COMMIT).await;
-    let mut wr = fixture_json("github/workflow_run.completed.success.json");
-    wr["repository"]["full_name"] = json!("Codertocat/Hello-World");
-    wr["workflow_run"]["head_branch"] = json!("master");
-    wr["workflow_run"]["head_sha"] = json!(COMMIT);
-    wr["workflow_run"]["path"] = json!(".github/workflows/build.yml");
-    let (s, v) = h.github_signed("workflow_run", &serde_json::to_vec(&wr).unwrap()).await;
+    let wr = workflow_run_payload("Codertocat/Hello-World", "master", COMMIT, ".github/workflows/build.yml", "success");
+    let (s, v) = h.github_signed("workflow_run", &wr).await;
     assert_eq!(s, 202, "{v}");
     h.pump().await;
     v["run"].as_str().unwrap().to_string()

@@ -12,17 +12,6 @@ use deploychain_functions::links::{ApprovalLinks, Claims, artifact_digest};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-/// The probot push fixture rewritten to another repository, branch and commit (its shape kept).
-fn workflow_run_payload(repo: &str, branch: &str, commit: &str, path: &str, conclusion: &str) -> Vec<u8> {
-    let mut p = fixture_json("github/workflow_run.completed.success.json");
-    p["repository"]["full_name"] = json!(repo);
-    p["workflow_run"]["head_branch"] = json!(branch);
-    p["workflow_run"]["head_sha"] = json!(commit);
-    p["workflow_run"]["path"] = json!(path);
-    p["workflow_run"]["conclusion"] = json!(conclusion);
-    serde_json::to_vec(&p).unwrap()
-}
-
 const HELLO_COMMIT: &str = "6c62fb45fe66bfb1ea9a66abc38f6a0cc974292b"; // the registry fixture's revision label
 
 #[tokio::test]

@@ -284,18 +284,6 @@ pub fn vote_commit(state: &AppState, run: &Run, record: &ApprovalRecord, vote: &
     StepCommit::of_run(&run.id, &key, entries, RunStatus::Waiting, Some(waiting), outbox)
 }
 
-/// A vote stored whose step was never committed (its request died in between), for the
-/// watchdog: the keys of `record`'s votes without a committed step, with their commits.
-pub async fn uncommitted_votes(state: &AppState, run: &Run, record: &ApprovalRecord) -> Result<Vec<StepCommit>> {
-    let mut out = Vec::new();
-    for v in &record.votes {
-        if state.store.step(&run.id, &vote_key(&record.stage, &v.approver)).await?.is_none() {
-            out.push(vote_commit(state, run, record, v));
-        }
-    }
-    Ok(out)
-}
-
 /// One run entry per approver's vote (idempotent per approver).
 fn vote_key(stage: &str, approver: &str) -> String {
     format!("vote.{stage}.{}", short_digest(&[&approver.to_ascii_lowercase()]))

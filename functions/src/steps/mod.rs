@@ -220,17 +220,17 @@ pub async fn active_run(state: &AppState, ev: &DeployEvent) -> Result<std::resul
     }
     if run.status.is_final() {
         let again = republish_pending(state, &run).await?;
-        let note = if again > 0 { format!(" (re-published the {again} messages its last step had committed)") } else { String::new() };
+        let note = if again > 0 { format!(" (re-published what {again} of its committed steps had not published)") } else { String::new() };
         return Ok(Err(format!("run `{}` already {}{note}", run.id, run.status.as_str())));
     }
     Ok(Ok(run))
 }
 
-/// Publish what the run's committed steps have not published yet, and mark them published; how
-/// many messages. A step that ends a run commits the end and its `run.finished` together; if its
-/// invocation died before publishing, the redelivered message finds the run already final and
-/// never reaches that step's [`run_step`] — so the end is said here instead (same MessageIds:
-/// the broker drops what did go out).
+/// Publish what the run's committed steps have not published yet (through [`run_step`], which
+/// re-publishes a committed step's outbox and marks it published); how many steps. A step that
+/// ends a run commits the end and its `run.finished` together; if its invocation died before
+/// publishing, the redelivered message finds the run already final and never reaches that step —
+/// so the end is said here instead (same MessageIds: the broker drops what did go out).
 pub async fn republish_pending(state: &AppState, run: &Run) -> Result<usize> {
     let mut keys: Vec<&str> = Vec::new();
     for s in run.steps.iter().rev() {
@@ -238,17 +238,18 @@ pub async fn republish_pending(state: &AppState, run: &Run) -> Result<usize> {
             keys.push(&s.key);
         }
     }
-    let mut sent = 0;
+    let mut again = 0;
     for key in keys {
-        if let Some(rec) = state.store.step(&run.id, key).await?
-            && !rec.published
-        {
-            publish_all(state, &rec.outbox).await?;
-            state.store.mark_published(&run.id, key).await?;
-            sent += rec.outbox.len();
+        if run_step(state, &run.id, key, || async { Ok(None) }).await? == StepDone::Republished {
+            again += 1;
         }
     }
-    Ok(sent)
+    Ok(again)
+}
+
+/// The id of `run`'s approval of `stage`.
+pub fn approval_id(run_id: &str, stage: &str) -> String {
+    format!("{run_id}.{stage}")
 }
 
 pub fn app_of<'a>(state: &'a AppState, name: &str) -> Result<&'a App> {
@@ -387,7 +388,7 @@ pub async fn deploy_stage(
                 finish(&mut outbox, &mut entries, RunOutcome::Succeeded, format!("deployed to {}", stage.name));
                 return Ok(Deployed { entries, outbox, status: RunStatus::Succeeded, waiting_for: None, stage_health });
             };
-            let approval_id = format!("{}.{}", run.id, next.name);
+            let approval_id = approval_id(&run.id, &next.name);
             match &next.approval {
                 None => {
                     outbox.push(

@@ -24,11 +24,14 @@ pub async fn handle(state: AppState) -> Result<String> {
     for run in runs.iter().filter(|r| r.status == RunStatus::Waiting) {
         let Some(app) = state.policy.app(&run.app) else { continue };
         for stage in app.stages.iter().filter(|s| s.approval.is_some()) {
-            let Some(record) = state.store.approval(&format!("{}.{}", run.id, stage.name)).await? else { continue };
-            for c in super::approval::uncommitted_votes(&state, run, &record).await? {
+            let Some(record) = state.store.approval(&approval_id(&run.id, &stage.name)).await? else { continue };
+            // `run_step` finds a vote's step done (nothing to do), committed but not published
+            // (publishes it), or missing (commits it).
+            for v in &record.votes {
+                let c = super::approval::vote_commit(&state, run, &record, v);
                 let key = c.key.clone();
-                if run_step(&state, &run.id, &key, || async { Ok(Some(c)) }).await? == StepDone::Done {
-                    tracing::warn!(run = run.id, key, "a stored vote had no committed step: committed it");
+                if run_step(&state, &run.id, &key, || async { Ok(Some(c)) }).await? != StepDone::Duplicate {
+                    tracing::warn!(run = run.id, key, "a stored vote's step was not done: done now");
                     recovered.push(format!("{} {key}", run.id));
                 }
             }

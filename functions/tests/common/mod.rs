@@ -101,6 +101,18 @@ pub fn push_payload(repo: &str, branch: &str, commit: &str) -> Vec<u8> {
     serde_json::to_vec(&p).unwrap()
 }
 
+/// The `workflow_run` fixture rewritten to another repository, branch, commit, workflow file and
+/// conclusion (its shape kept).
+pub fn workflow_run_payload(repo: &str, branch: &str, commit: &str, path: &str, conclusion: &str) -> Vec<u8> {
+    let mut p = fixture_json("github/workflow_run.completed.success.json");
+    p["repository"]["full_name"] = json!(repo);
+    p["workflow_run"]["head_branch"] = json!(branch);
+    p["workflow_run"]["head_sha"] = json!(commit);
+    p["workflow_run"]["path"] = json!(path);
+    p["workflow_run"]["conclusion"] = json!(conclusion);
+    serde_json::to_vec(&p).unwrap()
+}
+
 pub fn sign(body: &[u8]) -> String {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(GH_SECRET.as_bytes()).unwrap();
     m.update(body);

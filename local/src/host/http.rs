@@ -106,6 +106,9 @@ pub struct Limits {
     /// A body slower than `min_body_rate` bytes a second, once `body_grace` has passed, is cut off.
     pub min_body_rate: u64,
     pub body_grace: std::time::Duration,
+    /// How long a client may take to send a request's line and headers (Kestrel's
+    /// `RequestHeadersTimeout`): a slowloris sending a header line now and then is cut off.
+    pub headers_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -117,13 +120,10 @@ impl Default for Limits {
             max_body: 100 * 1024 * 1024,
             min_body_rate: 240,
             body_grace: std::time::Duration::from_secs(5),
+            headers_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
-
-/// How long a client may take to send a request's line and headers (Kestrel's
-/// `RequestHeadersTimeout`): a slowloris sending a header line now and then is cut off.
-pub const HEADERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serve the front door on `listener` until `stop` turns true, then let open requests finish
 /// (up to the host's drain). Its own accept loop rather than `axum::serve`, which sets no timer

@@ -68,7 +68,7 @@ impl LocalHost {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let router = http::FrontDoor::new(&app, worker.clone(), keys, broker.clone()).router();
-        tasks.push(tokio::spawn(http::serve(http, router, stop_rx.clone(), http::HEADERS_TIMEOUT)));
+        tasks.push(tokio::spawn(http::serve(http, router, stop_rx.clone(), http::Limits::default().headers_timeout)));
         for f in &app.functions {
             if let Trigger::Timer(t) = &f.trigger {
                 tasks.push(tokio::spawn(timer::run(f.name.clone(), t.clone(), worker.clone(), app.host.function_timeout, stop_rx.clone())));
