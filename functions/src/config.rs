@@ -294,13 +294,96 @@ pub struct Config {
 
 pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
 
+/// The settings that hold secrets (keys, tokens, URLs that carry a key, connection strings). In
+/// Azure each is a Key Vault reference; set but empty, it is refused rather than read as unset.
+pub const SECRET_SETTINGS: &[&str] = &[
+    "APPROVAL_SIGNING_KEY",
+    "APPROVAL_SIGNING_KEYS_PREVIOUS",
+    "GITHUB_WEBHOOK_SECRET",
+    "AZURE_DEVOPS_WEBHOOK_SECRET",
+    "DEPLOYCHAIN_NOTIFY_URL",
+    "DEPLOYCHAIN_NOTIFY_TEAMS_URL",
+    "DEPLOYCHAIN_NOTIFY_SLACK_URL",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "GITHUB_TOKEN",
+    "GITHUB_APP_PRIVATE_KEY",
+    "AZURE_DEVOPS_PAT",
+    "JENKINS_API_TOKEN",
+    "DEPLOYCHAIN_ARM_TOKEN",
+    "DEPLOYCHAIN_STORE_KEY",
+    "ServiceBusConnection",
+];
+
+/// The prefixes of App Service's references, which the platform replaces with the secret's value.
+/// When it cannot (the identity's role is still propagating, the secret is missing, the vault's
+/// firewall) it passes the reference text through as the setting's value: "If a reference isn't
+/// resolved properly, the reference string is used instead" —
+/// https://learn.microsoft.com/azure/app-service/app-service-key-vault-references
+pub const REFERENCE_PREFIXES: &[&str] = &["@Microsoft.KeyVault(", "@Microsoft.AppConfiguration("];
+
+fn is_reference(value: &str) -> bool {
+    let v = value.trim_start();
+    REFERENCE_PREFIXES.iter().any(|p| v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p))
+}
+
+/// Settings the handler must not start with: any whose value is still an unresolved Key Vault or
+/// App Configuration reference, and any secret setting that is set but empty. Each problem names
+/// the setting, never its value. `main` runs this over the whole environment before anything else
+/// (telemetry included) reads it; [`Config::from_lookup`] applies it to every setting it reads.
+pub fn unusable_settings<'a>(settings: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<String> {
+    let mut out: Vec<String> = settings.into_iter().filter_map(|(k, v)| unusable(k, v)).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn unusable(name: &str, value: &str) -> Option<String> {
+    if is_reference(value) {
+        Some(format!(
+            "{name}: an unresolved Key Vault reference (the platform passes the reference text when it cannot read the secret: check that the app's identity has Key Vault Secrets User on the vault, that keyVaultReferenceIdentity names that identity, and that the secret exists); refusing to start with it"
+        ))
+    } else if value.trim().is_empty() && SECRET_SETTINGS.contains(&name) {
+        Some(format!("{name}: set but empty; a secret setting is either a value or not set at all"))
+    } else {
+        None
+    }
+}
+
 impl Config {
     pub fn from_env() -> Result<Config, Vec<String>> {
-        Config::from_lookup(&|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        Config::from_lookup(&|k| std::env::var(k).ok())
     }
 
-    /// Read every setting through `get`, collecting all problems.
-    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
+    /// Read every setting through `get`, collecting all problems. A setting whose value is empty
+    /// counts as not set, except a secret setting ([`SECRET_SETTINGS`]), which is refused; a value
+    /// that is still a Key Vault reference is refused whatever the setting.
+    pub fn from_lookup(raw: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
+        let refused = std::cell::RefCell::new(Vec::<(String, String)>::new());
+        let checked = |k: &str| -> Option<String> {
+            let v = raw(k)?;
+            if let Some(problem) = unusable(k, &v) {
+                refused.borrow_mut().push((k.to_string(), problem));
+                return None;
+            }
+            Some(v).filter(|v| !v.is_empty())
+        };
+        let result = Config::read(&checked);
+        let refused = refused.into_inner();
+        if refused.is_empty() {
+            return result;
+        }
+        // The refused settings' own problems replace whatever reading them as unset said.
+        let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
+        let mut errs: Vec<String> = refused.iter().map(|(_, p)| p.clone()).collect();
+        errs.sort();
+        errs.dedup();
+        if let Err(others) = result {
+            errs.extend(others.into_iter().filter(|e| !names.iter().any(|n| e.starts_with(&format!("{n}:")))));
+        }
+        Err(errs)
+    }
+
+    fn read(get: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
         let root = get("FUNCTIONS_APP_ROOT_PATH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
         let port = match get("FUNCTIONS_CUSTOMHANDLER_PORT") {
@@ -577,6 +660,33 @@ mod tests {
             assert!(all.contains(setting), "{setting} missing from:\n{all}");
         }
         assert!(!all.contains("short-secret-value"));
+    }
+
+    #[test]
+    fn an_unresolved_key_vault_reference_or_an_empty_secret_is_refused_by_name_never_by_value() {
+        let reference = "@Microsoft.KeyVault(SecretUri=https://kv-dc-x.vault.azure.net/secrets/approval-signing-key)";
+        let mut m: HashMap<&'static str, &'static str> = HashMap::from(VALID);
+        m.insert("APPROVAL_SIGNING_KEY", reference);
+        m.insert("GITHUB_WEBHOOK_SECRET", "@microsoft.keyvault(VaultName=kv-dc-x;SecretName=github-webhook-secret)");
+        m.insert("AZURE_DEVOPS_WEBHOOK_SECRET", "");
+        m.insert("DEPLOYCHAIN_NOTIFY_URL", "  ");
+        m.insert("DEPLOYCHAIN_PUBLIC_URL", "@Microsoft.AppConfiguration(Endpoint=https://x.azconfig.io; Key=url)");
+        let errs = Config::from_lookup(&lookup(m)).err().unwrap_or_default();
+        let all = errs.join("\n");
+        for setting in ["APPROVAL_SIGNING_KEY", "GITHUB_WEBHOOK_SECRET", "AZURE_DEVOPS_WEBHOOK_SECRET", "DEPLOYCHAIN_NOTIFY_URL", "DEPLOYCHAIN_PUBLIC_URL"] {
+            assert_eq!(errs.iter().filter(|e| e.starts_with(&format!("{setting}:"))).count(), 1, "{setting} once in:\n{all}");
+        }
+        assert!(!all.contains("vault.azure.net") && !all.contains("kv-dc-x") && !all.contains("azconfig"), "{all}");
+        assert!(!all.contains(": not set"), "a refused setting is not also reported missing:\n{all}");
+        // The same check over a whole environment (what main runs first, before telemetry reads it).
+        let env = [("APPLICATIONINSIGHTS_CONNECTION_STRING", reference), ("GITHUB_TOKEN", ""), ("UNRELATED_EMPTY", ""), ("PATH", "/usr/bin")];
+        let problems = unusable_settings(env);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("APPLICATIONINSIGHTS_CONNECTION_STRING:") && problems[1].starts_with("GITHUB_TOKEN:"));
+        // An optional setting that is empty is simply not set.
+        let mut m: HashMap<&'static str, &'static str> = HashMap::from(VALID);
+        m.insert("DEPLOYCHAIN_TOPIC", "");
+        assert_eq!(Config::from_lookup(&lookup(m)).expect("valid").topic, "deploychain-events");
     }
 
     #[test]

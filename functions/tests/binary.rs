@@ -83,6 +83,33 @@ fn bad_settings_stop_start_up_with_every_setting_named_and_no_secret_printed() {
     }
 }
 
+/// App Service passes the literal reference text when it cannot resolve a Key Vault reference (the
+/// role assignment still propagating, a missing secret): the handler refuses to start rather than
+/// sign approval links with `@Microsoft.KeyVault(…)` as the key.
+#[test]
+fn an_unresolved_key_vault_reference_or_an_empty_secret_stops_start_up_naming_the_setting() {
+    let dir = tempdir("kvref");
+    let reference = "@Microsoft.KeyVault(SecretUri=https://kv-dc-abc.vault.azure.net/secrets/approval-signing-key)";
+    for (setting, value) in [
+        ("APPROVAL_SIGNING_KEY", reference.to_string()),
+        ("GITHUB_WEBHOOK_SECRET", reference.replace("approval-signing-key", "github-webhook-secret")),
+        ("APPLICATIONINSIGHTS_CONNECTION_STRING", reference.replace("approval-signing-key", "appinsights-connection-string")),
+        ("DEPLOYCHAIN_NOTIFY_URL", "@Microsoft.KeyVault(VaultName=kv-dc-abc;SecretName=notify-url)".to_string()),
+        ("GITHUB_WEBHOOK_SECRET", String::new()),
+        ("APPROVAL_SIGNING_KEY", " ".to_string()),
+    ] {
+        let port = free_port();
+        let mut env = base_env(&dir, port);
+        env.retain(|(k, _)| *k != setting);
+        env.push((setting, value.clone()));
+        let (code, err) = run_to_exit(&env);
+        assert_ne!(code, Some(0), "{setting}={value:?} started");
+        assert!(err.contains(&format!("{setting}: ")), "{setting} not named in:\n{err}");
+        assert!(!err.contains("kv-dc-abc") && !err.contains("vault.azure.net"), "the reference is printed:\n{err}");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing listens");
+    }
+}
+
 #[test]
 fn a_policy_whose_builds_cannot_be_started_stops_start_up_naming_the_settings() {
     let dir = tempdir("ci");
