@@ -3,10 +3,13 @@
 # (docs/benchmarks.md records them). Arguments go to `cargo bench` after `--` for one benchmark:
 #   bash scripts/bench.sh                          # all of them
 #   bash scripts/bench.sh stack chain 1000         # one benchmark, its own arguments
-# The stack benchmark runs the release handler; it is built first.
+# The stack benchmark runs the handler `deploychain package` ships; it is built first
+# (DEPLOYCHAIN_BENCH_HANDLER=PATH runs another build instead, to compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p deploychain-functions --bin handler
+# What ships: the static musl handler `deploychain package` builds (the stack benchmark runs it).
+bash scripts/install-musl.sh
+cargo build --release --quiet --target x86_64-unknown-linux-musl -p deploychain-functions --bin handler
 if [ $# -gt 0 ]; then
   bench="$1"; shift
   case "$bench" in

@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/infra-tools
-if [ ! -x "$venv/bin/checkov" ] || [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "checkov>=3.2,<4" "pycep-parser>=0.5"
-fi
+bash scripts/install-infra-tools.sh all
 "$venv/bin/python" - <<'PY'
 import pathlib, sys
 from pycep import BicepParser

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install-browser.sh
 # The Table store's tests run against Azurite (the Storage emulator, from npm).
 bash scripts/install-azurite.sh
+# The infrastructure tests read the Bicep with pycep-parser (PyPI), as CI's infra check does.
+bash scripts/install-infra-tools.sh pycep
+# The package test builds the static handler that ships: the musl target and musl-gcc.
+bash scripts/install-musl.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
   # nextest does not run doctests

@@ -12,11 +12,27 @@ param principalId string
 param serviceBusNamespace string
 param vaultUri string
 param logAnalyticsId string
+@description('The secret settings this deployment sets (names from ../appsettings.json `secrets`): each becomes a Key Vault reference.')
+param secretSettings array
+@description('Optional per-deployment settings ({ NAME: value }, names from ../appsettings.json `deployment.optional`).')
+param optionalSettings object = {}
+@description('A subnet delegated to Microsoft.App/environments for VNet integration (decision 0020: the acceptance checks reach the scale sets\' internal load balancers); empty: none.')
+param virtualNetworkSubnetId string = ''
+
+// The one source of the app's settings, shared with the local stack (decision 0021): the fixed
+// values, and which vault secret each secret setting references.
+var source = loadJsonContent('../appsettings.json')
+var fixedSettings = [for s in items(source.settings): { name: s.key, value: s.value }]
+var secretReferences = [for s in secretSettings: {
+  name: s
+  value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/${source.secrets[s].secret})'
+}]
+var deploymentOptional = [for s in items(optionalSettings): { name: s.key, value: s.value }]
 
 var packageContainer = 'app-package'
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
-  // checkov:skip=CKV_AZURE_35:The Functions host and the package deployment reach it over the public endpoint (no VNet integration here); shared keys are off, access is the app identity's RBAC.
+  // checkov:skip=CKV_AZURE_35:The Functions host and the package deployment reach it over the public endpoint (the optional VNet integration is for the scale sets' private load balancers, decision 0020, not for storage); shared keys are off, access is the app identity's RBAC.
   // checkov:skip=CKV_AZURE_59:Same reason; no blob is public (allowBlobPublicAccess is false).
   // checkov:skip=CKV_AZURE_206:Zone-redundant (ZRS); the runs' record is the store, which needs no second region.
   // checkov:skip=CKV_AZURE_43:The name is stdc + uniqueString (17 lower-case alphanumerics), valid; the check cannot evaluate it.
@@ -91,6 +107,8 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     httpsOnly: true
     clientCertMode: 'Optional'
     keyVaultReferenceIdentity: identityId
+    // Flex Consumption VNet integration (outbound): https://learn.microsoft.com/en-us/azure/azure-functions/flex-consumption-how-to#enable-virtual-network-integration
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     functionAppConfig: {
       deployment: {
         storage: {
@@ -106,25 +124,17 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       minTlsVersion: '1.2'
       ftpsState: 'Disabled'
       http20Enabled: true
-      appSettings: [
+      // ../appsettings.json `settings`, then `deployment.always` (computed here), the secrets as
+      // Key Vault references, then the optional per-deployment settings given.
+      appSettings: concat(fixedSettings, [
         { name: 'AzureWebJobsStorage__accountName', value: storage.name }
-        { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
         { name: 'AzureWebJobsStorage__clientId', value: identityClientId }
         { name: 'ServiceBusConnection__fullyQualifiedNamespace', value: serviceBusNamespace }
-        { name: 'ServiceBusConnection__credential', value: 'managedidentity' }
         { name: 'ServiceBusConnection__clientId', value: identityClientId }
         { name: 'AZURE_CLIENT_ID', value: identityClientId }
-        { name: 'DEPLOYCHAIN_ARM_CREDENTIAL', value: 'managed-identity' }
         { name: 'DEPLOYCHAIN_PUBLIC_URL', value: 'https://${name}.azurewebsites.net' }
-        { name: 'DEPLOYCHAIN_POLICY', value: 'policy.toml' }
         { name: 'DEPLOYCHAIN_STORE', value: 'table:${storage.properties.primaryEndpoints.table}' }
-        { name: 'DEPLOYCHAIN_WATCHDOG_SCHEDULE', value: '0 */5 * * * *' }
-        { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/appinsights-connection-string)' }
-        { name: 'GITHUB_WEBHOOK_SECRET', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/github-webhook-secret)' }
-        { name: 'AZURE_DEVOPS_WEBHOOK_SECRET', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/azure-devops-webhook-secret)' }
-        { name: 'APPROVAL_SIGNING_KEY', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/approval-signing-key)' }
-        { name: 'DEPLOYCHAIN_NOTIFY_URL', value: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/notify-url)' }
-      ]
+      ], secretReferences, deploymentOptional)
     }
   }
 }

@@ -8,8 +8,8 @@ param principalId string
 param secrets object
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
-  // checkov:skip=CKV_AZURE_109:The app resolves Key Vault references over the public endpoint (no VNet integration in this template); access is RBAC-only, to the app identity.
-  // checkov:skip=CKV_AZURE_189:Same: a private endpoint needs the function app's VNet integration, an option this template leaves to the platform team.
+  // checkov:skip=CKV_AZURE_109:The app resolves Key Vault references over the public endpoint (the optional VNet integration reaches the scale sets' private load balancers, decision 0020, not the vault); access is RBAC-only, to the app identity.
+  // checkov:skip=CKV_AZURE_189:Same: a private endpoint (with its private DNS zone) for the vault is an option this template leaves to the platform team.
   name: name
   location: location
   tags: tags

@@ -1,7 +1,8 @@
-// An optional target: a Linux VM scale set behind a Standard load balancer, with the Application
-// Health extension the rollouts gate on (HTTP `/healthz` on the app's port) and a Manual upgrade
-// policy (deploychain upgrades batch by batch). Tagged with its app and stage, as the rollouts
-// expect.
+// An optional target: a Linux VM scale set behind an internal Standard load balancer in the given
+// subnet (decision 0020: the function app reaches it through its VNet integration, for the stages'
+// acceptance checks), with the Application Health extension the rollouts gate on (HTTP `/healthz` on
+// the app's port) and a Manual upgrade policy (deploychain upgrades batch by batch). Tagged with its
+// app and stage, as the rollouts expect.
 param name string
 param location string
 param tags object
@@ -14,41 +15,12 @@ param appPort int = 8080
 param adminUsername string = 'azureuser'
 @description('The SSH public key of the admin user (password sign-in is off).')
 param sshPublicKey string
-
-resource nsg 'Microsoft.Network/networkSecurityGroups@2023-11-01' = {
-  name: 'nsg-${name}'
-  location: location
-  tags: tags
-  properties: {
-    securityRules: [
-      {
-        name: 'app-from-load-balancer'
-        properties: {
-          priority: 100
-          direction: 'Inbound'
-          access: 'Allow'
-          protocol: 'Tcp'
-          sourceAddressPrefix: 'AzureLoadBalancer'
-          sourcePortRange: '*'
-          destinationAddressPrefix: '*'
-          destinationPortRange: string(appPort)
-        }
-      }
-    ]
-  }
-}
-
-resource vnet 'Microsoft.Network/virtualNetworks@2023-11-01' = {
-  name: 'vnet-${name}'
-  location: location
-  tags: tags
-  properties: {
-    addressSpace: { addressPrefixes: ['10.20.0.0/16'] }
-    subnets: [
-      { name: 'instances', properties: { addressPrefix: '10.20.1.0/24', networkSecurityGroup: { id: nsg.id } } }
-    ]
-  }
-}
+@description('The subnet of the instances and of the load balancer\'s private frontend (its network security group admits the app port from the function app\'s subnet and the load balancer probe).')
+param subnetId string
+@description('Encryption at host for the instances\' disks and caches. Needs the subscription feature Microsoft.Compute/EncryptionAtHost registered (az feature register --namespace Microsoft.Compute --name EncryptionAtHost); set false where it cannot be.')
+param encryptionAtHost bool = true
+@description('A private DNS zone (linked to the network) to name the load balancer in, `<name>.<zone>`; empty: none.')
+param dnsZoneName string = ''
 
 resource lb 'Microsoft.Network/loadBalancers@2023-11-01' = {
   name: 'lb-${name}'
@@ -57,7 +29,7 @@ resource lb 'Microsoft.Network/loadBalancers@2023-11-01' = {
   sku: { name: 'Standard' }
   properties: {
     frontendIPConfigurations: [
-      { name: 'frontend', properties: { subnet: { id: vnet.properties.subnets[0].id }, privateIPAllocationMethod: 'Dynamic' } }
+      { name: 'frontend', properties: { subnet: { id: subnetId }, privateIPAllocationMethod: 'Dynamic' } }
     ]
     backendAddressPools: [ { name: 'instances' } ]
     probes: [
@@ -103,7 +75,7 @@ resource vmss 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
           ssh: { publicKeys: [ { path: '/home/${adminUsername}/.ssh/authorized_keys', keyData: sshPublicKey } ] }
         }
       }
-      securityProfile: { encryptionAtHost: true }
+      securityProfile: { encryptionAtHost: encryptionAtHost }
       networkProfile: {
         networkInterfaceConfigurations: [
           {
@@ -114,7 +86,7 @@ resource vmss 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
                 {
                   name: 'ip'
                   properties: {
-                    subnet: { id: vnet.properties.subnets[0].id }
+                    subnet: { id: subnetId }
                     loadBalancerBackendAddressPools: [ { id: lb.properties.backendAddressPools[0].id } ]
                   }
                 }
@@ -141,4 +113,21 @@ resource vmss 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
   }
 }
 
+// Only named when dnsZoneName is given (`none` keeps the unused record's name well-formed).
+resource zone 'Microsoft.Network/privateDnsZones@2020-06-01' existing = {
+  name: empty(dnsZoneName) ? 'none' : dnsZoneName
+}
+
+resource record 'Microsoft.Network/privateDnsZones/A@2020-06-01' = if (!empty(dnsZoneName)) {
+  parent: zone
+  name: name
+  properties: {
+    ttl: 300
+    aRecords: [ { ipv4Address: lb.properties.frontendIPConfigurations[0].properties.privateIPAddress } ]
+  }
+}
+
 output id string = vmss.id
+@description('The load balancer\'s private address: acceptance checks use http://<address>/… (or the DNS name).')
+output privateAddress string = lb.properties.frontendIPConfigurations[0].properties.privateIPAddress
+output hostName string = empty(dnsZoneName) ? '' : '${name}.${dnsZoneName}'

@@ -42,15 +42,24 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
 }
 
-/// The handler beside this benchmark (target/release/handler; under `cargo test --benches` the
-/// debug one beside the tests), the release one built first if it is missing.
+/// The handler the benchmark runs: `DEPLOYCHAIN_BENCH_HANDLER` when set (to compare builds, e.g.
+/// the glibc `target/release/handler` against the shipped one); under `cargo test --benches` the
+/// debug one beside the tests; else the one `deploychain package` ships (release, static musl),
+/// built first.
 fn handler() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let h = exe.parent().and_then(Path::parent).unwrap().join("handler");
-    if h.is_file() {
-        return h;
+    static HANDLER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HANDLER.get_or_init(find_handler).clone()
+}
+
+fn find_handler() -> PathBuf {
+    if let Some(h) = std::env::var_os("DEPLOYCHAIN_BENCH_HANDLER") {
+        return PathBuf::from(h);
     }
-    eprintln!("building the release handler …");
+    let exe = std::env::current_exe().unwrap();
+    let beside = exe.parent().and_then(Path::parent).unwrap().join("handler");
+    if cfg!(debug_assertions) && beside.is_file() {
+        return beside;
+    }
     deploychain::package::build_handler(&repo()).unwrap()
 }
 
@@ -78,7 +87,7 @@ fn options(part: &str, policy: &str) -> StackOptions {
         repo: repo(),
         data_dir: dir,
         policy: policy_path,
-        handler: handler(),
+        app: deploychain::stack::AppSource::Handler(handler()),
         http_port: 0,
         bus_port: 0,
         arm_port: 0,

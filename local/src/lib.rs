@@ -13,6 +13,7 @@ pub mod host;
 pub mod k8s;
 pub mod package;
 pub mod secrets;
+pub mod settings;
 pub mod sim;
 pub mod stack;
 pub mod status;
@@ -22,9 +23,10 @@ pub const USAGE: &str = "\
 deploychain — the deployment chain on one machine
 
   deploychain up [--port 7071] [--bus-port 7072] [--arm-port 7073] [--status-port 7070] [--data-dir DIR] [--policy FILE]
-                 [--reset] [--release]
-      start the local Functions host, the embedded Service Bus, the local ARM endpoint with the policy's
-      scale sets and the simulators; show runs as they go
+                 [--reset] [--package ZIP | --handler PATH]
+      package the function app as `deploychain package` does (or take ZIP, or package the handler at
+      PATH) and run it from that zip: the local Functions host, the embedded Service Bus, the local ARM
+      endpoint with the policy's scale sets and the simulators; show runs as they go
   deploychain send github EVENT [FILE]     sign FILE with the local secret and POST it as a GitHub webhook
                                            (`send github push` without FILE pushes a new commit to the
                                            first GitHub app of the policy; --branch NAME to choose,
@@ -45,6 +47,7 @@ deploychain — the deployment chain on one machine
                                            decide an approval from its signed link (what the page's button does)
   deploychain reset [--data-dir DIR]       delete the local data (bus, state, secrets)
   deploychain package [--out DIR] [--policy FILE]
-                                           build the release handler (linux-x64) and stage the function
-                                           app: DIR/functionapp/ and DIR/functionapp.zip (default target/)
+                                           build the release handler (linux-x64, static: musl) and stage
+                                           the function app: DIR/functionapp/ and DIR/functionapp.zip
+                                           (default target/), the handler executable (mode 755)
 ";

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use deploychain::config::LocalConfig;
 use deploychain::secrets::Secrets;
-use deploychain::stack::{Stack, StackOptions, find_repo};
+use deploychain::stack::{AppSource, Stack, StackOptions, find_repo};
 use deploychain::watch::Progress;
 use deploychain::{USAGE, client};
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ fn parse_args() -> Result<Args> {
         if let Some(name) = a.strip_prefix("--") {
             if let Some((k, v)) = name.split_once('=') {
                 flags.insert(k.to_string(), v.to_string());
-            } else if matches!(name, "reset" | "reject" | "help" | "release" | "json" | "dry-run" | "all" | "yes") {
+            } else if matches!(name, "reset" | "reject" | "help" | "json" | "dry-run" | "all" | "yes") {
                 switches.insert(name.to_string());
             } else {
                 let v = it.next().ok_or_else(|| anyhow!("--{name} needs a value"))?;
@@ -50,35 +50,20 @@ fn port(args: &Args, name: &str, default: u16) -> Result<u16> {
     args.flags.get(name).map(|p| p.parse().map_err(|_| anyhow!("--{name} `{p}` is not a port"))).unwrap_or(Ok(default))
 }
 
-/// Build the handler with cargo (a no-op when it is up to date), or use the one beside this binary.
-fn handler_binary(args: &Args, repo: &std::path::Path) -> Result<PathBuf> {
+/// The function app `up` runs: the package `deploychain package` makes (built and staged now,
+/// a no-op build when nothing changed), or `--package ZIP`, or `--handler PATH` packaged the same way.
+fn app_source(args: &Args, repo: &std::path::Path, policy: &std::path::Path) -> Result<AppSource> {
+    if let Some(zip) = args.flags.get("package") {
+        return Ok(AppSource::Package(PathBuf::from(zip)));
+    }
     if let Some(h) = args.flags.get("handler") {
-        return Ok(PathBuf::from(h));
+        return Ok(AppSource::Handler(PathBuf::from(h)));
     }
-    let release = args.switches.contains("release") || !cfg!(debug_assertions);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(&cargo);
-    cmd.current_dir(repo).args(["build", "--quiet", "-p", "deploychain-functions", "--bin", "handler"]);
-    if release {
-        cmd.arg("--release");
-    }
-    eprintln!("building the handler …");
-    match cmd.status() {
-        Ok(s) if s.success() => {
-            let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo.join("target"));
-            Ok(target.join(if release { "release" } else { "debug" }).join("handler"))
-        }
-        _ => {
-            let beside = std::env::current_exe()?.with_file_name("handler");
-            if beside.is_file() {
-                Ok(beside)
-            } else {
-                bail!(
-                    "could not build the handler with `{cargo} build -p deploychain-functions --bin handler`, and none is beside this binary"
-                )
-            }
-        }
-    }
+    deploychain::package::check_layout(repo)?;
+    let handler = deploychain::package::build_handler(repo)?;
+    let p = deploychain::package::stage(repo, &handler, policy, &repo.join("target"))?;
+    eprintln!("running the function app from {}", p.zip.display());
+    Ok(AppSource::Package(p.zip))
 }
 
 async fn up(args: &Args) -> Result<()> {
@@ -87,13 +72,14 @@ async fn up(args: &Args) -> Result<()> {
     if args.switches.contains("reset") && data.exists() {
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
     }
-    let handler = handler_binary(args, &repo)?;
     let local = LocalConfig::load(&repo.join("deploychain.local.toml"))?;
+    let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
+    let app = app_source(args, &repo, &policy)?;
     let opts = StackOptions {
-        policy: args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml")),
+        policy,
         repo: repo.clone(),
         data_dir: data.clone(),
-        handler,
+        app,
         http_port: port(args, "port", 7071)?,
         bus_port: port(args, "bus-port", 7072)?,
         arm_port: port(args, "arm-port", 7073)?,
@@ -388,7 +374,15 @@ async fn run() -> Result<()> {
             deploychain::package::check_layout(&repo)?;
             let handler = deploychain::package::build_handler(&repo)?;
             let p = deploychain::package::stage(&repo, &handler, &policy, &out)?;
-            println!("staged {} ({} files) and {}", p.dir.display(), p.files.len(), p.zip.display());
+            let mib = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.len() as f64 / 1_048_576.0).unwrap_or(0.0);
+            println!(
+                "staged {} ({} files; handler {:.1} MiB, static) and {} ({:.1} MiB)",
+                p.dir.display(),
+                p.files.len(),
+                mib(&p.dir.join("handler")),
+                p.zip.display(),
+                mib(&p.zip)
+            );
             println!("deploy it: azd deploy, or az functionapp deployment source config-zip --src {}", p.zip.display());
             Ok(())
         }

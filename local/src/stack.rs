@@ -7,10 +7,12 @@ use crate::arm::{ArmSimConfig, LocalArm};
 use crate::config::SimConfig;
 use crate::host::{LocalHost, http::Keys};
 use crate::secrets::Secrets;
+use crate::settings::SettingsSource;
 use crate::sim::Simulators;
 use crate::watch::{self, Progress};
 use anyhow::{Context, Result, anyhow, bail};
 use deploychain_bus::{Broker, CorrelationFilter, Rule, SasKeys, Subscription, Topology};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,8 +26,11 @@ pub struct StackOptions {
     /// The repository: host.json, functions/*/function.json, infra/servicebus.json.
     pub repo: PathBuf,
     pub data_dir: PathBuf,
+    /// The pipeline policy the app is packaged with (for [`AppSource::Handler`]; a package
+    /// carries its own).
     pub policy: PathBuf,
-    pub handler: PathBuf,
+    /// The function app to run.
+    pub app: AppSource,
     /// 7071 as Core Tools; 0 picks a free port (tests).
     pub http_port: u16,
     /// 7072 by default; 0 picks a free port.
@@ -82,91 +87,119 @@ fn seed_clusters(kube: &crate::k8s::LocalKube, policy: &deploychain_functions::p
     }
 }
 
-/// Lay out the app root as Azure would see it: host.json, one folder per function, the handler,
-/// and local.settings.json with the local endpoints and secrets as app settings.
+/// Where the function app comes from.
+#[derive(Debug, Clone)]
+pub enum AppSource {
+    /// A package zip `deploychain package` made: run as it is.
+    Package(PathBuf),
+    /// A handler binary (a test's debug build): packaged first the way `deploychain package`
+    /// packages, with `StackOptions::policy`, into the data directory, then run from that zip.
+    Handler(PathBuf),
+}
+
+/// Lay out the app root as Azure would: the package zip unpacked with the modes it records (the
+/// platform mounts it; nothing fixes a lost executable bit), and `local.settings.json` with the app
+/// settings derived from `infra/appsettings.json`, the source the Bicep deploys.
 fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<PathBuf> {
-    let Addrs { http, bus, notify, arm, apps, ci } = addrs;
-    let app = opts.data_dir.join("app");
-    if app.exists() {
-        std::fs::remove_dir_all(&app).with_context(|| format!("clearing {}", app.display()))?;
-    }
-    std::fs::create_dir_all(&app)?;
-    std::fs::copy(opts.repo.join("host.json"), app.join("host.json"))?;
-    for e in std::fs::read_dir(opts.repo.join("functions"))? {
-        let dir = e?.path();
-        if dir.join("function.json").is_file() {
-            let name = dir.file_name().ok_or_else(|| anyhow!("bad folder"))?;
-            std::fs::create_dir_all(app.join(name))?;
-            std::fs::copy(dir.join("function.json"), app.join(name).join("function.json"))?;
+    let zip = match &opts.app {
+        AppSource::Package(zip) => zip.clone(),
+        AppSource::Handler(handler) => {
+            let out = opts.data_dir.join("package");
+            crate::package::stage_with(&opts.repo, handler, &opts.policy, &out, crate::package::Compression::Store)
+                .context("packaging the function app")?
+                .zip
         }
+    };
+    let app = opts.data_dir.join("app");
+    crate::package::unpack(&zip, &app).with_context(|| format!("unpacking {}", zip.display()))?;
+    if !app.join("handler").is_file() || !app.join("host.json").is_file() {
+        bail!("{} holds no handler or host.json at its root: not a function app package", zip.display());
     }
-    if !opts.handler.is_file() {
-        bail!("the handler binary {} does not exist", opts.handler.display());
+    let source = SettingsSource::load(&opts.repo)?;
+    let values = local_settings(opts, secrets, addrs, &source)?;
+    if let Err(errs) = source.check_local(&values) {
+        bail!("the local stack's app settings depart from Azure's (infra/appsettings.json):\n  {}", errs.join("\n  "));
     }
-    let exe = app.join("handler");
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(std::fs::canonicalize(&opts.handler)?, &exe).or_else(|_| std::fs::copy(&opts.handler, &exe).map(|_| ()))?;
-    #[cfg(not(unix))]
-    std::fs::copy(&opts.handler, &exe)?;
-    let store = opts.data_dir.join("state").join("state.sqlite");
-    let values = serde_json::json!({
-        "FUNCTIONS_WORKER_RUNTIME": "custom",
-        "AzureWebJobsStorage": "UseDevelopmentStorage=true",
-        "ServiceBusConnection": format!("Endpoint=sb://{bus};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true", secrets.bus_key_name, secrets.bus_key),
-        "DEPLOYCHAIN_TOPIC": TOPIC,
-        "DEPLOYCHAIN_PARKED_QUEUE": "deploychain-parked",
-        "DEPLOYCHAIN_POLICY": std::fs::canonicalize(&opts.policy).with_context(|| format!("policy {}", opts.policy.display()))?,
-        "DEPLOYCHAIN_STORE": format!("sqlite:{}", store.display()),
-        "DEPLOYCHAIN_ARM_ENDPOINT": format!("http://{arm}"),
-        "DEPLOYCHAIN_ARM_CREDENTIAL": "static",
-        "DEPLOYCHAIN_ARM_TOKEN": secrets.arm_token,
-        "DEPLOYCHAIN_ARM_POLL_INTERVAL": format!("{}ms", opts.arm.poll_interval.as_millis().max(1)),
-        "DEPLOYCHAIN_HEALTH_TIMEOUT": format!("{}ms", opts.arm.health_timeout.as_millis().max(1)),
-        // The scale sets' applications live on the stack's own network: acceptance checks of
-        // `http://web-staging.internal/…` reach it as an HTTP proxy; everything on 127.0.0.1 (bus,
-        // ARM, notify) goes direct.
-        "HTTP_PROXY": format!("http://{apps}"),
-        "NO_PROXY": "127.0.0.1,localhost",
-        "DEPLOYCHAIN_WATCHDOG_SCHEDULE": opts.watchdog.schedule,
-        "DEPLOYCHAIN_STUCK_AFTER": opts.watchdog.stuck_after,
-        "DEPLOYCHAIN_PUBLIC_URL": format!("http://{http}"),
-        "DEPLOYCHAIN_NOTIFY_URL": format!("http://{notify}/notify"),
-        "GITHUB_WEBHOOK_SECRET": secrets.github_webhook,
-        "AZURE_DEVOPS_WEBHOOK_USER": secrets.azure_devops_user,
-        "AZURE_DEVOPS_WEBHOOK_SECRET": secrets.azure_devops_webhook,
-        "APPROVAL_SIGNING_KEY": secrets.approval_signing_key,
-        // Builds are started on the local CI service, through the same adapters as in Azure.
-        "GITHUB_API_URL": format!("http://{ci}/github"),
-        "GITHUB_TOKEN": secrets.ci_token,
-        "AZURE_DEVOPS_ORG_URL": format!("http://{ci}/azdo/local"),
-        "AZURE_DEVOPS_PROJECT": "local",
-        "AZURE_DEVOPS_CREDENTIAL": "pat",
-        "AZURE_DEVOPS_PAT": secrets.ci_token,
-        "JENKINS_URL": format!("http://{ci}/jenkins"),
-        "JENKINS_USER": crate::secrets::CI_USER,
-        "JENKINS_API_TOKEN": secrets.ci_token,
-        "DEPLOYCHAIN_BAKE_LOOK_EVERY": format!("{}ms", (opts.sim.image_delay.as_millis() / 2).max(20)),
-        "RUST_LOG": std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-    });
-    let mut values = values;
+    let mut values: serde_json::Map<String, serde_json::Value> = values.into_iter().map(|(k, v)| (k, v.into())).collect();
+    // What the developer adds on top (their collector, log level), as an operator adds app settings.
     for (k, v) in &opts.extra_settings {
-        values[k.as_str()] = serde_json::Value::String(v.clone());
+        values.insert(k.clone(), v.clone().into());
     }
-    std::fs::write(
-        app.join("local.settings.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({ "IsEncrypted": false, "Values": values }))?,
-    )?;
+    let path = app.join("local.settings.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&serde_json::json!({ "IsEncrypted": false, "Values": values }))?)?;
+    // It holds every secret of the stack: only this user may read it (as secrets.json).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(app)
 }
 
-#[derive(Clone, Copy)]
-struct Addrs {
-    http: SocketAddr,
-    bus: SocketAddr,
-    notify: SocketAddr,
-    arm: SocketAddr,
-    apps: SocketAddr,
-    ci: SocketAddr,
+/// The handler's app settings in the local stack: the names `infra/appsettings.json` gives Azure,
+/// with local values, and the local stand-ins its `local` section lists.
+pub fn local_settings(opts: &StackOptions, secrets: &Secrets, addrs: Addrs, source: &SettingsSource) -> Result<BTreeMap<String, String>> {
+    let Addrs { http, bus, notify, arm, apps, ci } = addrs;
+    let changed = BTreeMap::from([
+        ("DEPLOYCHAIN_ARM_CREDENTIAL", "static".to_string()),
+        ("DEPLOYCHAIN_WATCHDOG_SCHEDULE", opts.watchdog.schedule.clone()),
+    ]);
+    let mut values = source.local_base(&changed)?;
+    let store = opts.data_dir.join("state").join("state.sqlite");
+    let local: [(&str, String); 24] = [
+        // deployment.always
+        ("DEPLOYCHAIN_PUBLIC_URL", format!("http://{http}")),
+        ("DEPLOYCHAIN_STORE", format!("sqlite:{}", store.display())),
+        // deployment.optional: builds are started on the local CI service, through the same
+        // adapters as in Azure.
+        ("GITHUB_API_URL", format!("http://{ci}/github")),
+        ("AZURE_DEVOPS_ORG_URL", format!("http://{ci}/azdo/local")),
+        ("AZURE_DEVOPS_PROJECT", "local".into()),
+        ("JENKINS_URL", format!("http://{ci}/jenkins")),
+        ("JENKINS_USER", crate::secrets::CI_USER.into()),
+        // secrets
+        ("APPROVAL_SIGNING_KEY", secrets.approval_signing_key.clone()),
+        ("GITHUB_WEBHOOK_SECRET", secrets.github_webhook.clone()),
+        ("AZURE_DEVOPS_WEBHOOK_SECRET", secrets.azure_devops_webhook.clone()),
+        ("DEPLOYCHAIN_NOTIFY_URL", format!("http://{notify}/notify")),
+        ("GITHUB_TOKEN", secrets.ci_token.clone()),
+        ("JENKINS_API_TOKEN", secrets.ci_token.clone()),
+        // local.added: the platform services the stack stands in for
+        ("AzureWebJobsStorage", "UseDevelopmentStorage=true".into()),
+        (
+            "ServiceBusConnection",
+            format!("Endpoint=sb://{bus};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true", secrets.bus_key_name, secrets.bus_key),
+        ),
+        ("DEPLOYCHAIN_ARM_ENDPOINT", format!("http://{arm}")),
+        ("DEPLOYCHAIN_ARM_TOKEN", secrets.arm_token.clone()),
+        ("DEPLOYCHAIN_ARM_POLL_INTERVAL", format!("{}ms", opts.arm.poll_interval.as_millis().max(1))),
+        ("DEPLOYCHAIN_HEALTH_TIMEOUT", format!("{}ms", opts.arm.health_timeout.as_millis().max(1))),
+        ("DEPLOYCHAIN_BAKE_LOOK_EVERY", format!("{}ms", (opts.sim.image_delay.as_millis() / 2).max(20))),
+        ("DEPLOYCHAIN_STUCK_AFTER", opts.watchdog.stuck_after.clone()),
+        ("AZURE_DEVOPS_CREDENTIAL", "pat".into()),
+        ("AZURE_DEVOPS_PAT", secrets.ci_token.clone()),
+        // The scale sets' applications live on the stack's own network: acceptance checks of
+        // `http://web-staging.internal/…` reach it as an HTTP proxy; everything on 127.0.0.1 (bus,
+        // ARM, notify) goes direct.
+        ("HTTP_PROXY", format!("http://{apps}")),
+    ];
+    for (k, v) in local {
+        values.insert(k.to_string(), v);
+    }
+    values.insert("NO_PROXY".into(), "127.0.0.1,localhost".into());
+    values.insert("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+    Ok(values)
+}
+
+/// The stack's own endpoints, which the handler's settings point at.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub http: SocketAddr,
+    pub bus: SocketAddr,
+    pub notify: SocketAddr,
+    pub arm: SocketAddr,
+    pub apps: SocketAddr,
+    pub ci: SocketAddr,
 }
 
 /// Serve `router` on `listener` until `stop` turns true.

@@ -132,7 +132,7 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
         repo: repo(),
         data_dir: data.clone(),
         policy: repo().join("policy.toml"),
-        handler: handler(),
+        app: deploychain::stack::AppSource::Handler(handler()),
         http_port: 0,
         bus_port: 0,
         arm_port: 0,

@@ -41,7 +41,7 @@ fn options_keep(name: &str) -> StackOptions {
         repo: repo(),
         data_dir: data_dir(name),
         policy: repo().join("policy.toml"),
-        handler: handler(),
+        app: deploychain::stack::AppSource::Handler(handler()),
         http_port: 0,
         bus_port: 0,
         arm_port: 0,

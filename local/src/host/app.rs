@@ -202,8 +202,10 @@ pub fn resolve(s: &str, settings: &BTreeMap<String, String>) -> Result<String> {
         let after = &rest[start + 1..];
         let end = after.find('%').ok_or_else(|| anyhow!("unclosed % in `{s}`"))?;
         let key = &after[..end];
-        let val =
-            settings.get(key).cloned().or_else(|| std::env::var(key).ok()).ok_or_else(|| anyhow!("`%{key}%` names no app setting"))?;
+        // From the app settings only, as in Azure (the host's configuration is the app's
+        // environment), never from whoever started the local host. The message is the host's
+        // (azure-webjobs-sdk, NameResolverExtensions.cs): there the function is in error.
+        let val = settings.get(key).cloned().ok_or_else(|| anyhow!("'%{key}%' does not resolve to a value: no app setting {key}"))?;
         out.push_str(&rest[..start]);
         out.push_str(&val);
         rest = &after[end + 1..];

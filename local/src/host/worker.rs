@@ -5,7 +5,7 @@
 //! invocation on it, as in Azure).
 
 use super::app::FunctionApp;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -242,6 +242,21 @@ struct Spec {
     log: HandlerLog,
 }
 
+fn mode_of(path: &std::path::Path) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            return format!("mode {:o}", m.permissions().mode() & 0o777);
+        }
+    }
+    "mode unknown".into()
+}
+
+/// What the handler's process inherits besides its app settings (Azure's workers have their own
+/// PATH, HOME and temp directory; a backtrace setting helps a developer and changes no behaviour).
+const PLATFORM_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG", "TZ", "RUST_BACKTRACE"];
+
 async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
     let port = free_port()?;
     let exe = executable(&spec.app, spec);
@@ -249,6 +264,10 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
     let args: Vec<String> = spec.app.host.arguments.iter().map(|a| expand(a, spec)).filter(|a| !a.is_empty()).collect();
     cmd.args(&args)
         .current_dir(spec.app.host.working_directory.as_ref().map(|w| spec.app.root.join(w)).unwrap_or_else(|| spec.app.root.clone()))
+        // The app settings and the platform's few, as a worker in Azure has them: nothing of the
+        // environment `deploychain up` was started in leaks into the handler.
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| PLATFORM_ENV.iter().any(|p| k == p)))
         .envs(spec.app.settings.iter())
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
@@ -260,7 +279,16 @@ async fn spawn_ready(spec: &Spec, generation: u64) -> Result<(Live, Child)> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().with_context(|| format!("starting the handler {}", exe.display()))?;
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        // What a package without the executable bit gets on Flex Consumption, whose package
+        // mount is read-only (the host's own chmod fails there).
+        std::io::ErrorKind::PermissionDenied if exe.is_file() => anyhow::anyhow!(
+            "the handler {} is not executable ({}): the package lost the executable bit, and Flex Consumption could not start it either; package it with `deploychain package`",
+            exe.display(),
+            mode_of(&exe)
+        ),
+        _ => anyhow::Error::new(e).context(format!("starting the handler {}", exe.display())),
+    })?;
     let pid = child.id().unwrap_or_default();
     // The host logs the handler's output; stderr lines as errors.
     if let Some(out) = child.stdout.take() {
