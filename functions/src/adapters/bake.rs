@@ -90,7 +90,10 @@ impl VmImageBuilder {
             "distribute": [{ "type": "SharedImage", "galleryImageId": version, "runOutputName": RUN_OUTPUT,
                              "artifactTags": tags, "targetRegions": regions }],
         });
-        for k in ["buildTimeoutInMinutes", "stagingResourceGroup", "validate", "optimize"] {
+        // Not the base's `stagingResourceGroup`: a staging group that exists "must be empty"
+        // (ImageTemplate.stagingResourceGroup, Microsoft.VirtualMachineImages REST reference), so
+        // two runs' templates cannot share one; each run's template gets its own IT_… group.
+        for k in ["buildTimeoutInMinutes", "validate", "optimize"] {
             if !p[k].is_null() {
                 props[k] = p[k].clone();
             }
@@ -231,5 +234,44 @@ impl ImageBaker for Bakers {
     async fn check_image(&self, _req: &ImageRequest, bake: &str) -> Result<BakeStatus> {
         let vib = self.image_builder.as_ref().ok_or_else(|| Error::Refused("VM Image Builder is not configured".into()))?;
         vib.look(bake).await.map_err(|e| arm_error("VM Image Builder", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_template_takes_the_bases_settings_but_never_its_staging_resource_group() {
+        let base = json!({
+            "location": "westeurope",
+            "identity": { "type": "UserAssigned", "userAssignedIdentities": { "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/aib": {} } },
+            "properties": {
+                "source": { "type": "PlatformImage", "publisher": "Canonical" },
+                "customize": [{ "type": "Shell", "name": "app", "inline": ["echo hi"] }],
+                "vmProfile": { "vmSize": "Standard_D2s_v3" },
+                "buildTimeoutInMinutes": 90,
+                "stagingResourceGroup": "/subscriptions/s/resourceGroups/rg-aib-staging",
+                "distribute": [{ "targetRegions": [{ "name": "westeurope", "replicaCount": 2 }] }]
+            }
+        });
+        let req = ImageRequest {
+            run_id: "web-3f2a9c1d0b7e".into(),
+            app: "web".into(),
+            commit: "3f2a9c1d0b7e".into(),
+            build_id: "42".into(),
+            source: "image-builder".into(),
+            destination: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/web".into(),
+            sequence: 7,
+            template: None,
+            kind: ImageKind::GalleryImageVersion,
+        };
+        let body = VmImageBuilder::template_body(&base, &req, "…/images/web/versions/1.0.7");
+        let p = &body["properties"];
+        assert_eq!(p["buildTimeoutInMinutes"], 90);
+        // A staging group that exists must be empty: two runs could not share the base's.
+        assert!(p.get("stagingResourceGroup").is_none(), "{p}");
+        assert_eq!(p["distribute"][0]["targetRegions"][0]["replicaCount"], 2);
+        assert_eq!(body["tags"]["deploychain.run"], "web-3f2a9c1d0b7e");
     }
 }
