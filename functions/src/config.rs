@@ -673,13 +673,20 @@ mod tests {
         m.insert("DEPLOYCHAIN_PUBLIC_URL", "@Microsoft.AppConfiguration(Endpoint=https://x.azconfig.io; Key=url)");
         let errs = Config::from_lookup(&lookup(m)).err().unwrap_or_default();
         let all = errs.join("\n");
-        for setting in ["APPROVAL_SIGNING_KEY", "GITHUB_WEBHOOK_SECRET", "AZURE_DEVOPS_WEBHOOK_SECRET", "DEPLOYCHAIN_NOTIFY_URL", "DEPLOYCHAIN_PUBLIC_URL"] {
+        for setting in [
+            "APPROVAL_SIGNING_KEY",
+            "GITHUB_WEBHOOK_SECRET",
+            "AZURE_DEVOPS_WEBHOOK_SECRET",
+            "DEPLOYCHAIN_NOTIFY_URL",
+            "DEPLOYCHAIN_PUBLIC_URL",
+        ] {
             assert_eq!(errs.iter().filter(|e| e.starts_with(&format!("{setting}:"))).count(), 1, "{setting} once in:\n{all}");
         }
         assert!(!all.contains("vault.azure.net") && !all.contains("kv-dc-x") && !all.contains("azconfig"), "{all}");
         assert!(!all.contains(": not set"), "a refused setting is not also reported missing:\n{all}");
         // The same check over a whole environment (what main runs first, before telemetry reads it).
-        let env = [("APPLICATIONINSIGHTS_CONNECTION_STRING", reference), ("GITHUB_TOKEN", ""), ("UNRELATED_EMPTY", ""), ("PATH", "/usr/bin")];
+        let env =
+            [("APPLICATIONINSIGHTS_CONNECTION_STRING", reference), ("GITHUB_TOKEN", ""), ("UNRELATED_EMPTY", ""), ("PATH", "/usr/bin")];
         let problems = unusable_settings(env);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("APPLICATIONINSIGHTS_CONNECTION_STRING:") && problems[1].starts_with("GITHUB_TOKEN:"));

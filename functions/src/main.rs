@@ -13,9 +13,8 @@ use std::sync::Arc;
 async fn main() -> anyhow::Result<()> {
     // Fail closed before anything reads a setting: an unresolved Key Vault reference or an empty
     // secret would otherwise be used as the secret itself (a guessable signing key, say).
-    let env: Vec<(String, String)> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default())))
-        .collect();
+    let env: Vec<(String, String)> =
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default()))).collect();
     let unusable = deploychain_functions::config::unusable_settings(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     if !unusable.is_empty() {
         anyhow::bail!("configuration:\n  {}", unusable.join("\n  "));

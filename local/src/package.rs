@@ -186,7 +186,8 @@ pub fn linkage(path: &Path) -> Result<Linkage> {
     use object::elf;
     use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, SectionHeader};
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = ElfFile64::<object::Endianness>::parse(&*data).with_context(|| format!("{} is not a 64-bit ELF executable", path.display()))?;
+    let file =
+        ElfFile64::<object::Endianness>::parse(&*data).with_context(|| format!("{} is not a 64-bit ELF executable", path.display()))?;
     let endian = file.endian();
     let mut interpreter = None;
     let mut needed = Vec::new();
@@ -203,7 +204,8 @@ pub fn linkage(path: &Path) -> Result<Linkage> {
             let strings = sections.strings(endian, &*data, link)?;
             for d in entries {
                 if d.d_tag(endian) == elf::DT_NEEDED {
-                    let name = d.string(endian, strings).with_context(|| format!("{}: bad DT_NEEDED in section {index}", path.display()))?;
+                    let name =
+                        d.string(endian, strings).with_context(|| format!("{}: bad DT_NEEDED in section {index}", path.display()))?;
                     needed.push(String::from_utf8_lossy(name).into_owned());
                 }
             }
@@ -254,7 +256,9 @@ fn ensure_musl(repo: &Path) -> Result<()> {
         .status()
         .context("running scripts/install-musl.sh")?;
     if !status.success() {
-        bail!("scripts/install-musl.sh failed ({status}): the handler needs the {TARGET} target (rustup) and musl-gcc (Debian's musl-tools)");
+        bail!(
+            "scripts/install-musl.sh failed ({status}): the handler needs the {TARGET} target (rustup) and musl-gcc (Debian's musl-tools)"
+        );
     }
     Ok(())
 }

@@ -93,7 +93,9 @@ impl SettingsSource {
         let mut errs = Vec::new();
         for name in self.azure_always() {
             match (local.contains_key(&name), self.local.replaced.contains_key(&name)) {
-                (false, false) => errs.push(format!("{name}: Azure sets it, the local stack does not (and infra/appsettings.json local.replaced does not say why)")),
+                (false, false) => errs.push(format!(
+                    "{name}: Azure sets it, the local stack does not (and infra/appsettings.json local.replaced does not say why)"
+                )),
                 (true, true) => errs.push(format!("{name}: listed in local.replaced, but the local stack sets it")),
                 _ => {}
             }
@@ -105,10 +107,8 @@ impl SettingsSource {
             }
         }
         for (name, value) in &self.settings {
-            if let Some(v) = local.get(name) {
-                if v != value && !self.local.changed.contains_key(name) {
-                    errs.push(format!("{name}: `{v}` locally, `{value}` in Azure (infra/appsettings.json local.changed does not say why)"));
-                }
+            if let Some(v) = local.get(name).filter(|v| *v != value && !self.local.changed.contains_key(name)) {
+                errs.push(format!("{name}: `{v}` locally, `{value}` in Azure (infra/appsettings.json local.changed does not say why)"));
             }
         }
         for name in self.local.added.keys() {

@@ -168,7 +168,10 @@ pub fn local_settings(opts: &StackOptions, secrets: &Secrets, addrs: Addrs, sour
         ("AzureWebJobsStorage", "UseDevelopmentStorage=true".into()),
         (
             "ServiceBusConnection",
-            format!("Endpoint=sb://{bus};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true", secrets.bus_key_name, secrets.bus_key),
+            format!(
+                "Endpoint=sb://{bus};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
+                secrets.bus_key_name, secrets.bus_key
+            ),
         ),
         ("DEPLOYCHAIN_ARM_ENDPOINT", format!("http://{arm}")),
         ("DEPLOYCHAIN_ARM_TOKEN", secrets.arm_token.clone()),

@@ -115,8 +115,9 @@ async fn a_package_whose_handler_lost_its_executable_bit_does_not_start() {
     let dir = std::env::temp_dir().join(format!("deploychain-package-noexec-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let good = deploychain::package::stage_with(&repo(), &native, &repo().join("policy.toml"), &dir, deploychain::package::Compression::Store)
-        .unwrap();
+    let good =
+        deploychain::package::stage_with(&repo(), &native, &repo().join("policy.toml"), &dir, deploychain::package::Compression::Store)
+            .unwrap();
     // The same files, written again with every entry 0644.
     let bad = dir.join("no-modes.zip");
     let mut src = zip::ZipArchive::new(std::fs::File::open(&good.zip).unwrap()).unwrap();

@@ -131,7 +131,8 @@ fn binding_expressions(v: &Value, out: &mut Vec<String>) {
 #[test]
 fn every_binding_expression_and_every_setting_the_handler_needs_is_one_the_bicep_sets() {
     let settings = bicep_settings();
-    let always: BTreeMap<String, String> = settings.iter().filter(|s| s.when.is_none()).map(|s| (s.name.clone(), deployed_value(s))).collect();
+    let always: BTreeMap<String, String> =
+        settings.iter().filter(|s| s.when.is_none()).map(|s| (s.name.clone(), deployed_value(s))).collect();
     let all: BTreeMap<String, String> = settings.iter().map(|s| (s.name.clone(), deployed_value(s))).collect();
 
     // host.json and every function.json: each %NAME% resolves, with the local host's resolver,
@@ -170,7 +171,7 @@ fn every_binding_expression_and_every_setting_the_handler_needs_is_one_the_bicep
     let policy = deploychain_functions::policy::Policy::from_toml(&std::fs::read_to_string(repo().join("policy.toml")).unwrap()).unwrap();
     if let Err(errs) = config.check_against(&policy) {
         for e in &errs {
-            let named = settings.iter().any(|s| s.when.is_some() && e.starts_with(&format!("{}", s.name)));
+            let named = settings.iter().any(|s| s.when.is_some() && e.starts_with(&format!("{}:", s.name)));
             assert!(named, "the shipped policy needs a setting no deployment parameter sets: {e}");
         }
     }
@@ -259,7 +260,6 @@ fn the_local_stack_departs_from_azures_settings_only_where_the_source_says_why()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-
 /// azd deploys the zip `deploychain package` makes, as it is: a custom-language service whose
 /// `dist` is that .zip (azd re-zips a folder, and before azd 1.26 wrote no file modes), packaged by
 /// a service hook that runs whenever azd packages the service.
@@ -287,10 +287,8 @@ fn azd_deploys_the_zip_deploychain_package_makes() {
 #[test]
 fn azd_has_every_parameter_of_main_bicep() {
     let bicep = std::fs::read_to_string(repo().join("infra/main.bicep")).unwrap();
-    let mut declared: Vec<String> = bicep
-        .lines()
-        .filter_map(|l| l.strip_prefix("param ").and_then(|r| r.split_whitespace().next()).map(str::to_string))
-        .collect();
+    let mut declared: Vec<String> =
+        bicep.lines().filter_map(|l| l.strip_prefix("param ").and_then(|r| r.split_whitespace().next()).map(str::to_string)).collect();
     declared.sort();
     let params: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("infra/main.parameters.json")).unwrap()).unwrap();
     let mut given: Vec<String> = params["parameters"].as_object().unwrap().keys().cloned().collect();
