@@ -50,9 +50,14 @@ pub(crate) trait FilterFields {
 
     /// An application property, exact name first, else case-insensitively.
     fn property(&self, name: &str) -> Option<&Value> {
-        let props = self.properties();
-        props.get(name).or_else(|| props.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+        property_key(self.properties(), name).and_then(|k| self.properties().get(k))
     }
+}
+
+/// The stored name of application property `name`: the exact name first, else one that differs
+/// only in case (names sent over HTTP arrive lower-cased; AMQP senders keep theirs).
+fn property_key<'a>(props: &'a BTreeMap<String, Value>, name: &str) -> Option<&'a str> {
+    props.get_key_value(name).or_else(|| props.iter().find(|(k, _)| k.eq_ignore_ascii_case(name))).map(|(k, _)| k.as_str())
 }
 
 /// Write access for rule actions.
@@ -211,12 +216,16 @@ impl SqlAction {
         for s in &self.statements {
             match s {
                 Statement::Set(Target::System(p), v) => m.set_system(*p, Some(literal_text(v))),
+                // Names as filters read them: the exact name, else the one that differs only in case.
                 Statement::Set(Target::User(name), v) => {
-                    m.properties_mut().insert(name.clone(), v.clone());
+                    let key = property_key(m.properties(), name).unwrap_or(name).to_string();
+                    m.properties_mut().insert(key, v.clone());
                 }
                 Statement::Remove(Target::System(p)) => m.set_system(*p, None),
                 Statement::Remove(Target::User(name)) => {
-                    m.properties_mut().remove(name);
+                    if let Some(key) = property_key(m.properties(), name).map(str::to_string) {
+                        m.properties_mut().remove(&key);
+                    }
                 }
             }
         }
@@ -659,6 +668,20 @@ mod tests {
         for bad in ["sys.Label LIKE 'dev.%'", "n IN (1, 2)", "sys.Foo = 'x'", "a = ", "1=1 2", "EXISTS(a)", "'a", "a == 'b'"] {
             assert!(SqlFilter::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn actions_name_properties_as_filters_do() {
+        let a = SqlAction::parse("SET UserProp1 = 'changed'; REMOVE N").unwrap();
+        let mut msg = m();
+        a.apply(&mut msg);
+        assert_eq!(msg.props.get("userprop1"), Some(&Value::from("changed")), "the stored name is kept");
+        assert!(!msg.props.contains_key("UserProp1"), "no second, differently cased property");
+        assert!(!msg.props.contains_key("n"));
+        let mut exact = m();
+        exact.props.insert("N".into(), Value::from(1));
+        SqlAction::parse("REMOVE N").unwrap().apply(&mut exact);
+        assert!(!exact.props.contains_key("N") && exact.props.contains_key("n"), "an exact name wins");
     }
 
     #[test]

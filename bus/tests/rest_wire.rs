@@ -163,10 +163,42 @@ async fn a_batch_is_sent_atomically() {
     assert_eq!(b.count(&q("q")).await.unwrap().active, 2, "a refused batch stores nothing");
 }
 
+/// A message scheduled half a second ahead, its time written as a REST sender must (RFC 1123 has
+/// whole seconds, so rounded up), is not received before that second: not by a receive at once,
+/// and a long-polling receiver gets it only once the second has come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_scheduled_half_a_second_ahead_waits_for_its_whole_second() {
+    use chrono::{Duration as Span, DurationRound, Utc};
+    let b = memory();
+    let ahead = Utc::now() + Span::milliseconds(500);
+    let floor = ahead.duration_trunc(Span::seconds(1)).unwrap();
+    let due = if floor == ahead { floor } else { floor + Span::seconds(1) };
+    let bp = json!({ "ScheduledEnqueueTimeUtc": due.format("%a, %d %b %Y %H:%M:%S GMT").to_string() }).to_string();
+    let r = call(&b, req("POST", "/q/messages").header("BrokerProperties", bp).body(Body::from("later")).unwrap()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(b.peek(&q("q"), 0, 10).await.unwrap()[0].scheduled_enqueue_time, Some(due));
+
+    let r = call(&b, req("POST", "/q/messages/head?timeout=0").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "not before {due}");
+    let r = call(&b, req("POST", "/q/messages/head?timeout=5").body(Body::empty()).unwrap()).await;
+    let received = Utc::now();
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::CREATED, b"later".as_slice()));
+    assert!(received >= due, "received at {received}, scheduled for {due} (asked for {ahead})");
+    assert_eq!(r.broker_properties()["ScheduledEnqueueTimeUtc"], json!(due.format("%a, %d %b %Y %H:%M:%S GMT").to_string()));
+}
+
 #[tokio::test]
 async fn bad_broker_properties_are_400_and_change_nothing() {
     let b = memory();
-    for bp in ["{not json", "[1]", r#"{"MessageId": 5}"#, r#"{"ScheduledEnqueueTimeUtc": "tomorrow"}"#] {
+    for bp in [
+        "{not json",
+        "[1]",
+        r#"{"MessageId": 5}"#,
+        r#"{"ScheduledEnqueueTimeUtc": "tomorrow"}"#,
+        // Not the documented RFC 1123 `GMT` form: numeric zone (azure_messaging_servicebus 0.21), RFC 3339.
+        r#"{"ScheduledEnqueueTimeUtc": "Mon, 23 Nov 2026 10:00:01 +0000"}"#,
+        r#"{"ScheduledEnqueueTimeUtc": "2026-11-23T10:00:01Z"}"#,
+    ] {
         let send = req("POST", "/q/messages").header("BrokerProperties", bp).body(Body::from("x")).unwrap();
         let r = call(&b, send).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bp}");

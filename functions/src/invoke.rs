@@ -116,11 +116,19 @@ pub struct BusMessage {
     pub subject: Option<String>,
     pub content_type: Option<String>,
     pub sequence_number: Option<i64>,
-    /// Application properties, values as the host typed them.
+    /// Application properties, values as the host typed them, names as the broker holds them:
+    /// the host passes `ApplicationProperties` through as it is, and names sent over HTTP arrive
+    /// lower-cased. Read them with [`BusMessage::property`].
     pub properties: Map<String, Value>,
 }
 
 impl BusMessage {
+    /// Application property `name`: the exact name, else one that differs only in case
+    /// (`cloudEvents_type` is `cloudevents_type` once it has crossed the REST API).
+    pub fn property(&self, name: &str) -> Option<&Value> {
+        self.properties.get(name).or_else(|| self.properties.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+    }
+
     pub fn from_invocation(req: &InvokeRequest, binding: &str) -> Result<BusMessage, EnvelopeError> {
         let raw = req.data.get(binding).ok_or_else(|| EnvelopeError::MissingData(binding.into()))?;
         let b64 = raw.as_str().ok_or_else(|| EnvelopeError::NotBase64(binding.into()))?;
@@ -296,6 +304,20 @@ mod tests {
         assert_eq!(m.body, br#"{"orderId":42,"tags":["a"]}"#.to_vec());
         assert_eq!(m.delivery_count, 2);
         assert_eq!(m.subject.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn application_properties_are_read_in_any_case() {
+        let req: InvokeRequest = serde_json::from_value(json!({
+            "Data": {"msg": ""},
+            "Metadata": {"applicationproperties": {"cloudevents_type": "t", "Diagnostic-Id": "d", "deploychain_early": "1", "deploychain_Early": "2"}}
+        }))
+        .unwrap_or_default();
+        let m = BusMessage::from_invocation(&req, "msg").expect("decodes");
+        assert_eq!(m.property("cloudEvents_type"), Some(&json!("t")));
+        assert_eq!(m.property("diagnostic-id"), Some(&json!("d")));
+        assert_eq!(m.property("deploychain_early"), Some(&json!("1")), "an exact name wins");
+        assert_eq!(m.property("cloudEvents_id"), None);
     }
 
     #[test]

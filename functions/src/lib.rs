@@ -76,6 +76,57 @@ pub const HTTP_OUT: &str = "res";
 pub const BUS_IN: &str = "msg";
 pub const TIMER_IN: &str = "timer";
 
+/// The `function.json` of every Service Bus-triggered function, compiled in: the host does not
+/// tell a custom handler which entity a message came from, but the trigger binding does.
+const BUS_FUNCTION_JSON: &[(&str, &str)] = &[
+    ("on_push", include_str!("../on_push/function.json")),
+    ("on_build_completed", include_str!("../on_build_completed/function.json")),
+    ("on_image_due", include_str!("../on_image_due/function.json")),
+    ("on_image_ready", include_str!("../on_image_ready/function.json")),
+    ("on_approval", include_str!("../on_approval/function.json")),
+    ("on_approval_due", include_str!("../on_approval_due/function.json")),
+];
+
+/// The subscription a Service Bus-triggered function reads: its `serviceBusTrigger` binding's
+/// `subscriptionName` (binding properties matched case-insensitively, as the host does), each
+/// `%NAME%` in it resolved by `setting` the way the host resolves binding expressions from app
+/// settings (https://learn.microsoft.com/azure/azure-functions/functions-bindings-expressions-patterns).
+/// `None` for a function with no such trigger, or when the setting is missing.
+pub fn subscription_name(function: &str, setting: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let json = BUS_FUNCTION_JSON.iter().find(|(name, _)| *name == function)?.1;
+    let f: serde_json::Value = serde_json::from_str(json).ok()?;
+    let field = |b: &serde_json::Map<String, serde_json::Value>, name: &str| {
+        b.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.as_str().map(str::to_string))
+    };
+    let trigger = f["bindings"]
+        .as_array()?
+        .iter()
+        .filter_map(serde_json::Value::as_object)
+        .find(|b| field(b, "type").is_some_and(|t| t.eq_ignore_ascii_case("serviceBusTrigger")))?;
+    resolve_setting(&field(trigger, "subscriptionName")?, setting)
+}
+
+/// `text` with every `%NAME%` replaced by setting `NAME`.
+fn resolve_setting(text: &str, setting: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('%') {
+        let end = start + 1 + rest[start + 1..].find('%')?;
+        out.push_str(&rest[..start]);
+        out.push_str(&setting(&rest[start + 1..end])?);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// Each Service Bus function's subscription, resolved once. App settings reach the handler's
+/// process as environment variables, as they reach the host
+/// (https://learn.microsoft.com/azure/azure-functions/functions-how-to-use-azure-function-app-settings).
+static SUBSCRIPTIONS: std::sync::LazyLock<Vec<(&'static str, Option<String>)>> = std::sync::LazyLock::new(|| {
+    BUS_FUNCTION_JSON.iter().map(|(name, _)| (*name, subscription_name(name, &|k| std::env::var(k).ok()))).collect()
+});
+
 type HttpFn = fn(AppState, HttpRequest) -> Pin<Box<dyn Future<Output = error::Result<HttpResponse>> + Send>>;
 type BusFn = fn(AppState, BusMessage) -> Pin<Box<dyn Future<Output = error::Result<String>> + Send>>;
 
@@ -285,8 +336,11 @@ async fn bus_fn(
         opentelemetry::KeyValue::new("messaging.message.id", message_id.clone()),
         opentelemetry::KeyValue::new("messaging.servicebus.message.delivery_count", i64::from(delivery)),
     ];
-    if let Some(s) = &msg.subject {
-        attrs.push(opentelemetry::KeyValue::new("messaging.destination.subscription.name", s.clone()));
+    // Where the message was read from: the topic (`%DEPLOYCHAIN_TOPIC%` in every trigger, which the
+    // configuration resolved) and the trigger's subscription — not the Subject, the event type.
+    attrs.push(opentelemetry::KeyValue::new("messaging.destination.name", state.config.topic.clone()));
+    if let Some(subscription) = SUBSCRIPTIONS.iter().find(|(n, _)| *n == name).and_then(|(_, s)| s.clone()) {
+        attrs.push(opentelemetry::KeyValue::new("messaging.destination.subscription.name", subscription));
     }
     if let Some(ev) = &event {
         attrs.extend(telemetry::event_attributes(ev, name));
@@ -335,4 +389,37 @@ fn envelope_rejected(name: &str, e: axum::extract::rejection::JsonRejection) -> 
     };
     let body = InvokeResponse { logs: vec![format!("{name}: bad invocation envelope: {e}")], ..Default::default() };
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BUS_FUNCTION_JSON, FUNCTIONS, Trigger, resolve_setting, subscription_name};
+
+    fn settings(k: &str) -> Option<String> {
+        match k {
+            "DEPLOYCHAIN_TOPIC" => Some("deploychain-events".into()),
+            "SUB" => Some("on-push-blue".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_bus_function_knows_its_subscription() {
+        let bus: Vec<&str> = FUNCTIONS.iter().filter(|(_, t)| *t == Trigger::ServiceBus).map(|(n, _)| *n).collect();
+        assert_eq!(bus, BUS_FUNCTION_JSON.iter().map(|(n, _)| *n).collect::<Vec<_>>(), "one function.json per bus function");
+        for name in bus {
+            assert_eq!(subscription_name(name, &settings), Some(name.replace('_', "-")), "{name}");
+        }
+        assert_eq!(subscription_name("github_webhook", &settings), None);
+    }
+
+    #[test]
+    fn app_settings_in_the_binding_are_resolved() {
+        let f = |v: &str| resolve_setting(v, &settings);
+        assert_eq!(f("%SUB%").as_deref(), Some("on-push-blue"));
+        assert_eq!(f("x-%SUB%-%DEPLOYCHAIN_TOPIC%").as_deref(), Some("x-on-push-blue-deploychain-events"));
+        assert_eq!(f("on-push").as_deref(), Some("on-push"));
+        assert_eq!(f("%MISSING%"), None, "an unresolved setting names no subscription");
+        assert_eq!(f("%SUB"), None);
+    }
 }

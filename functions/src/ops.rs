@@ -49,7 +49,7 @@ pub struct Letter {
     pub enqueued_at: Option<DateTime<Utc>>,
     pub content_type: Option<String>,
     pub body: String,
-    /// Application properties, values unquoted.
+    /// Application properties, values unquoted, names lower-cased (as they come over HTTP).
     pub properties: BTreeMap<String, String>,
 }
 
@@ -392,13 +392,22 @@ impl DeadLetters {
     }
 }
 
+/// The CloudEvents AMQP binding's prefix of application property names (`cloudEvents_type`, …).
+const CLOUDEVENTS_PREFIX: &str = "cloudEvents_";
+
 /// The original message again, under a new MessageId: its Label, SessionId and content type, and
 /// its CloudEvents properties (rebuilt from the body when it is a CloudEvent, else as they came).
 fn replay_options(l: &Letter, new_id: &str, policy: Option<&crate::policy::Policy>) -> SendMessageOptions {
     let ev = DeployEvent::from_json_bytes(l.body.as_bytes()).ok();
     let props: std::collections::HashMap<String, String> = match &ev {
         Some(ev) => crate::adapters::Outbound::from_event(ev, None).properties.into_iter().map(|(k, v)| (k, format!("\"{v}\""))).collect(),
-        None => l.properties.iter().filter(|(k, _)| k.starts_with("cloudevents_")).map(|(k, v)| (k.clone(), format!("\"{v}\""))).collect(),
+        // Names in any case (the AMQP binding's `cloudEvents_`, lower-cased by REST senders).
+        None => l
+            .properties
+            .iter()
+            .filter(|(k, _)| k.get(..CLOUDEVENTS_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(CLOUDEVENTS_PREFIX)))
+            .map(|(k, v)| (k.clone(), format!("\"{v}\"")))
+            .collect(),
     };
     // A parked message lost its SessionId: the handler's rule gives it back.
     let session_id = l.session_id.clone().or_else(|| crate::steps::session_for(ev.as_ref()?, policy?));
@@ -480,5 +489,37 @@ fn read(entity: &str, m: &PeekLockResponse) -> Letter {
         content_type: headers.get("content-type").cloned(),
         body,
         properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_keeps_cloudevents_properties_whatever_their_case() {
+        let l = Letter {
+            entity: "deploychain-parked".into(),
+            message_id: "m-1".into(),
+            event_type: Some("dev.deploychain.push.v1".into()),
+            run: None,
+            session_id: None,
+            reason: Some("MalformedEvent".into()),
+            description: None,
+            delivery_count: 1,
+            enqueued_at: None,
+            content_type: None,
+            body: "not a CloudEvent".into(),
+            properties: BTreeMap::from([
+                ("cloudevents_id".to_string(), "a".to_string()),
+                ("cloudEvents_type".to_string(), "b".to_string()),
+                ("deadletterreason".to_string(), "MalformedEvent".to_string()),
+            ]),
+        };
+        let props = replay_options(&l, "m-1.replay", None).custom_properties.unwrap_or_default();
+        let mut names: Vec<&str> = props.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["cloudEvents_type", "cloudevents_id"]);
+        assert_eq!(props.get("cloudEvents_type").map(String::as_str), Some("\"b\""));
     }
 }

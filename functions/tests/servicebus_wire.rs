@@ -215,8 +215,130 @@ async fn a_scheduled_message_carries_its_enqueue_time_on_the_wire() {
     let out = out.scheduled(at);
     let req = sent_once(async |p| p.publish(&out).await.unwrap()).await;
     let bp = req.broker_properties();
-    // RFC 2822, as the REST API takes it (the local bus parses the same).
-    assert_eq!(bp.get("ScheduledEnqueueTimeUtc"), Some(&Value::String("Mon, 23 Nov 2026 10:00:00 +0000".into())));
+    // RFC 1123 in GMT, as the REST reference writes dates (the local bus takes only this form).
+    assert_eq!(bp.get("ScheduledEnqueueTimeUtc"), Some(&Value::String("Mon, 23 Nov 2026 10:00:00 GMT".into())));
+    assert_eq!(
+        bp.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(["Label", "MessageId", "ScheduledEnqueueTimeUtc", "SessionId"])
+    );
+}
+
+/// One HTTP/1.1 request exactly as it arrived on a plain TCP socket: the head (request line and
+/// header lines, names in the case they were sent) and the body.
+struct RawRequest {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawRequest {
+    /// The header lines, as sent.
+    fn lines(&self) -> Vec<&str> {
+        self.head.split("\r\n").skip(1).filter(|l| !l.is_empty()).collect()
+    }
+}
+
+/// Publish through `http` to a socket that records the bytes of the request and answers 201 as
+/// Service Bus does (an empty chunked body, `Content-Type: application/xml; charset=utf-8`).
+async fn raw_send(http: Arc<dyn azure_core::HttpClient>, send: impl AsyncFnOnce(&ServiceBusPublisher)) -> RawRequest {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection closed before the request's head ended: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+        let length: usize = head
+            .split("\r\n")
+            .find_map(|l| {
+                l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection closed inside the body");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        sock.write_all(
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nContent-Type: application/xml; charset=utf-8\r\n\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        RawRequest { head, body: buf[head_end..head_end + length].to_vec() }
+    });
+    let p = ServiceBusPublisher::new(&connection(port), TOPIC, PARKED, http).unwrap();
+    send(&p).await;
+    server.await.unwrap()
+}
+
+/// The `BrokerProperties` of a scheduled publish, byte for byte: the publisher writes the JSON
+/// (the crate's own field would say `+0000`), the time in the reference's RFC 1123 `GMT` form and
+/// rounded up to the next whole second, never down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_send_says_its_time_in_rfc1123_gmt_rounded_up() {
+    let (_, out) = outbound();
+    for (at, on_the_wire) in
+        [("2026-11-23T10:00:00.250Z", "Mon, 23 Nov 2026 10:00:01 GMT"), ("2026-11-23T10:00:00Z", "Mon, 23 Nov 2026 10:00:00 GMT")]
+    {
+        let at = DateTime::parse_from_rfc3339(at).unwrap().with_timezone(&Utc);
+        let out = out.clone().scheduled(at);
+        let req = raw_send(deploychain_functions::outbound::service_bus_http().unwrap(), async |p| p.publish(&out).await.unwrap()).await;
+        let expected = format!(
+            "brokerproperties: {{\"MessageId\":\"{}\",\"SessionId\":\"web/staging\",\"Label\":\"dev.deploychain.deployment.started.v1\",\"ScheduledEnqueueTimeUtc\":\"{on_the_wire}\"}}",
+            out.message_id
+        );
+        let bp: Vec<&str> = req.lines().into_iter().filter(|l| l.to_ascii_lowercase().starts_with("brokerproperties:")).collect();
+        assert_eq!(bp, [expected.as_str()], "{}", req.head);
+        assert_eq!(req.body, out.body.as_bytes());
+    }
+}
+
+/// What reaches the wire of the application property names, through the handler's own transport
+/// (`outbound::service_bus_http`, reqwest 0.12 over HTTP/1.1) and azure_core's default client:
+/// lower case, whatever case the publisher gave them (`cloudEvents_type`, `Diagnostic-Id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_property_names_reach_the_wire_lower_cased() {
+    let (ev, out) = outbound();
+    assert!(out.properties.contains_key("cloudEvents_type") && out.properties.contains_key("Diagnostic-Id"));
+    let transports: [(&str, Arc<dyn azure_core::HttpClient>); 2] =
+        [("service_bus_http", deploychain_functions::outbound::service_bus_http().unwrap()), ("azure_core", azure_core::new_http_client())];
+    for (name, http) in transports {
+        let req = raw_send(http, async |p| p.publish(&out).await.unwrap()).await;
+        let lines = req.lines();
+        assert!(req.head.starts_with(&format!("POST /{TOPIC}/messages HTTP/1.1\r\n")), "{name}: {}", req.head);
+        for line in [
+            format!("cloudevents_type: \"{}\"", ev.event_type().as_str()),
+            "cloudevents_specversion: \"1.0\"".to_string(),
+            format!("cloudevents_runid: \"{}\"", ev.run_id),
+            format!("diagnostic-id: \"{TRACEPARENT}\""),
+            "content-type: application/cloudevents+json; charset=utf-8".to_string(),
+        ] {
+            assert!(lines.contains(&line.as_str()), "{name}: no `{line}` in {lines:#?}");
+        }
+        assert!(lines.iter().any(|l| l.starts_with("brokerproperties: {")), "{name}: {lines:#?}");
+        assert!(!lines.iter().any(|l| l.starts_with("cloudEvents_") || l.starts_with("Diagnostic-Id")), "{name}: {lines:#?}");
+    }
+}
+
+/// The nearest reqwest 0.12 comes to the names' case is Title-Case on HTTP/1.1: right for
+/// `Diagnostic-Id`, still not `cloudEvents_type` (decision 0004).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn title_case_is_as_near_as_reqwest_gets() {
+    let (_, out) = outbound();
+    let http: Arc<dyn azure_core::HttpClient> =
+        Arc::new(deploychain_functions::outbound::builder().http1_title_case_headers().build().unwrap());
+    let req = raw_send(http, async |p| p.publish(&out).await.unwrap()).await;
+    let names: BTreeSet<&str> = req.lines().iter().filter_map(|l| l.split_once(':').map(|(k, _)| k)).collect();
+    assert!(names.contains("Diagnostic-Id") && names.contains("Cloudevents_type") && names.contains("Brokerproperties"), "{names:?}");
+    assert!(!names.contains("cloudEvents_type"), "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

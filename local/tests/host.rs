@@ -539,7 +539,14 @@ async fn service_bus_trigger_envelope_and_settlement() {
 
     // dataType binary: the exact bytes as base64.
     let bytes: Vec<u8> = vec![0xff, 0x00, b'h', b'i', 0xc3, 0x28, b'{', b'"'];
-    let props = BTreeMap::from([("tenant".to_string(), json!("acme")), ("attempt".to_string(), json!(3))]);
+    // Names as the broker holds them, here as an AMQP sender gives them (REST senders' arrive
+    // lower-cased): the host passes them through, case and all, as the Functions host does.
+    let props = BTreeMap::from([
+        ("tenant".to_string(), json!("acme")),
+        ("attempt".to_string(), json!(3)),
+        ("cloudEvents_type".to_string(), json!("dev.deploychain.push.v1")),
+        ("Diagnostic-Id".to_string(), json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")),
+    ]);
     let seqs = r
         .send(
             "bin",
@@ -567,7 +574,15 @@ async fn service_bus_trigger_envelope_and_settlement() {
     assert_eq!(meta["DeliveryCount"], "1");
     assert_eq!(meta["MessageId"], "\"m-bin-1\"");
     assert_eq!(meta["SequenceNumber"], seqs[0].to_string());
-    assert_eq!(meta["ApplicationProperties"], json!({ "tenant": "acme", "attempt": 3 }));
+    assert_eq!(
+        meta["ApplicationProperties"],
+        json!({
+            "tenant": "acme",
+            "attempt": 3,
+            "cloudEvents_type": "dev.deploychain.push.v1",
+            "Diagnostic-Id": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        })
+    );
     assert_eq!(meta["UserProperties"], meta["ApplicationProperties"]);
     uuid::Uuid::parse_str(decoded(&meta["LockToken"]).as_str().unwrap()).expect("LockToken is an encoded GUID");
     assert_eq!(meta["ContentType"], "\"application/octet-stream\"");

@@ -10,7 +10,9 @@
 //!
 //! Application properties travel as headers: a property sent through HTTP arrives with its name
 //! lower-cased (HTTP/1 header names are case-insensitive and hyper lower-cases them), which is why
-//! filters match property names case-insensitively when there is no exact match.
+//! filters and rule actions match property names case-insensitively when there is no exact match.
+//! Dates (`ScheduledEnqueueTimeUtc`) are taken in the one form the REST reference documents,
+//! RFC 1123 in `GMT`.
 
 mod sas;
 mod wire;

@@ -105,9 +105,14 @@ pub(crate) fn http_date(t: DateTime<Utc>) -> String {
     t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
 }
 
-/// RFC 2822/1123 (`+0000` or `GMT`), or RFC 3339 as a courtesy.
-fn parse_date(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc2822(s.trim()).or_else(|_| DateTime::parse_from_rfc3339(s.trim())).ok().map(|d| d.with_timezone(&Utc))
+/// The one date form the Service Bus REST reference gives for `DateTime` broker properties:
+/// RFC 1123 as HTTP uses it (RFC 2616 §3.3.1), always in `GMT` — "“Sun, 06 Nov 1994 08:49:37
+/// GMT”" (https://learn.microsoft.com/rest/api/servicebus/message-headers-and-properties, Notes).
+/// Numeric zones (`+0000`, what `azure_messaging_servicebus` 0.21's `SettableBrokerProperties`
+/// writes) and RFC 3339 are not documented, so they are refused rather than guessed at; so is a
+/// weekday that does not match the date.
+fn parse_http_date(s: &str) -> Option<DateTime<Utc>> {
+    chrono::NaiveDateTime::parse_from_str(s.trim(), "%a, %d %b %Y %H:%M:%S GMT").ok().map(|t| t.and_utc())
 }
 
 /// .NET TimeSpan text `[d.]hh:mm:ss[.fffffff]`.
@@ -179,8 +184,9 @@ pub(crate) fn apply_broker_properties(bp: &Map<String, Value>, msg: &mut NewMess
         msg.time_to_live = Some(parse_timespan(&ts).ok_or(format!("BrokerProperties.TimeToLiveTimeSpan: {ts:?} is not a TimeSpan"))?);
     }
     if let Some(when) = text(bp, "ScheduledEnqueueTimeUtc")? {
-        msg.scheduled_enqueue_time =
-            Some(parse_date(&when).ok_or(format!("BrokerProperties.ScheduledEnqueueTimeUtc: {when:?} is not an RFC 1123 date"))?);
+        msg.scheduled_enqueue_time = Some(parse_http_date(&when).ok_or(format!(
+            "BrokerProperties.ScheduledEnqueueTimeUtc: {when:?} is not an RFC 1123 date in GMT (`Sun, 06 Nov 1994 08:49:37 GMT`)"
+        ))?);
     }
     Ok(())
 }
@@ -281,7 +287,7 @@ mod tests {
         let mut m = NewMessage::default();
         let bp: Map<String, Value> = serde_json::from_str(
             r#"{"MessageId":"m-1","SessionId":"s","PartitionKey":"s","Label":"L","TimeToLive":90.5,
-                "ScheduledEnqueueTimeUtc":"Tue, 14 Nov 2023 22:13:20 +0000","State":"Active","Unknown":1}"#,
+                "ScheduledEnqueueTimeUtc":"Tue, 14 Nov 2023 22:13:20 GMT","State":"Active","Unknown":1}"#,
         )
         .unwrap();
         apply_broker_properties(&bp, &mut m).unwrap();
@@ -289,7 +295,8 @@ mod tests {
         assert_eq!(m.time_to_live, Some(Duration::from_millis(90_500)));
         assert_eq!(m.scheduled_enqueue_time.unwrap().to_rfc3339(), "2023-11-14T22:13:20+00:00");
 
-        let gmt: Map<String, Value> = serde_json::from_str(r#"{"ScheduledEnqueueTimeUtc":"Sun, 06 Nov 1994 08:49:37 GMT"}"#).unwrap();
+        // The reference's own example, with the space its sample puts before it.
+        let gmt: Map<String, Value> = serde_json::from_str(r#"{"ScheduledEnqueueTimeUtc":" Sun, 06 Nov 1994 08:49:37 GMT"}"#).unwrap();
         apply_broker_properties(&gmt, &mut m).unwrap();
         assert_eq!(m.scheduled_enqueue_time.unwrap().to_rfc3339(), "1994-11-06T08:49:37+00:00");
 
@@ -310,6 +317,29 @@ mod tests {
         assert_eq!(parse_timespan("01:00:00"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_timespan("1.00:00:00.5"), Some(Duration::from_millis(86_400_500)));
         assert_eq!(parse_timespan("40"), None);
+    }
+
+    #[test]
+    fn scheduled_times_are_read_in_the_documented_form_only() {
+        let at = |text: &str| {
+            let bp: Map<String, Value> = serde_json::from_value(serde_json::json!({ "ScheduledEnqueueTimeUtc": text })).unwrap();
+            let mut m = NewMessage::default();
+            apply_broker_properties(&bp, &mut m).map(|()| m.scheduled_enqueue_time.unwrap().to_rfc3339())
+        };
+        assert_eq!(at("Mon, 23 Nov 2026 10:00:01 GMT").unwrap(), "2026-11-23T10:00:01+00:00");
+        for undocumented in [
+            // What azure_messaging_servicebus 0.21 writes (time's RFC 2822).
+            "Mon, 23 Nov 2026 10:00:01 +0000",
+            "2026-11-23T10:00:01Z",
+            // The wrong weekday for the date.
+            "Sun, 23 Nov 2026 10:00:01 GMT",
+            // RFC 850 and asctime, the obsolete HTTP forms.
+            "Monday, 23-Nov-26 10:00:01 GMT",
+            "Mon Nov 23 10:00:01 2026",
+        ] {
+            let e = at(undocumented).unwrap_err();
+            assert!(e.contains("ScheduledEnqueueTimeUtc") && e.contains("GMT"), "{undocumented}: {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use async_trait::async_trait;
 use azure_messaging_servicebus::prelude::{QueueClient, TopicClient};
 use azure_messaging_servicebus::service_bus::{SendMessageOptions, SettableBrokerProperties};
+use chrono::{DateTime, DurationRound, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -221,6 +222,55 @@ fn header_safe(s: &str) -> String {
     }
 }
 
+/// `ScheduledEnqueueTimeUtc` as the Service Bus REST reference writes `DateTime` broker
+/// properties: RFC 1123 in `GMT`, "Sun, 06 Nov 1994 08:49:37 GMT"
+/// (https://learn.microsoft.com/rest/api/servicebus/message-headers-and-properties, Notes). The
+/// form has whole seconds, so the time is rounded **up**: a scheduled message never becomes
+/// visible before the time its step asked for. (Rounded down, a look scheduled 500 ms ahead was
+/// due at once, and a bake was looked at ~170 times a second.)
+pub fn scheduled_enqueue_time_utc(at: DateTime<Utc>) -> String {
+    let second = chrono::Duration::seconds(1);
+    let floor = at.duration_trunc(second).unwrap_or(at);
+    let up = if floor < at { floor + second } else { floor };
+    up.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// The `BrokerProperties` of a publish. Written here, not by the crate: its
+/// `SettableBrokerProperties` serializes `ScheduledEnqueueTimeUtc` with `time`'s RFC 2822
+/// (`Mon, 23 Nov 2026 10:00:00 +0000`, azure_messaging_servicebus 0.21 `src/service_bus/mod.rs`),
+/// a form the REST reference does not document.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct BrokerProperties<'a> {
+    message_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<&'a str>,
+    label: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduled_enqueue_time_utc: Option<String>,
+}
+
+/// The header name the crate's own `BrokerProperties` header has. A custom header of that name is
+/// how the publisher's JSON reaches the wire with the crate unmodified: the crate sends the
+/// custom headers and, given no `broker_properties`, no header of its own.
+const BROKER_PROPERTIES: &str = "BrokerProperties";
+
+/// JSON with every non-ASCII character `\u`-escaped, so it is a valid header value.
+fn ascii_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u16; 2];
+            for u in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out
+}
+
 fn transient(entity: &str, e: azure_core::Error) -> Error {
     // The error text names the status and entity; it holds no key (the SAS goes in a header).
     Error::Transient(format!("service bus send to `{entity}` failed: {e}"))
@@ -229,18 +279,26 @@ fn transient(entity: &str, e: azure_core::Error) -> Error {
 #[async_trait]
 impl Publish for ServiceBusPublisher {
     async fn publish(&self, msg: &Outbound) -> Result<()> {
-        let props: HashMap<String, String> = msg.properties.iter().map(|(k, v)| (k.clone(), property_value(v))).collect();
-        let opts = SendMessageOptions {
-            content_type: Some(msg.content_type.clone()),
-            broker_properties: Some(SettableBrokerProperties {
-                message_id: Some(msg.message_id.clone()),
-                session_id: msg.session_id.clone(),
-                label: Some(msg.subject.clone()),
-                scheduled_enqueue_time_utc: msg.scheduled_at.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()),
-                ..Default::default()
-            }),
-            custom_properties: Some(props),
+        // The names reach the wire lower-cased (`cloudevents_type`, `diagnostic-id`), whatever
+        // their case here, and no client this crate uses can do otherwise: azure_core 0.21
+        // lower-cases every header name made from a String (`HeaderName::from`, azure_core
+        // `src/headers/mod.rs`); the `http` crate's names that reqwest and hyper send are lower-case
+        // by construction; hyper 1 writes another case only for a request carrying its
+        // crate-private `HeaderCaseMap` (hyper `src/ext/mod.rs`), so reqwest 0.12's nearest is
+        // Title-Case (`http1_title_case_headers`: `Cloudevents_type`); and HTTP/2 forbids upper
+        // case in field names (RFC 9113 §8.2.1). So every reader of ours matches property names
+        // case-insensitively (docs/decisions/0004-wire-choices.md).
+        let mut props: HashMap<String, String> = msg.properties.iter().map(|(k, v)| (k.clone(), property_value(v))).collect();
+        let bp = BrokerProperties {
+            message_id: &msg.message_id,
+            session_id: msg.session_id.as_deref(),
+            label: &msg.subject,
+            scheduled_enqueue_time_utc: msg.scheduled_at.map(scheduled_enqueue_time_utc),
         };
+        let bp = serde_json::to_string(&bp).map_err(|e| Error::Transient(format!("BrokerProperties: {e}")))?;
+        props.insert(BROKER_PROPERTIES.to_string(), ascii_json(&bp));
+        let opts =
+            SendMessageOptions { content_type: Some(msg.content_type.clone()), broker_properties: None, custom_properties: Some(props) };
         self.topic.topic_sender().send_message(&msg.body, Some(opts)).await.map_err(|e| transient(&self.topic_name, e))
     }
 
@@ -297,6 +355,21 @@ mod tests {
         assert_eq!(header_safe("web-1.push"), "web-1.push");
         assert!(header_safe("café-1").starts_with("sha-"));
         assert!(header_safe(&"x".repeat(300)).starts_with("sha-"));
+    }
+
+    #[test]
+    fn scheduled_times_are_rfc1123_gmt_rounded_up_to_the_second() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).unwrap_or_default();
+        assert_eq!(scheduled_enqueue_time_utc(t("2026-11-23T10:00:00Z")), "Mon, 23 Nov 2026 10:00:00 GMT");
+        assert_eq!(scheduled_enqueue_time_utc(t("2026-11-23T10:00:00.000000001Z")), "Mon, 23 Nov 2026 10:00:01 GMT");
+        assert_eq!(scheduled_enqueue_time_utc(t("2026-11-23T10:00:00.5Z")), "Mon, 23 Nov 2026 10:00:01 GMT");
+        assert_eq!(scheduled_enqueue_time_utc(t("2026-12-31T23:59:59.999Z")), "Fri, 01 Jan 2027 00:00:00 GMT");
+        assert_eq!(scheduled_enqueue_time_utc(t("1994-11-06T08:49:37Z")), "Sun, 06 Nov 1994 08:49:37 GMT", "the reference's example");
+    }
+
+    #[test]
+    fn broker_properties_json_stays_ascii() {
+        assert_eq!(ascii_json(r#"{"Label":"café"}"#), r#"{"Label":"caf\u00e9"}"#);
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub const EARLY_PROPERTY: &str = "deploychain_early";
 /// invocation does not schedule two), or — its looks spent — refused.
 async fn early(state: &AppState, ev: &DeployEvent, msg: &BusMessage, why: String) -> Result<String> {
     let looks =
-        msg.properties.get(EARLY_PROPERTY).and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))).unwrap_or(0) as u32;
+        msg.property(EARLY_PROPERTY).and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))).unwrap_or(0) as u32;
     if looks >= EARLY_RETRIES {
         return Err(Error::Refused(format!("{why} (looked again {looks} times)")));
     }
