@@ -48,19 +48,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// Everything the steps reach the world through, built from the configuration.
 async fn adapters(config: Config, policy: Policy) -> anyhow::Result<AppState> {
-    let http = deploychain_functions::outbound::service_bus_http().map_err(anyhow::Error::msg)?;
-    let sb = config.service_bus.as_ref().context("ServiceBusConnection")?;
-    // Managed identity: an Entra bearer on every Service Bus request (and only those), never a key.
-    let sb_http: Arc<dyn azure_core::HttpClient> = match &config.service_bus_identity {
-        Some(identity) => {
-            let tokens =
-                deploychain_functions::adapters::arm::token_source(identity).map_err(|e| anyhow::anyhow!("ServiceBusConnection: {e}"))?;
-            tracing::info!(credential = identity.name(), "Service Bus requests carry Entra tokens");
-            Arc::new(deploychain_functions::adapters::servicebus::BearerClient { tokens, inner: http.clone() })
-        }
-        None => http.clone(),
-    };
-    let publisher = ServiceBusPublisher::new(sb, &config.topic, &config.parked_queue, sb_http.clone()).map_err(anyhow::Error::msg)?;
+    // A SQLite store first: its schema is written while the TLS set-up `main` started on another
+    // thread is still reading the CA bundle (a Table store needs TLS, and waits for it here).
     let store: Arc<dyn deploychain_functions::adapters::Store> = match &config.store {
         StoreConfig::Sqlite(path) => Arc::new(SqliteStore::open(path).map_err(anyhow::Error::msg)?),
         StoreConfig::Table { endpoint, account, key } => {
@@ -77,6 +66,19 @@ async fn adapters(config: Config, policy: Policy) -> anyhow::Result<AppState> {
             Arc::new(t)
         }
     };
+    let http = deploychain_functions::outbound::service_bus_http().map_err(anyhow::Error::msg)?;
+    let sb = config.service_bus.as_ref().context("ServiceBusConnection")?;
+    // Managed identity: an Entra bearer on every Service Bus request (and only those), never a key.
+    let sb_http: Arc<dyn azure_core::HttpClient> = match &config.service_bus_identity {
+        Some(identity) => {
+            let tokens =
+                deploychain_functions::adapters::arm::token_source(identity).map_err(|e| anyhow::anyhow!("ServiceBusConnection: {e}"))?;
+            tracing::info!(credential = identity.name(), "Service Bus requests carry Entra tokens");
+            Arc::new(deploychain_functions::adapters::servicebus::BearerClient { tokens, inner: http.clone() })
+        }
+        None => http.clone(),
+    };
+    let publisher = ServiceBusPublisher::new(sb, &config.topic, &config.parked_queue, sb_http.clone()).map_err(anyhow::Error::msg)?;
     let arm = &config.arm;
     tracing::info!(endpoint = %arm.endpoint, credential = arm.credential.name(), "rollouts go to VM scale sets through ARM");
     let scale_sets: Arc<dyn Compute> = Arc::new(ArmCompute::from_config(arm).map_err(|e| anyhow::anyhow!("ARM: {e}"))?);
