@@ -308,6 +308,10 @@ pub struct ApprovalRecord {
     /// Everything that happened to it: requested, reminded, voted, escalated, expired, superseded.
     #[serde(default)]
     pub audit: Vec<AuditEntry>,
+    /// The span of the step that asked for it: an approver's page views and decision are its
+    /// children, even when the link is clicked before that step has committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -171,14 +171,19 @@ async fn release_trace(state: &AppState, run_id: &str) -> Result<Option<String>>
     Ok(run.and_then(|r| r.traceparent).and_then(|tp| tp.split('-').nth(1).map(str::to_string)))
 }
 
-/// The parent of an approval request's span: with a valid link, the latest step of the run it
-/// decides, so viewing and deciding are spans of the release's trace. A link that does not verify
-/// joins nothing (and costs no store read).
+/// The parent of an approval request's span: with a valid link, the step that asked for the
+/// approval (else, for an approval stored before it recorded one, the latest step of its run), so
+/// viewing and deciding are spans of the release's trace — also when the link is clicked before
+/// the asking step has committed. A link that does not verify joins nothing (and costs no store
+/// read).
 pub async fn trace_parent(state: &AppState, req: &HttpRequest) -> Option<String> {
     if !crate::telemetry::recording() {
         return None; // no span to parent: no store read
     }
     let claims = state.links.verify(req.query.get("t")?, Utc::now()).ok()?;
+    if let Some(tp) = state.store.approval(&claims.approval).await.ok().flatten().and_then(|a| a.traceparent) {
+        return Some(tp);
+    }
     state.store.run(&claims.run).await.ok().flatten()?.traceparent
 }
 

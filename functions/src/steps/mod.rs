@@ -457,6 +457,7 @@ pub async fn deploy_stage(
                         closed: None,
                         escalated: false,
                         audit: vec![AuditEntry { at: now, what: "requested".into(), who: None, detail: None }],
+                        traceparent: crate::telemetry::current_traceparent(),
                     };
                     // A newer build reached the stage: older runs waiting for it are superseded.
                     supersede_older(state, app, &next.name, run, function).await?;
