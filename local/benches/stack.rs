@@ -1,7 +1,8 @@
 //! The local stack under load: a benchmark that prints figures, not a timed test.
 //! `cargo bench -p deploychain --bench stack` runs every part; `-- cold-start`, `-- chain`,
-//! `-- throughput` or `-- replay` runs one (several may be named). Numbers set the sizes:
-//! `-- chain 1000` (runs), `-- throughput 100 5` (apps, rounds), `-- replay 10000` (letters).
+//! `-- throughput`, `-- replay`, `-- soak` or `-- waiting` runs one (several may be named).
+//! Numbers set the sizes: `-- chain 1000` (runs), `-- throughput 100 5` (apps, rounds),
+//! `-- replay 10000` (letters), `-- waiting 3 60` (releases, Azure's timings divided by).
 //! Under `cargo test --benches` every part runs at a tiny size, as a smoke test.
 //!
 //! Each part prints its figures against a floor measured in the same run:
@@ -512,6 +513,79 @@ async fn chain(n: usize) {
         println!("    {what:<40} {first:>9} {last:>9}");
     }
     let _ = std::fs::remove_dir_all(&hop_dir);
+}
+
+/// What waiting costs (issue "2 of 7"): releases through everything `deploychain up` starts, with
+/// Azure's timings divided by `scale` — a CI build 5 min, a VM Image Builder bake 20 min, an
+/// instance upgrade 4 min and a minute to turn healthy, 3 instances a scale set, the handler's
+/// polls and bake looks scaled alike — one release at a time, production approved the moment its
+/// link is issued. Per release: the wall time against the handler's time (the summed durations of
+/// its invocations, what Flex Consumption bills). Goal: handler time under 2 s a release (in
+/// Azure's time) and under 1% of the wall time, however long the rollout.
+async fn waiting(releases: usize, scale: u32) {
+    let azure = |secs: u64| Duration::from_secs(secs) / scale;
+    let mut opts = options("waiting", &policy(1, true));
+    opts.sim.build_delay = azure(5 * 60);
+    opts.sim.image_delay = azure(20 * 60);
+    opts.arm.instances = 3;
+    opts.arm.operation_time = azure(30);
+    opts.arm.upgrade_time = azure(4 * 60);
+    opts.arm.health_delay = azure(60);
+    opts.arm.poll_interval = azure(5).max(Duration::from_millis(1));
+    opts.arm.health_timeout = azure(10 * 60);
+    opts.extra_settings.retain(|(k, _)| k != "DEPLOYCHAIN_BAKE_LOOK_EVERY");
+    opts.extra_settings.push(("DEPLOYCHAIN_BAKE_LOOK_EVERY".into(), format!("{}ms", azure(60).as_millis().max(1))));
+    let stack = Stack::start(opts).await.unwrap();
+    let (_seen, mut rx) = follow(&stack);
+    let policy_path = stack.data_dir.join("policy.toml");
+    let busy = |stack: &Stack| stack.host.invocations().values().map(|c| c.busy).sum::<Duration>();
+    let calls = |stack: &Stack| stack.host.invocations().values().map(|c| c.answered + c.failed).sum::<u64>();
+    let (mut walls, mut handler, mut invocations) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..releases {
+        let (before, before_calls) = (busy(&stack), calls(&stack));
+        let body = push_of(&policy_path, 0);
+        let t = Instant::now();
+        let run = push(&stack, &body).await;
+        loop {
+            let p = tokio::time::timeout(Duration::from_secs(600), rx.recv()).await.expect("a release took over ten minutes").unwrap();
+            match p {
+                Progress::Approval { run: r, link, .. } if r == run => {
+                    let (status, text) = client::decide(&link, "approve", Some("benchmark")).await.unwrap();
+                    assert_eq!(status, 200, "{text}");
+                }
+                Progress::Event { run: r, ty: EventType::RunFinished, line } if r == run => {
+                    assert!(line.contains("succeeded"), "run {run}: {line}");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        walls.push(t.elapsed());
+        // The invocation that finished the run is counted once its answer is back.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        handler.push(busy(&stack) - before);
+        invocations.push(calls(&stack) - before_calls);
+    }
+    stack.stop().await;
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len().max(1) as u32;
+    let (wall, busy) = (mean(&walls), mean(&handler));
+    let per_release = invocations.iter().sum::<u64>() as f64 / invocations.len().max(1) as f64;
+    println!(
+        "waiting: {releases} releases, Azure's timings ÷ {scale} (build 5 min, bake 20 min, 3 instances × (4 min upgrade + 1 min to healthy) per stage):"
+    );
+    println!("  wall time per release     {:>10}   ({:.1} min in Azure's time)", ms(wall), (wall * scale).as_secs_f64() / 60.0);
+    println!(
+        "  handler time per release  {:>10}   ({:.1} s in Azure's time, {per_release:.0} invocations; goal < 2 s)",
+        ms(busy),
+        (busy * scale).as_secs_f64()
+    );
+    println!(
+        "  handler time / wall time  {:>9.1}%   (goal < 1%: waiting should cost nothing)",
+        100.0 * busy.as_secs_f64() / wall.as_secs_f64()
+    );
+    for (i, (w, b)) in walls.iter().zip(&handler).enumerate() {
+        println!("    release {}: wall {:>10}, handler {:>10}", i + 1, ms(*w), ms(*b));
+    }
 }
 
 /// The port the stack's handler listens on (from its local.settings-derived environment).
@@ -1330,7 +1404,7 @@ fn main() {
     }
     let full = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let parts = ["cold-start", "chain", "throughput", "replay", "soak"];
+    let parts = ["cold-start", "chain", "throughput", "replay", "soak", "waiting"];
     let named: Vec<&str> = args.iter().map(String::as_str).filter(|a| parts.contains(a)).collect();
     let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let num = |i: usize, full_default: usize, smoke: usize| nums.get(i).copied().unwrap_or(if full { full_default } else { smoke });
@@ -1347,6 +1421,10 @@ fn main() {
     }
     if wanted("replay") {
         rt.block_on(replay(num(0, 10_000, 50)));
+    }
+    if wanted("waiting") {
+        // `waiting 3 60`: releases, and what Azure's timings are divided by.
+        rt.block_on(waiting(num(0, 3, 1), num(1, 60, 600) as u32));
     }
     if wanted("soak") {
         let ms = Duration::from_millis;

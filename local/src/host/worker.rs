@@ -47,6 +47,9 @@ pub struct InvocationCounts {
     pub completed: u64,
     /// Service Bus trigger messages abandoned (they come back, or dead-letter).
     pub abandoned: u64,
+    /// The invocations' summed durations, from the host's request to the handler's answer (or
+    /// the timeout): what Flex Consumption bills an execution for.
+    pub busy: Duration,
 }
 
 type Counts = Arc<std::sync::Mutex<std::collections::BTreeMap<String, InvocationCounts>>>;
@@ -184,9 +187,18 @@ impl Worker {
     /// POST the envelope to `/{function}` with the host's headers; kill and restart the handler
     /// when `timeout` passes.
     pub async fn invoke(&self, function: &str, envelope: &serde_json::Value, timeout: Duration) -> Result<Answer, InvokeError> {
+        let started = std::time::Instant::now();
         let r = self.invoke_once(function, envelope, timeout).await;
         let ok = matches!(&r, Ok(a) if (200..300).contains(&a.status));
-        self.count(function, |n| if ok { n.answered += 1 } else { n.failed += 1 });
+        let took = started.elapsed();
+        self.count(function, |n| {
+            if ok {
+                n.answered += 1
+            } else {
+                n.failed += 1
+            }
+            n.busy += took;
+        });
         r
     }
 
