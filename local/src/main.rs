@@ -69,21 +69,23 @@ fn app_source(args: &Args, repo: &std::path::Path, policy: &std::path::Path) -> 
 async fn up(args: &Args) -> Result<()> {
     let repo = repo()?;
     let data = data_dir(args, &repo);
+    // Every argument and the local configuration are checked before the (long) package build.
+    let ports = (port(args, "port", 7071)?, port(args, "bus-port", 7072)?, port(args, "arm-port", 7073)?, port(args, "status-port", 7070)?);
+    let local = LocalConfig::load(&repo.join("deploychain.local.toml"))?;
+    let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
     if args.switches.contains("reset") && data.exists() {
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
     }
-    let local = LocalConfig::load(&repo.join("deploychain.local.toml"))?;
-    let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
     let app = app_source(args, &repo, &policy)?;
     let opts = StackOptions {
         policy,
         repo: repo.clone(),
         data_dir: data.clone(),
         app,
-        http_port: port(args, "port", 7071)?,
-        bus_port: port(args, "bus-port", 7072)?,
-        arm_port: port(args, "arm-port", 7073)?,
-        status_port: port(args, "status-port", 7070)?,
+        http_port: ports.0,
+        bus_port: ports.1,
+        arm_port: ports.2,
+        status_port: ports.3,
         sim: local.sim,
         arm: local.arm,
         watchdog: local.watchdog,
