@@ -54,9 +54,14 @@ pub fn blocking_builder_013() -> reqwest_013::blocking::ClientBuilder {
 
 /// The Service Bus client's transport: pooled connections (azure_core's own client turns pooling
 /// off, so every publish would open a new connection and, in Azure, a new TLS session), closed
-/// after 30 s idle, well before the service drops them.
+/// after 30 s idle, well before the service drops them. Header names go out in Title-Case over
+/// HTTP/1.1: application properties travel as headers, and this is the only way this stack can
+/// send `Diagnostic-Id` as the Azure SDKs and the Functions host look it up (exactly) to correlate
+/// a trigger with its sender; lower case (`diagnostic-id`) is all it could send otherwise
+/// (decision 0004). Our own readers match property names in any case.
 pub fn service_bus_http() -> Result<std::sync::Arc<dyn azure_core::HttpClient>, String> {
     let c = builder()
+        .http1_title_case_headers()
         .pool_idle_timeout(Duration::from_secs(30))
         .timeout(Duration::from_secs(60))
         .build()
