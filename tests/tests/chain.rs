@@ -875,7 +875,15 @@ async fn the_watchdog_timer_flags_a_run_whose_build_never_comes_back() {
         _ => unreachable!(),
     };
     assert!(text.contains("no progress for over 2s") && text.contains("build of"), "{text}");
-    let r = run_json(&stack, &run).await;
+    // The notice goes out inside the watchdog's step, a moment before the step commits the entry.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = run_json(&stack, &run).await;
+        if r["waiting"]["stuck"] == true || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(r["waiting"]["stuck"], true, "{r}");
     assert_eq!(r["status"], "running");
     stack.stop().await;
