@@ -411,6 +411,26 @@ async fn http_hop(url: &str, n: usize) -> Duration {
 // ---------------------------------------------------------------------------------------------
 // Chain
 
+/// Push a new commit of the policy's first app and follow its run to production, approving the
+/// moment a link is issued; `limit` is the longest any one step may take. The run's id.
+async fn release(stack: &Stack, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Progress>, policy_path: &Path, limit: Duration) -> String {
+    let run = push(stack, &push_of(policy_path, 0)).await;
+    loop {
+        let p = tokio::time::timeout(limit, rx.recv()).await.unwrap_or_else(|_| panic!("run {run}: nothing for {limit:?}")).unwrap();
+        match p {
+            Progress::Approval { run: r, link, .. } if r == run => {
+                let (status, text) = client::decide(&link, "approve", Some("benchmark")).await.unwrap();
+                assert_eq!(status, 200, "{text}");
+            }
+            Progress::Event { run: r, ty: EventType::RunFinished, line } if r == run => {
+                assert!(line.contains("succeeded"), "run {run}: {line}");
+                return run;
+            }
+            _ => {}
+        }
+    }
+}
+
 async fn chain(n: usize) {
     let stack = Stack::start(options("chain", &policy(1, true))).await.unwrap();
     let (_seen, mut rx) = follow(&stack);
@@ -423,23 +443,8 @@ async fn chain(n: usize) {
     let total = |stack: &Stack| stack.host.invocations().values().map(|c| c.answered + c.failed).sum::<u64>();
     for i in 0..n + 1 {
         let before = total(&stack);
-        let body = push_of(&policy_path, 0);
         let t = Instant::now();
-        let run = push(&stack, &body).await;
-        loop {
-            let p = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("a run took over a minute").unwrap();
-            match p {
-                Progress::Approval { run: r, link, .. } if r == run => {
-                    let (status, text) = client::decide(&link, "approve", Some("benchmark")).await.unwrap();
-                    assert_eq!(status, 200, "{text}");
-                }
-                Progress::Event { run: r, ty: EventType::RunFinished, line } if r == run => {
-                    assert!(line.contains("succeeded"), "run {run}: {line}");
-                    break;
-                }
-                _ => {}
-            }
-        }
+        let run = release(&stack, &mut rx, &policy_path, Duration::from_secs(60)).await;
         let took = t.elapsed();
         // The first run warms everything up; it is not counted.
         if i == 0 {
@@ -543,23 +548,8 @@ async fn waiting(releases: usize, scale: u32) {
     let (mut walls, mut handler, mut invocations) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..releases {
         let (before, before_calls) = (busy(&stack), calls(&stack));
-        let body = push_of(&policy_path, 0);
         let t = Instant::now();
-        let run = push(&stack, &body).await;
-        loop {
-            let p = tokio::time::timeout(Duration::from_secs(600), rx.recv()).await.expect("a release took over ten minutes").unwrap();
-            match p {
-                Progress::Approval { run: r, link, .. } if r == run => {
-                    let (status, text) = client::decide(&link, "approve", Some("benchmark")).await.unwrap();
-                    assert_eq!(status, 200, "{text}");
-                }
-                Progress::Event { run: r, ty: EventType::RunFinished, line } if r == run => {
-                    assert!(line.contains("succeeded"), "run {run}: {line}");
-                    break;
-                }
-                _ => {}
-            }
-        }
+        release(&stack, &mut rx, &policy_path, Duration::from_secs(600)).await;
         walls.push(t.elapsed());
         // The invocation that finished the run is counted once its answer is back.
         tokio::time::sleep(Duration::from_millis(200)).await;
