@@ -1,5 +1,6 @@
 //! The custom-handler envelope, exactly as the Azure Functions host speaks it (see
-//! `shared/reference/functions-protocol.md` §2–§3). This is the only module that knows its shape:
+//! https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers, the host's
+//! `src/WebJobs.Script/Workers/Http` in Azure/azure-functions-host, and decision 0004). This is the only module that knows its shape:
 //! steps get decoded messages and HTTP requests, and return [`Invocation`] results.
 //!
 //! Host quirks handled here:

@@ -417,7 +417,7 @@ mod tests {
 
     #[test]
     fn githubs_documented_test_vector_verifies() {
-        // shared/fixtures/github/README.md (GitHub Docs, "Validating webhook deliveries").
+        // GitHub Docs, "Validating webhook deliveries": https://docs.github.com/webhooks/using-webhooks/validating-webhook-deliveries
         let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
         assert_eq!(verify_signature(b"It's a Secret to Everybody", b"Hello, World!", Some(sig)), Ok(()));
         assert!(matches!(verify_signature(b"It's a Secret to Everybody", b"Hello, World?", Some(sig)), Err(Error::Unauthorized(_))));

@@ -1,5 +1,6 @@
 //! The invocation envelope exactly as the Azure Functions host builds it for a custom handler
-//! (`shared/reference/functions-protocol.md` §2–§3), and the reading of the handler's answer.
+//! (https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers; Azure/azure-functions-host
+//! `src/WebJobs.Script/Workers/Http`; decision 0004), and the reading of the handler's answer.
 //!
 //! Quirks reproduced on purpose, because the deployed handler meets them in Azure: every
 //! `Metadata` value (and string `Data`) is `JsonConvert.SerializeObject`-ed (`"\"m-1\""`, `"1"`);
