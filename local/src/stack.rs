@@ -112,6 +112,10 @@ fn stage_app(opts: &StackOptions, secrets: &Secrets, addrs: Addrs) -> Result<Pat
     };
     let app = opts.data_dir.join("app");
     crate::package::unpack(&zip, &app).with_context(|| format!("unpacking {}", zip.display()))?;
+    if matches!(opts.app, AppSource::Handler(_)) {
+        // The package made here was only the way in: the app runs from its unpacked copy.
+        let _ = std::fs::remove_dir_all(opts.data_dir.join("package"));
+    }
     if !app.join("handler").is_file() || !app.join("host.json").is_file() {
         bail!("{} holds no handler or host.json at its root: not a function app package", zip.display());
     }
@@ -364,5 +368,13 @@ impl Stack {
             let _ = tokio::time::timeout_at(deadline, t).await;
         }
         self.arm.flush();
+    }
+
+    /// Stop, then delete the data directory: for a scratch stack (a test's, a benchmark's) whose
+    /// state nobody reads again. Each holds an unpacked copy of the app, handler included.
+    pub async fn discard(self) {
+        let dir = self.data_dir.clone();
+        self.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -103,6 +103,7 @@ fn the_shipped_handler_is_static_and_executable_in_the_zip() {
         std::fs::metadata(&p.zip).unwrap().len(),
         std::fs::metadata(p.dir.join("handler")).unwrap().len()
     );
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// A zip whose `handler` has no executable bit (what a zip tool that writes no Unix modes makes)
@@ -147,7 +148,7 @@ async fn a_package_whose_handler_lost_its_executable_bit_does_not_start() {
     };
     let err = match deploychain::stack::Stack::start(opts).await {
         Ok(stack) => {
-            stack.stop().await;
+            stack.discard().await;
             panic!("a handler without its executable bit started");
         }
         Err(e) => format!("{e:#}"),

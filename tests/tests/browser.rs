@@ -233,5 +233,5 @@ async fn an_approver_reviews_the_evidence_in_a_browser_and_approves_to_productio
     assert_eq!(prod.tag("deploychain.run"), Some(run.as_str()), "production runs the approved release");
     session.call(reqwest::Method::DELETE, "", None).await;
     eprintln!("screenshots: {} {}", before.display(), after.display());
-    stack.stop().await;
+    stack.discard().await;
 }

@@ -219,7 +219,7 @@ async fn push_to_production_through_the_local_stack() {
     assert_eq!(body["return_run_details"], true);
     let requested = done["steps"].as_array().unwrap().iter().find(|s| s["what"] == "build requested").unwrap();
     assert!(requested["detail"].as_str().unwrap().contains("/actions/runs/"), "{requested}");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +246,7 @@ async fn forged_webhooks_and_unknown_branches_enqueue_nothing() {
     assert_eq!(runs["runs"].as_array().unwrap().len(), 0);
     // The runs API needs the function key.
     assert_eq!(reqwest::get(format!("{}/api/runs", base(&stack))).await.unwrap().status(), 401);
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +275,7 @@ async fn a_killed_handler_is_restarted_and_the_run_completes_without_repeating_a
     client::decide(&link, "approve", None).await.unwrap();
     wait_status(&stack, &run, "succeeded").await;
     assert_eq!(deployed_stages(&stack, &run), ["staging", "production"], "each stage rolled out exactly once");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +300,7 @@ async fn a_malformed_message_is_parked_at_once_and_other_runs_go_on() {
     let mut rx = stack.progress.subscribe();
     let run = push(&stack).await;
     wait_for(&mut rx, "approval", |p| matches!(p, Progress::Approval { run: r, .. } if *r == run)).await;
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +339,7 @@ async fn stopping_and_restarting_the_stack_mid_run_loses_nothing() {
     assert_eq!(status, 200);
     wait_status(&stack, &run, "succeeded").await;
     assert_eq!(deployed_stages(&stack, &run), ["staging", "production"]);
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,7 +393,7 @@ async fn duplicate_message_ids_are_delivered_once_and_sessions_keep_their_order(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(order, (1..=5).map(|i| format!("ordered-{i}")).collect::<Vec<_>>());
-    stack.stop().await;
+    stack.discard().await;
 }
 
 // ------------------------------------------------------------------ scale sets through the local ARM endpoint
@@ -482,7 +482,7 @@ async fn both_scale_sets_end_on_the_new_image_with_the_runs_tags_through_conditi
     assert!(checks.iter().all(|r| r.path == "/healthz" && r.status == 200 && !r.authorized), "{checks:?}");
     let steps = done["steps"].to_string();
     assert!(steps.contains(&image), "the run names the image: {steps}");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,7 +526,7 @@ async fn a_bad_image_rolls_staging_back_and_asks_nobody_for_approval() {
         .collect();
     assert!(labels.iter().any(|l| l == "dev.deploychain.deployment.rolledback.v1"), "{labels:?}");
     assert!(!labels.iter().any(|l| l.starts_with("dev.deploychain.approval")), "{labels:?}");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 /// Publish `image.ready` for `run` as an image baker would.
@@ -586,7 +586,7 @@ async fn a_stale_image_for_an_older_build_is_refused_and_changes_nothing() {
     let staging = stack.arm.scale_set(&target("staging")).unwrap();
     assert_eq!(staging.tag("deploychain.run"), Some(newer.as_str()));
     assert!(staging.image().unwrap().ends_with("/versions/2.0.2"));
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,7 +626,7 @@ async fn arm_throttling_and_errors_are_retried_and_a_failed_operation_rolls_prod
     let prod = stack.arm.scale_set(&target("production")).unwrap();
     assert_eq!(prod.image(), Some(seed_image().as_str()), "production back on its previous image");
     assert_eq!(prod.tag("deploychain.rolledback"), Some(run.as_str()));
-    stack.stop().await;
+    stack.discard().await;
 }
 
 /// A policy with one app that ships as a VM Application (seed 001): both stages replace the
@@ -679,7 +679,7 @@ async fn a_vm_application_release_replaces_the_application_and_keeps_the_os_imag
         let ss = stack.arm.scale_set(&id).unwrap();
         assert!(ss.instances.iter().all(|v| v.latest && v.artifacts.iter().any(|a| a == version)), "{:?}", ss.instances);
     }
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,7 +718,7 @@ async fn an_unanswered_approval_is_reminded_then_its_timeout_applies_through_sch
     let done = wait_status(&stack, &run, "succeeded").await;
     assert!(done.to_string().contains("approval of production timed out"), "{done}");
     assert_eq!(deployed_stages(&stack, &run), ["staging", "production"], "promoted by the timeout's default action");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -781,7 +781,7 @@ async fn a_handler_killed_in_the_middle_of_a_rollout_is_restarted_and_no_effect_
     }
     let parked: EntityPath = "deploychain-parked".parse().unwrap();
     assert!(stack.broker.peek(&parked, 0, 10).await.unwrap().is_empty(), "nothing parked");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,7 +804,7 @@ async fn a_failing_build_ends_the_run_before_any_image_or_rollout() {
         .collect();
     assert!(!labels.iter().any(|l| l.contains("image.") || l.contains("deployment.")), "{labels:?}");
     assert!(stack.arm.requests().iter().all(|r| r.method == "GET"), "no scale set touched");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 /// An Azure Repos app built by Azure Pipelines (the git.push fixture's repository and branch).
@@ -854,7 +854,7 @@ async fn an_azure_repos_push_built_by_azure_pipelines_reaches_production() {
         let id = policy_target(AZURE_DEVOPS_POLICY, stage);
         assert_eq!(stack.arm.model_updates(&id, run), 1, "{stage}");
     }
-    stack.stop().await;
+    stack.discard().await;
 }
 
 fn policy_target(policy: &str, stage: &str) -> String {
@@ -886,7 +886,7 @@ async fn the_watchdog_timer_flags_a_run_whose_build_never_comes_back() {
     };
     assert_eq!(r["waiting"]["stuck"], true, "{r}");
     assert_eq!(r["status"], "running");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -938,7 +938,7 @@ async fn operators_list_and_purge_parked_poison_through_the_admin_api() {
     let audit: EntityPath = "deploychain-events/subscriptions/audit".parse().unwrap();
     let msgs = stack.broker.peek(&audit, 0, 1000).await.unwrap();
     assert!(msgs.iter().any(|m| m.label.as_deref() == Some("dev.deploychain.deadletter.handled.v1")), "audited");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1028,7 +1028,7 @@ async fn poison_from_a_broken_policy_is_replayed_after_the_fix_and_each_effect_h
     assert_eq!(stack.arm.model_updates(&target("production"), &run), 1, "the step's idempotency holds across replays");
     assert_eq!(run_json(&stack, &run).await["status"], "succeeded");
     assert_eq!(stack.broker.count(&parked).await.unwrap().active, 0);
-    stack.stop().await;
+    stack.discard().await;
 }
 
 /// One span as the OTLP receiver decoded it.
@@ -1304,7 +1304,7 @@ async fn one_release_is_one_trace_from_push_to_production_with_its_parent_chain_
     for text in &answers {
         assert!(!secrets.iter().any(|s| text.contains(s.as_str())), "a secret in an answer: {text}");
     }
-    stack.stop().await;
+    stack.discard().await;
 }
 
 /// An Application Insights ingestion endpoint (`POST /v2/track`, gzip JSON envelopes) that keeps
@@ -1442,7 +1442,7 @@ async fn application_insights_gets_one_operation_per_release_under_the_handlers_
     ] {
         assert!(!text.contains(s.as_str()), "a secret reached Application Insights");
     }
-    stack.stop().await;
+    stack.discard().await;
 }
 
 /// The latest value of each (metric, attributes) series the receiver got (the OTLP exporter sends
@@ -1589,7 +1589,7 @@ async fn delivery_metrics_are_right_for_a_failure_a_rollback_and_a_success_in_pr
     assert_eq!(dead.len(), 1, "{dead:#?}");
     assert_eq!(dead[0].attributes.get("faas.name").map(String::as_str), Some("on_push"));
     assert_eq!(dead[0].attributes.get("deploychain.dead_letter.reason").map(String::as_str), Some("MalformedEvent"));
-    stack.stop().await;
+    stack.discard().await;
 }
 
 const JENKINS_POLICY: &str = r#"
@@ -1624,7 +1624,7 @@ async fn a_jenkins_job_builds_the_release_and_its_notification_continues_the_run
     assert!(steps.contains("Jenkins `team/svc`: http://jenkins.local/queue/item/"), "{steps}");
     assert!(steps.contains("build succeeded"), "{steps}");
     assert_eq!(stack.arm.model_updates(&policy_target(JENKINS_POLICY, "staging"), &run), 1);
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1661,7 +1661,7 @@ async fn vm_image_builder_bakes_each_release_from_its_own_template_and_a_failed_
     let text = done.to_string();
     assert!(text.contains("image bake failed") && text.contains("gallery image version quota is exceeded"), "{text}");
     assert!(deployed_stages(&stack, &failed).is_empty(), "nothing rolled out");
-    stack.stop().await;
+    stack.discard().await;
 }
 
 const CONTAINER_POLICY: &str = r#"
@@ -1717,7 +1717,7 @@ async fn an_image_pushed_to_acr_goes_to_staging_aks_is_promoted_by_digest_and_re
     assert_eq!(patches.iter().map(|p| p.path.split('/').nth(1).unwrap().to_string()).collect::<Vec<_>>(), ["aks-staging", "aks-prod"]);
     assert!(patches.iter().all(|p| p.status == 200 && p.body["metadata"]["resourceVersion"].is_string()), "{patches:#?}");
     assert!(done["steps"].to_string().contains("deployed to production"));
-    stack.stop().await;
+    stack.discard().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1733,5 +1733,5 @@ async fn a_rollout_that_never_becomes_available_rolls_the_deployment_back_and_fa
     assert_eq!(stack.kube.image("aks-staging", "shop", "shop").unwrap(), before, "back on the previous ReplicaSet's image");
     assert_eq!(stack.kube.annotations("aks-staging", "shop", "shop")["deploychain.dev/rolledback"], run.as_str());
     assert!(stack.arm.imports().is_empty() && stack.kube.seen().iter().all(|s| !s.path.starts_with("/aks-prod")), "production untouched");
-    stack.stop().await;
+    stack.discard().await;
 }
