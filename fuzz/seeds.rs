@@ -12,11 +12,12 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// Which function takes an event type from the bus (the subscriptions' rules, infra/servicebus.json).
-const TAKEN_BY: [(&str, &str); 6] = [
+const TAKEN_BY: [(&str, &str); 7] = [
     ("dev.deploychain.push.v1", "on_push"),
     ("dev.deploychain.build.completed.v1", "on_build_completed"),
     ("dev.deploychain.image.due.v1", "on_image_due"),
     ("dev.deploychain.image.ready.v1", "on_image_ready"),
+    ("dev.deploychain.deployment.due.v1", "on_deployment_due"),
     ("dev.deploychain.approval.decided.v1", "on_approval"),
     ("dev.deploychain.approval.due.v1", "on_approval_due"),
 ];

@@ -522,12 +522,11 @@ pub(crate) fn lock_next(tx: &Connection, r: &Receiver, dlq: bool, now: i64) -> R
     let Some(row) = query_row(tx, NEXT_DUE, params![r.key, dlq])? else {
         return Ok(None);
     };
-    lock_row(tx, r, row, now, None).map(Some)
+    lock_row(tx, row, now.saturating_add(r.lock_ms), None).map(Some)
 }
 
-fn lock_row(tx: &Connection, r: &Receiver, row: StoredRow, now: i64, session_lock: Option<&str>) -> Result<Message, BusError> {
+fn lock_row(tx: &Connection, row: StoredRow, until: i64, session_lock: Option<&str>) -> Result<Message, BusError> {
     let token = Uuid::new_v4();
-    let until = now.saturating_add(r.lock_ms);
     tx.prepare_cached(
         "UPDATE messages SET lock_token = ?2, locked_until = ?3, delivery_count = delivery_count + 1, session_lock = ?4 WHERE id = ?1",
     )?
@@ -603,6 +602,12 @@ pub(crate) fn settle(
             unlock(tx, r, &row)?;
             Ok(None)
         }
+        // A session message's lock is the session lock: renew that. (The SDK's session receiver
+        // refuses RenewMessageLock: Azure/azure-sdk-for-net Azure.Messaging.ServiceBus
+        // `ServiceBusReceiver.ThrowIfSessionReceiver`.)
+        Settle::Renew if row.session_lock.is_some() => {
+            Err(BusError::InvalidOperation("a session message's lock is its session's: renew the session lock".into()))
+        }
         Settle::Renew => {
             let until = now.saturating_add(r.lock_ms);
             tx.prepare_cached("UPDATE messages SET locked_until = ?2 WHERE id = ?1")?.execute(params![row.id, until])?;
@@ -635,12 +640,13 @@ pub(crate) fn accept_session(tx: &Connection, r: &Receiver, now: i64) -> Result<
     Ok(Some((session_id, token, until)))
 }
 
-fn session_held(tx: &Connection, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<bool, BusError> {
+/// Until when the holder with `token` has the session (`None`: it does not, or no longer).
+fn session_held(tx: &Connection, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<Option<i64>, BusError> {
     let until: Option<i64> = tx
         .prepare_cached("SELECT locked_until FROM sessions WHERE entity = ?1 AND session_id = ?2 AND token = ?3")?
         .query_row(params![r.key, session_id, token.to_string()], |x| x.get(0))
         .optional()?;
-    Ok(until.is_some_and(|u| u > now))
+    Ok(until.filter(|u| *u > now))
 }
 
 /// The next message of the session, strictly in order: none while an earlier one is locked.
@@ -651,9 +657,9 @@ pub(crate) fn session_lock_next(
     token: Uuid,
     now: i64,
 ) -> Result<Option<Message>, BusError> {
-    if !session_held(tx, r, session_id, token, now)? {
+    let Some(session_until) = session_held(tx, r, session_id, token, now)? else {
         return Err(BusError::LockLost);
-    }
+    };
     let Some(row) =
         query_row(tx, "entity = ?1 AND dlq = 0 AND session_id = ?2 AND pending = 0 ORDER BY seq LIMIT 1", params![r.key, session_id])?
     else {
@@ -662,12 +668,14 @@ pub(crate) fn session_lock_next(
     if row.message.lock_token.is_some() {
         return Ok(None);
     }
-    lock_row(tx, r, row, now, Some(&token.to_string())).map(Some)
+    // A session's messages are locked by the session lock: theirs ends when it ends (and is
+    // renewed with it), however late in the session's hold they were received.
+    lock_row(tx, row, session_until, Some(&token.to_string())).map(Some)
 }
 
 /// Extend the session lock and the locks of the messages received under it.
 pub(crate) fn renew_session(tx: &Connection, r: &Receiver, session_id: &str, token: Uuid, now: i64) -> Result<i64, BusError> {
-    if !session_held(tx, r, session_id, token, now)? {
+    if session_held(tx, r, session_id, token, now)?.is_none() {
         return Err(BusError::LockLost);
     }
     let until = now.saturating_add(r.lock_ms);

@@ -150,6 +150,29 @@ async fn a_session_lock_expires_unless_renewed() {
     b.complete(&q("sessions"), again.lock_token.unwrap()).await.unwrap();
 }
 
+/// A session's messages are locked by the session lock (Service Bus's session receivers have no
+/// message lock of their own to renew): a message received late in the hold ends with the session,
+/// not a LockDuration after its receipt.
+#[tokio::test]
+async fn a_session_message_lock_is_the_session_lock() {
+    let b = memory();
+    b.send("sessions", in_session("a1", "A")).await.unwrap();
+    let s = b.accept_session(&q("sessions"), NOW).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let m = b.session_peek_lock(&s, NOW).await.unwrap().unwrap();
+    assert_eq!(m.locked_until, Some(s.locked_until), "the message's lock ends with the session's");
+    assert!(
+        matches!(b.renew_lock(&q("sessions"), m.lock_token.unwrap()).await, Err(BusError::InvalidOperation(_))),
+        "a session message's lock is renewed through its session"
+    );
+    // Nobody renews the session: 1 s after acceptance both lapse, and the next holder gets a1 again.
+    let next = b.accept_session(&q("sessions"), Duration::from_secs(3)).await.unwrap().unwrap();
+    assert_ne!(next.token(), s.token());
+    assert_eq!(b.complete(&q("sessions"), m.lock_token.unwrap()).await, Err(BusError::LockLost), "SessionLockLost for the old holder");
+    let again = b.session_peek_lock(&next, NOW).await.unwrap().unwrap();
+    assert_eq!((text(&again).as_str(), again.delivery_count), ("a1", 2));
+}
+
 #[tokio::test]
 async fn releasing_a_session_hands_its_locked_message_to_the_next_holder() {
     let b = memory();

@@ -36,7 +36,10 @@ fn the_projects_topology_loads_with_its_values() {
 
     let events = t.topic("deploychain-events").unwrap();
     let names: Vec<&str> = events.subscriptions.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["on-push", "on-build-completed", "on-image-due", "on-image-ready", "on-approval", "on-approval-due", "audit"]);
+    assert_eq!(
+        names,
+        ["on-push", "on-build-completed", "on-image-due", "on-image-ready", "on-deployment-due", "on-approval", "on-approval-due", "audit"]
+    );
     let image = events.subscription("on-image-ready").unwrap();
     assert!(image.requires_session && image.dead_lettering_on_message_expiration);
     assert_eq!(image.rules[0].filter, Filter::Correlation(CorrelationFilter::label("dev.deploychain.image.ready.v1")));

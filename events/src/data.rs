@@ -184,6 +184,35 @@ pub struct ImageDue {
     pub deadline: String,
 }
 
+/// A rollout to a stage is due to be looked at again: the scheduled message each step of a
+/// rollout sends for the next one (a model update to follow, a batch to upgrade or gate, a
+/// request to retry after throttling).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentDue {
+    pub app: String,
+    pub stage: String,
+    pub commit: String,
+    /// The artifact being rolled out.
+    pub image: ImageRef,
+    /// The deploy target's resource id (scale set or AKS cluster).
+    pub target: String,
+    /// 1 for the first look, then one more each time.
+    pub look: u32,
+    /// When the rollout started (RFC 3339).
+    pub started: String,
+    /// Where the rollout is: the deploy target adapter's own state, opaque to everything else (a
+    /// JSON object; null before the rollout's first effect).
+    #[serde(default)]
+    pub cursor: serde_json::Value,
+    /// Transient failures in a row this look retries after (0 when none).
+    #[serde(default)]
+    pub retries: u32,
+    /// Since when those failures last (RFC 3339), when `retries` > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+}
+
 /// An immutable image of a run's commit exists and can be deployed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

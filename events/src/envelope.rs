@@ -20,6 +20,7 @@ pub enum EventType {
     ImageRequested,
     ImageDue,
     ImageReady,
+    DeploymentDue,
     DeploymentStarted,
     DeploymentSucceeded,
     DeploymentFailed,
@@ -33,13 +34,14 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 16] = [
+    pub const ALL: [EventType; 17] = [
         EventType::Push,
         EventType::BuildRequested,
         EventType::BuildCompleted,
         EventType::ImageRequested,
         EventType::ImageDue,
         EventType::ImageReady,
+        EventType::DeploymentDue,
         EventType::DeploymentStarted,
         EventType::DeploymentSucceeded,
         EventType::DeploymentFailed,
@@ -61,6 +63,7 @@ impl EventType {
             EventType::ImageRequested => "dev.deploychain.image.requested.v1",
             EventType::ImageDue => "dev.deploychain.image.due.v1",
             EventType::ImageReady => "dev.deploychain.image.ready.v1",
+            EventType::DeploymentDue => "dev.deploychain.deployment.due.v1",
             EventType::DeploymentStarted => "dev.deploychain.deployment.started.v1",
             EventType::DeploymentSucceeded => "dev.deploychain.deployment.succeeded.v1",
             EventType::DeploymentFailed => "dev.deploychain.deployment.failed.v1",
@@ -99,6 +102,7 @@ pub enum EventData {
     BuildCompleted(BuildCompleted),
     ImageRequested(ImageRequested),
     ImageDue(ImageDue),
+    DeploymentDue(DeploymentDue),
     ImageReady(ImageReady),
     DeploymentStarted(Deployment),
     DeploymentSucceeded(Deployment),
@@ -120,6 +124,7 @@ impl EventData {
             EventData::BuildCompleted(_) => EventType::BuildCompleted,
             EventData::ImageRequested(_) => EventType::ImageRequested,
             EventData::ImageDue(_) => EventType::ImageDue,
+            EventData::DeploymentDue(_) => EventType::DeploymentDue,
             EventData::ImageReady(_) => EventType::ImageReady,
             EventData::DeploymentStarted(_) => EventType::DeploymentStarted,
             EventData::DeploymentSucceeded(_) => EventType::DeploymentSucceeded,
@@ -142,6 +147,7 @@ impl EventData {
             EventData::BuildCompleted(d) => &d.app,
             EventData::ImageRequested(d) => &d.app,
             EventData::ImageDue(d) => &d.app,
+            EventData::DeploymentDue(d) => &d.app,
             EventData::ImageReady(d) => &d.app,
             EventData::DeploymentStarted(d)
             | EventData::DeploymentSucceeded(d)
@@ -166,6 +172,7 @@ impl EventData {
             EventData::ApprovalRequested(d) => Some(&d.stage),
             EventData::ApprovalDecided(d) => Some(&d.stage),
             EventData::ApprovalDue(d) => Some(&d.stage),
+            EventData::DeploymentDue(d) => Some(&d.stage),
             EventData::ApprovalChanged(d) => Some(&d.stage),
             _ => None,
         }
@@ -178,6 +185,7 @@ impl EventData {
             EventData::BuildCompleted(d) => serde_json::to_value(d),
             EventData::ImageRequested(d) => serde_json::to_value(d),
             EventData::ImageDue(d) => serde_json::to_value(d),
+            EventData::DeploymentDue(d) => serde_json::to_value(d),
             EventData::ImageReady(d) => serde_json::to_value(d),
             EventData::DeploymentStarted(d)
             | EventData::DeploymentSucceeded(d)
@@ -204,6 +212,7 @@ impl EventData {
             EventType::BuildCompleted => EventData::BuildCompleted(de(ty, v)?),
             EventType::ImageRequested => EventData::ImageRequested(de(ty, v)?),
             EventType::ImageDue => EventData::ImageDue(de(ty, v)?),
+            EventType::DeploymentDue => EventData::DeploymentDue(de(ty, v)?),
             EventType::ImageReady => EventData::ImageReady(de(ty, v)?),
             EventType::DeploymentStarted => EventData::DeploymentStarted(de(ty, v)?),
             EventType::DeploymentSucceeded => EventData::DeploymentSucceeded(de(ty, v)?),

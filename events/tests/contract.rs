@@ -212,6 +212,7 @@ fn commit_of(data: &EventData) -> Option<&str> {
         EventData::ImageRequested(d) => &d.commit,
         EventData::ImageDue(d) => &d.commit,
         EventData::ImageReady(d) => &d.commit,
+        EventData::DeploymentDue(d) => &d.commit,
         EventData::DeploymentStarted(d)
         | EventData::DeploymentSucceeded(d)
         | EventData::DeploymentFailed(d)
@@ -334,6 +335,18 @@ fn data_for(ty: EventType, full: bool) -> EventData {
             commit: COMMIT.into(),
             image,
             branch: full.then(|| "release/2.3".to_string()),
+        }),
+        EventType::DeploymentDue => EventData::DeploymentDue(DeploymentDue {
+            app: APP.into(),
+            stage: "prod-eu".into(),
+            commit: COMMIT.into(),
+            image,
+            target: "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg-api/providers/Microsoft.ContainerService/managedClusters/aks-prod-eu".into(),
+            look: if full { 7 } else { 1 },
+            started: "2026-12-01T07:10:00.000Z".into(),
+            cursor: if full { json!({"phase": "following", "container": "api", "previous": null, "since": "2026-12-01T07:11:02Z"}) } else { Value::Null },
+            retries: if full { 2 } else { 0 },
+            failing_since: full.then(|| "2026-12-01T08:14:30+01:00".to_string()),
         }),
         EventType::DeploymentStarted => EventData::DeploymentStarted(deployment(full, false)),
         EventType::DeploymentSucceeded => EventData::DeploymentSucceeded(deployment(full, false)),
@@ -610,6 +623,22 @@ fn schemas_reject_bad_events() {
     ];
     for (what, mutate) in specific {
         if let Err(e) = assert_refused(&v, &format!("push: {what}"), &push, mutate) {
+            failures.push(e);
+        }
+    }
+
+    // The rollout's cursor is the adapter's own, but always an object (or null before the first effect).
+    let (ty, due) = sample("deployment.due.throttled.json");
+    let v = validator(ty);
+    let specific: Vec<Mutation> = vec![
+        ("look 0", Box::new(|e| e["data"]["look"] = 0.into())),
+        ("cursor that is not an object", Box::new(|e| e["data"]["cursor"] = "gating".into())),
+        ("negative retries", Box::new(|e| e["data"]["retries"] = (-1).into())),
+        ("failingSince not a date-time", Box::new(|e| e["data"]["failingSince"] = "a minute ago".into())),
+        ("started not a date-time", Box::new(|e| e["data"]["started"] = "2026-11-22".into())),
+    ];
+    for (what, mutate) in specific {
+        if let Err(e) = assert_refused(&v, &format!("deployment.due: {what}"), &due, mutate) {
             failures.push(e);
         }
     }

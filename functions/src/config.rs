@@ -289,10 +289,24 @@ pub struct Config {
     pub stuck_after: StuckAfter,
     /// `DEPLOYCHAIN_BAKE_LOOK_EVERY` (default 1m): how often a running image bake is looked at.
     pub bake_look_every: Duration,
+    /// `DEPLOYCHAIN_STEP_BUDGET` (default 30s): the longest one look of a rollout may work, well
+    /// under the message lock (1 minute), `maxAutoLockRenewalDuration` and `functionTimeout`
+    /// (decision 0023). A look that overruns it is cut and retried.
+    pub step_budget: Duration,
+    /// `DEPLOYCHAIN_RETRY_DEADLINE` (default 30m): how long a rollout step retries transient
+    /// failures (throttling, ARM unavailable) before the run gives up and rolls back.
+    pub retry_deadline: Duration,
     pub max_body_bytes: usize,
 }
 
 pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
+
+/// `DEPLOYCHAIN_STEP_BUDGET`'s default: under half the subscriptions' one-minute LockDuration, so
+/// a look ends long before its lock could be lost, and well under host.json's
+/// `maxAutoLockRenewalDuration` and `functionTimeout` (tests/tests/host_config.rs holds them so).
+pub const DEFAULT_STEP_BUDGET: Duration = Duration::from_secs(30);
+/// `DEPLOYCHAIN_RETRY_DEADLINE`'s default.
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 /// The settings that hold secrets (keys, tokens, URLs that carry a key, connection strings). In
 /// Azure each is a Key Vault reference; set but empty, it is refused rather than read as unset.
@@ -508,6 +522,22 @@ impl Config {
                 Duration::from_secs(60)
             }),
         };
+        let mut positive = |setting: &str, default: Duration| match get(setting) {
+            None => default,
+            Some(v) => parse_duration(&v).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+                errs.push(format!("{setting}: `{v}` is not a duration like 30s or 1m"));
+                default
+            }),
+        };
+        let step_budget = positive("DEPLOYCHAIN_STEP_BUDGET", DEFAULT_STEP_BUDGET);
+        let retry_deadline = positive("DEPLOYCHAIN_RETRY_DEADLINE", DEFAULT_RETRY_DEADLINE);
+        if arm.request_timeout >= step_budget {
+            errs.push(format!(
+                "DEPLOYCHAIN_ARM_REQUEST_TIMEOUT: {} is not shorter than DEPLOYCHAIN_STEP_BUDGET ({}): one request would outlive the step",
+                crate::adapters::arm::client::human(arm.request_timeout),
+                crate::adapters::arm::client::human(step_budget)
+            ));
+        }
         let max_body_bytes = match get("DEPLOYCHAIN_MAX_BODY_BYTES") {
             None => DEFAULT_MAX_BODY,
             Some(v) => v.parse().ok().filter(|n| *n >= 1024).unwrap_or_else(|| {
@@ -535,6 +565,8 @@ impl Config {
             notify,
             stuck_after,
             bake_look_every,
+            step_budget,
+            retry_deadline,
             max_body_bytes,
         };
         if errs.is_empty() { Ok(cfg) } else { Err(errs) }
@@ -634,7 +666,7 @@ fn arm_config(get: &dyn Fn(&str) -> Option<String>, errs: &mut Vec<String>) -> A
     };
     let poll_interval = duration("DEPLOYCHAIN_ARM_POLL_INTERVAL", Duration::from_secs(5));
     let health_timeout = duration("DEPLOYCHAIN_HEALTH_TIMEOUT", Duration::from_secs(600));
-    let request_timeout = duration("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT", Duration::from_secs(60));
+    let request_timeout = duration("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT", Duration::from_secs(20));
     ArmConfig { endpoint, credential, poll_interval, health_timeout, request_timeout }
 }
 
@@ -783,6 +815,23 @@ mod tests {
         assert_eq!(arm.poll_interval, Duration::from_millis(50));
         assert_eq!(arm.health_timeout, Duration::from_secs(30));
         assert!(!format!("{c:?}").contains("local-bearer-value"));
+    }
+
+    #[test]
+    fn a_step_budget_must_leave_room_for_one_arm_request() {
+        let c = arm_with(&[]).expect("valid");
+        assert_eq!((c.step_budget, c.retry_deadline), (DEFAULT_STEP_BUDGET, DEFAULT_RETRY_DEADLINE));
+        assert!(c.arm.request_timeout < c.step_budget);
+        let c = arm_with(&[("DEPLOYCHAIN_STEP_BUDGET", "3s"), ("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT", "2s")]).expect("valid");
+        assert_eq!(c.step_budget, Duration::from_secs(3));
+        let errs = arm_with(&[("DEPLOYCHAIN_STEP_BUDGET", "10s")]).err().unwrap_or_default();
+        assert!(
+            errs.iter().any(|e| e.starts_with("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT:") && e.contains("DEPLOYCHAIN_STEP_BUDGET")),
+            "{errs:?}"
+        );
+        let errs = arm_with(&[("DEPLOYCHAIN_STEP_BUDGET", "0s"), ("DEPLOYCHAIN_RETRY_DEADLINE", "soon")]).err().unwrap_or_default();
+        assert!(errs.iter().any(|e| e.starts_with("DEPLOYCHAIN_STEP_BUDGET:")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("DEPLOYCHAIN_RETRY_DEADLINE:")), "{errs:?}");
     }
 
     #[test]

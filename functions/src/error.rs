@@ -2,6 +2,8 @@
 //!
 //! - [`Error::Transient`]: something we depend on is down. A trigger invocation fails (non-2xx to
 //!   the host), so the message is abandoned and redelivered; an HTTP caller gets 503 and retries.
+//!   [`Error::Throttled`] is the same with the wait the service asked for (`Retry-After`): a step
+//!   that owns its retries (a rollout's) schedules itself again after it instead.
 //! - every other variant is permanent: the same input will never succeed. An HTTP caller gets the
 //!   matching 4xx; a Service Bus message is parked with the variant's reason on first sight (see
 //!   `docs/decisions/0002-permanent-failures-are-parked.md`) instead of being retried ten times.
@@ -12,6 +14,9 @@
 pub enum Error {
     #[error("temporarily unavailable: {0}")]
     Transient(String),
+    /// Transient, and the service said how long to wait (`Retry-After`).
+    #[error("temporarily unavailable: {0} (retry after {after})", after = crate::adapters::arm::client::human(*.1))]
+    Throttled(String, std::time::Duration),
     #[error("malformed input: {0}")]
     Malformed(String),
     #[error("unauthorized: {0}")]
@@ -37,12 +42,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Transient(_))
+        matches!(self, Error::Transient(_) | Error::Throttled(..))
+    }
+
+    /// The wait the service asked for, when it named one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Throttled(_, after) => Some(*after),
+            _ => None,
+        }
     }
 
     pub fn status(&self) -> u16 {
         match self {
-            Error::Transient(_) => 503,
+            Error::Transient(_) | Error::Throttled(..) => 503,
             Error::Malformed(_) => 400,
             Error::Unauthorized(_) => 401,
             Error::Forbidden(_) => 403,
@@ -58,7 +71,7 @@ impl Error {
     /// The `DeadLetterReason`-style code written on a parked message.
     pub fn park_reason(&self) -> &'static str {
         match self {
-            Error::Transient(_) => "Transient",
+            Error::Transient(_) | Error::Throttled(..) => "Transient",
             Error::Malformed(_) => "MalformedEvent",
             Error::Unauthorized(_) => "Unauthorized",
             Error::Forbidden(_) => "Forbidden",
@@ -75,6 +88,7 @@ impl Error {
     pub fn detail(&self) -> &str {
         match self {
             Error::Transient(s)
+            | Error::Throttled(s, _)
             | Error::Malformed(s)
             | Error::Unauthorized(s)
             | Error::Forbidden(s)

@@ -57,6 +57,7 @@ pub const FUNCTIONS: &[(&str, Trigger)] = &[
     ("on_push", Trigger::ServiceBus),
     ("on_build_completed", Trigger::ServiceBus),
     ("on_image_due", Trigger::ServiceBus),
+    ("on_deployment_due", Trigger::ServiceBus),
     ("on_image_ready", Trigger::ServiceBus),
     ("on_approval", Trigger::ServiceBus),
     ("on_approval_due", Trigger::ServiceBus),
@@ -82,6 +83,7 @@ const BUS_FUNCTION_JSON: &[(&str, &str)] = &[
     ("on_push", include_str!("../on_push/function.json")),
     ("on_build_completed", include_str!("../on_build_completed/function.json")),
     ("on_image_due", include_str!("../on_image_due/function.json")),
+    ("on_deployment_due", include_str!("../on_deployment_due/function.json")),
     ("on_image_ready", include_str!("../on_image_ready/function.json")),
     ("on_approval", include_str!("../on_approval/function.json")),
     ("on_approval_due", include_str!("../on_approval_due/function.json")),
@@ -161,6 +163,10 @@ pub fn app(state: AppState) -> Router {
             post(|s, h, b| bus_fn(s, h, b, "on_build_completed", |s, m| Box::pin(steps::on_build_completed::handle(s, m)))),
         )
         .route("/on_image_due", post(|s, h, b| bus_fn(s, h, b, "on_image_due", |s, m| Box::pin(steps::on_image_due::handle(s, m)))))
+        .route(
+            "/on_deployment_due",
+            post(|s, h, b| bus_fn(s, h, b, "on_deployment_due", |s, m| Box::pin(steps::on_deployment_due::handle(s, m)))),
+        )
         .route("/on_image_ready", post(|s, h, b| bus_fn(s, h, b, "on_image_ready", |s, m| Box::pin(steps::on_image_ready::handle(s, m)))))
         .route("/on_approval", post(|s, h, b| bus_fn(s, h, b, "on_approval", |s, m| Box::pin(steps::on_approval::handle(s, m)))))
         .route(
@@ -284,8 +290,9 @@ fn invocation_id(h: &axum::http::HeaderMap) -> String {
 
 pub fn error_response(e: &Error) -> HttpResponse {
     let mut res = HttpResponse::json(e.status(), &serde_json::json!({ "error": e.to_string() }));
-    if matches!(e, Error::Transient(_)) {
-        res = res.with_header("Retry-After", "10");
+    if e.is_transient() {
+        let secs = e.retry_after().map(|d| d.as_secs_f64().ceil() as u64).unwrap_or(10).max(1);
+        res = res.with_header("Retry-After", &secs.to_string());
     }
     res
 }

@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The subscriptions of the chain's topic (`infra/servicebus.json`): where dead letters collect.
-pub const SUBSCRIPTIONS: [&str; 7] =
-    ["on-push", "on-build-completed", "on-image-due", "on-image-ready", "on-approval", "on-approval-due", "audit"];
+pub const SUBSCRIPTIONS: [&str; 8] =
+    ["on-push", "on-build-completed", "on-image-due", "on-image-ready", "on-deployment-due", "on-approval", "on-approval-due", "audit"];
 
 /// One message that was set aside.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -109,6 +109,7 @@ fn every_service_bus_trigger_has_its_subscription_and_filter_in_the_topology() {
         ("on_push", "dev.deploychain.push.v1"),
         ("on_build_completed", "dev.deploychain.build.completed.v1"),
         ("on_image_ready", "dev.deploychain.image.ready.v1"),
+        ("on_deployment_due", "dev.deploychain.deployment.due.v1"),
         ("on_approval", "dev.deploychain.approval.decided.v1"),
     ];
     for (name, ty) in expected {
@@ -126,7 +127,7 @@ fn every_service_bus_trigger_has_its_subscription_and_filter_in_the_topology() {
         assert_eq!(subscriber(ty), Some(name), "the test bus routes like the topology");
     }
     // Deploys to one stage are serialized: the deploying subscriptions use sessions.
-    for name in ["on_image_ready", "on_approval"] {
+    for name in ["on_image_ready", "on_deployment_due", "on_approval"] {
         assert_eq!(function_json(name)["bindings"][0]["isSessionsEnabled"], true);
     }
 }

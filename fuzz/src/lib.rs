@@ -151,7 +151,7 @@ pub fn http_result(host_status: u16, body: &[u8]) -> (u16, String) {
 pub const WEBHOOK_EVENTS: [&str; 8] = ["push", "workflow_run", "ping", "registry_package", "package", "check_suite", "create", "Push"];
 
 /// The functions the envelope target posts to (its first byte picks).
-pub const ENVELOPE_FUNCTIONS: [&str; 14] = [
+pub const ENVELOPE_FUNCTIONS: [&str; 15] = [
     "github_webhook",
     "azure_devops_webhook",
     "jenkins_webhook",
@@ -163,6 +163,7 @@ pub const ENVELOPE_FUNCTIONS: [&str; 14] = [
     "on_build_completed",
     "on_image_due",
     "on_image_ready",
+    "on_deployment_due",
     "on_approval",
     "on_approval_due",
     "watchdog",

@@ -13,6 +13,7 @@ var steps = [
   { name: 'on-build-completed', label: 'dev.deploychain.build.completed.v1', sessions: false }
   { name: 'on-image-due', label: 'dev.deploychain.image.due.v1', sessions: false }
   { name: 'on-image-ready', label: 'dev.deploychain.image.ready.v1', sessions: true }
+  { name: 'on-deployment-due', label: 'dev.deploychain.deployment.due.v1', sessions: true }
   { name: 'on-approval', label: 'dev.deploychain.approval.decided.v1', sessions: true }
   { name: 'on-approval-due', label: 'dev.deploychain.approval.due.v1', sessions: true }
 ]

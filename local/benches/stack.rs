@@ -536,7 +536,8 @@ async fn waiting(releases: usize, scale: u32) {
     opts.arm.operation_time = azure(30);
     opts.arm.upgrade_time = azure(4 * 60);
     opts.arm.health_delay = azure(60);
-    opts.arm.poll_interval = azure(5).max(Duration::from_millis(1));
+    // A look is a scheduled message: a second at the soonest, whatever the scale.
+    opts.arm.poll_interval = azure(5).max(Duration::from_secs(1));
     opts.arm.health_timeout = azure(10 * 60);
     opts.extra_settings.retain(|(k, _)| k != "DEPLOYCHAIN_BAKE_LOOK_EVERY");
     opts.extra_settings.push(("DEPLOYCHAIN_BAKE_LOOK_EVERY".into(), format!("{}ms", azure(60).as_millis().max(1))));
@@ -661,7 +662,8 @@ async fn throughput(apps: usize, rounds: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let counts = stack.host.invocations();
-    let bus_fns = ["on_push", "on_build_completed", "on_image_due", "on_image_ready", "on_approval", "on_approval_due"];
+    let bus_fns =
+        ["on_push", "on_build_completed", "on_image_due", "on_image_ready", "on_deployment_due", "on_approval", "on_approval_due"];
     let (mut invoked, mut failed, mut completed, mut abandoned) = (0, 0, 0, 0);
     for (f, c) in &counts {
         invoked += c.answered;

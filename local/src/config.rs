@@ -32,12 +32,22 @@
 //! times = 1                       # how many matching requests (default 1), after `skip` (default 0)
 //! # instead of status: delay = "90s" (hold the answer), operation = "Failed" (its long-running
 //! # operation ends Failed with code/message), concurrent_write = true (the ETag moves first)
+//!
+//! [settings]                      # app settings added to the function app's, as an operator adds them
+//! # Azure's limits at a smaller scale: app settings named AzureFunctionsJobHost__path__to__setting
+//! # override host.json values, locally as in Azure (learn.microsoft.com/azure/azure-functions/
+//! # functions-host-json#override-hostjson-values)
+//! AzureFunctionsJobHost__functionTimeout = "00:00:06"
+//! AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration = "00:00:06"
 //! ```
+//!
+//! `deploychain up --config PATH` reads another file instead (which must exist).
 
 use crate::arm::{ArmSimConfig, Fault, FaultAction};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -81,6 +91,9 @@ pub struct LocalConfig {
     pub sim: SimConfig,
     pub arm: ArmSimConfig,
     pub watchdog: WatchdogConfig,
+    /// `[settings]`: app settings added to the function app's (after the stack's own, so they
+    /// win), in name order. `AzureFunctionsJobHost__…` ones override host.json as in Azure.
+    pub settings: Vec<(String, String)>,
 }
 
 #[derive(Deserialize, Default)]
@@ -92,6 +105,8 @@ struct File {
     arm: Option<ArmFile>,
     #[serde(default)]
     watchdog: Option<WatchdogFile>,
+    #[serde(default)]
+    settings: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -168,11 +183,20 @@ pub fn parse_delay(s: &str) -> Option<Duration> {
 impl LocalConfig {
     /// Read `path`; a missing file is the defaults. Every error names the key.
     pub fn load(path: &Path) -> Result<LocalConfig> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(_) => return Ok(LocalConfig::default()),
-        };
-        let f: File = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        match std::fs::read_to_string(path) {
+            Ok(text) => LocalConfig::parse(path, &text),
+            Err(_) => Ok(LocalConfig::default()),
+        }
+    }
+
+    /// Read `path`, which must exist (`deploychain up --config PATH`).
+    pub fn load_required(path: &Path) -> Result<LocalConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("the local configuration {}", path.display()))?;
+        LocalConfig::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<LocalConfig> {
+        let f: File = toml::from_str(text).with_context(|| format!("{}", path.display()))?;
         let at = |key: &str| format!("{}: {key}", path.display());
         let delay = |v: &Option<String>, key: &str, default: Duration| -> Result<Duration> {
             match v {
@@ -218,7 +242,14 @@ impl LocalConfig {
         let w = f.watchdog.unwrap_or_default();
         let d = WatchdogConfig::default();
         let watchdog = WatchdogConfig { schedule: w.schedule.unwrap_or(d.schedule), stuck_after: w.stuck_after.unwrap_or(d.stuck_after) };
-        Ok(LocalConfig { sim, arm, watchdog })
+        let settings: Vec<(String, String)> = f.settings.into_iter().collect();
+        if let Some((name, _)) = settings.iter().find(|(k, _)| k.trim().is_empty() || k.contains('=')) {
+            bail!("{}: `{name}` is not an app setting name", at("settings"));
+        }
+        // host.json overrides are checked now, as the host checks them at start, before the
+        // (long) package build.
+        crate::host::app::check_host_overrides(&settings).map_err(|e| anyhow!("{}: {e:#}", at("settings")))?;
+        Ok(LocalConfig { sim, arm, watchdog, settings })
     }
 }
 
@@ -309,6 +340,51 @@ code = "GalleryImageNotFound"
         assert_eq!(c.arm.faults[0].times, 2);
         assert!(matches!(&c.arm.faults[0].action, FaultAction::Answer { status: 429, headers, .. } if headers[0].1 == "2"));
         assert!(matches!(&c.arm.faults[1].action, FaultAction::FailOperation(e) if e["code"] == "GalleryImageNotFound"));
+    }
+
+    #[test]
+    fn settings_become_app_settings_and_host_json_overrides_are_checked() {
+        let c = load(
+            r#"
+[settings]
+AzureFunctionsJobHost__functionTimeout = "00:00:06"
+AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration = "00:00:06"
+RUST_LOG = "debug"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.settings,
+            [
+                ("AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration".to_string(), "00:00:06".to_string()),
+                ("AzureFunctionsJobHost__functionTimeout".to_string(), "00:00:06".to_string()),
+                ("RUST_LOG".to_string(), "debug".to_string()),
+            ]
+        );
+        assert!(load("").expect("empty").settings.is_empty());
+        let e = load("[settings]\nAzureFunctionsJobHost__functionTimeout = \"six seconds\"\n")
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            e.contains("settings") && e.contains("app setting AzureFunctionsJobHost__functionTimeout") && e.contains("six seconds"),
+            "{e}"
+        );
+        let e = load("[settings]\nAzureFunctionsJobHost__extensions__serviceBus__maxConcurrentCalls = \"0\"\n")
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("maxConcurrentCalls"), "{e}");
+        let e = load("[settings]\nMAX = 4\n").err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(e.contains("MAX = 4") && e.contains("expected a string"), "app settings are text: {e}");
+    }
+
+    #[test]
+    fn a_config_file_named_on_the_command_line_must_exist() {
+        let missing = std::env::temp_dir().join(format!("deploychain-no-such-{}.toml", uuid::Uuid::new_v4().simple()));
+        let e = LocalConfig::load_required(&missing).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        assert!(LocalConfig::load(&missing).is_ok(), "the default file is optional");
     }
 
     #[test]

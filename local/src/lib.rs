@@ -23,10 +23,11 @@ pub const USAGE: &str = "\
 deploychain — the deployment chain on one machine
 
   deploychain up [--port 7071] [--bus-port 7072] [--arm-port 7073] [--status-port 7070] [--data-dir DIR] [--policy FILE]
-                 [--reset] [--package ZIP | --handler PATH]
+                 [--config FILE] [--reset] [--package ZIP | --handler PATH]
       package the function app as `deploychain package` does (or take ZIP, or package the handler at
       PATH) and run it from that zip: the local Functions host, the embedded Service Bus, the local ARM
-      endpoint with the policy's scale sets and the simulators; show runs as they go
+      endpoint with the policy's scale sets and the simulators; show runs as they go. The local
+      configuration is ./deploychain.local.toml in the repository root if there is one, or FILE
   deploychain send github EVENT [FILE]     sign FILE with the local secret and POST it as a GitHub webhook
                                            (`send github push` without FILE pushes a new commit to the
                                            first GitHub app of the policy; --branch NAME to choose,

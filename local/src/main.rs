@@ -71,7 +71,11 @@ async fn up(args: &Args) -> Result<()> {
     let data = data_dir(args, &repo);
     // Every argument and the local configuration are checked before the (long) package build.
     let ports = (port(args, "port", 7071)?, port(args, "bus-port", 7072)?, port(args, "arm-port", 7073)?, port(args, "status-port", 7070)?);
-    let local = LocalConfig::load(&repo.join("deploychain.local.toml"))?;
+    // deploychain.local.toml in the repository root (optional), or the file --config names (required).
+    let local = match args.flags.get("config") {
+        Some(path) => LocalConfig::load_required(std::path::Path::new(path))?,
+        None => LocalConfig::load(&repo.join("deploychain.local.toml"))?,
+    };
     let policy = args.flags.get("policy").map(PathBuf::from).unwrap_or_else(|| repo.join("policy.toml"));
     if args.switches.contains("reset") && data.exists() {
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
@@ -89,8 +93,12 @@ async fn up(args: &Args) -> Result<()> {
         sim: local.sim,
         arm: local.arm,
         watchdog: local.watchdog,
-        // The handler exports spans when the developer's shell names a collector.
-        extra_settings: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_") || k == "APPLICATIONINSIGHTS_CONNECTION_STRING").collect(),
+        // The handler exports spans when the developer's shell names a collector; then the
+        // configuration's [settings] (e.g. Azure's limits as host.json overrides).
+        extra_settings: std::env::vars()
+            .filter(|(k, _)| k.starts_with("OTEL_") || k == "APPLICATIONINSIGHTS_CONNECTION_STRING")
+            .chain(local.settings)
+            .collect(),
     };
     let stack = Stack::start(opts).await?;
     let mut rx = stack.progress.subscribe();

@@ -40,6 +40,7 @@ pub fn describe(ev: &DeployEvent) -> String {
         EventData::ImageRequested(i) => format!("image requested from {} ({})", i.source, i.destination),
         EventData::ImageDue(d) => format!("looking at the bake {} (look {})", d.bake.rsplit('/').next().unwrap_or(&d.bake), d.attempt),
         EventData::ImageReady(i) => format!("image ready {}", i.image.id),
+        EventData::DeploymentDue(d) => format!("rolling out to {}: look {}", d.stage, d.look),
         EventData::DeploymentStarted(d) => format!("deploying to {} ({})", d.stage, d.target.rsplit('/').next().unwrap_or_default()),
         EventData::DeploymentSucceeded(d) => format!("deployed to {}", d.stage),
         EventData::DeploymentFailed(d) => format!("deployment to {} FAILED: {}", d.stage, d.reason.as_deref().unwrap_or("")),

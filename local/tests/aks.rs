@@ -84,22 +84,22 @@ fn patches(kube: &LocalKube) -> usize {
 #[tokio::test]
 async fn a_rollout_by_digest_is_fenced_against_older_runs_and_resumed_on_redelivery() {
     let (_arm, kube, aks) = setup().await;
-    assert_eq!(aks.deploy(&request("shop-555555555555", 5, 5)).await.unwrap(), DeployOutcome::Succeeded);
+    assert_eq!(deploy(&aks, &request("shop-555555555555", 5, 5)).await.unwrap(), DeployOutcome::Succeeded);
     assert_eq!(kube.image("aks-staging", "shop", "shop").unwrap(), format!("{DEV}@{}", digest(5)));
     assert_eq!(kube.annotations("aks-staging", "shop", "shop")["deploychain.dev/sequence"], "5");
     assert_eq!(patches(&kube), 1);
     // A redelivery of the same run: followed again, not patched again.
-    assert_eq!(aks.deploy(&request("shop-555555555555", 5, 5)).await.unwrap(), DeployOutcome::Succeeded);
+    assert_eq!(deploy(&aks, &request("shop-555555555555", 5, 5)).await.unwrap(), DeployOutcome::Succeeded);
     assert_eq!(patches(&kube), 1);
     // An older run's image never replaces a newer run's.
-    match aks.deploy(&request("shop-444444444444", 4, 4)).await.unwrap() {
+    match deploy(&aks, &request("shop-444444444444", 4, 4)).await.unwrap() {
         DeployOutcome::Stale { reason } => assert!(reason.contains("shop-555555555555"), "{reason}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(patches(&kube), 1);
     assert_eq!(kube.image("aks-staging", "shop", "shop").unwrap(), format!("{DEV}@{}", digest(5)));
     // A newer one does, and its rollback would go back to the image before it.
-    assert_eq!(aks.deploy(&request("shop-666666666666", 6, 6)).await.unwrap(), DeployOutcome::Succeeded);
+    assert_eq!(deploy(&aks, &request("shop-666666666666", 6, 6)).await.unwrap(), DeployOutcome::Succeeded);
     assert_eq!(kube.annotations("aks-staging", "shop", "shop")["deploychain.dev/previous-run"], "shop-555555555555");
     // The patches were strategic merges carrying the version they read.
     let p = kube.seen().into_iter().filter(|s| s.method == "PATCH").collect::<Vec<_>>();
@@ -113,7 +113,7 @@ async fn promotion_imports_by_digest_only_when_the_stage_has_another_registry() 
     arm.push_image(&registry("contosodev"), &format!("shop@{}", digest(7))).unwrap();
     let mut req = request("shop-777777777777", 7, 7);
     req.registry = Some(registry("contosoprod"));
-    assert_eq!(aks.deploy(&req).await.unwrap(), DeployOutcome::Succeeded);
+    assert_eq!(deploy(&aks, &req).await.unwrap(), DeployOutcome::Succeeded);
     let imports = arm.imports();
     assert_eq!(imports.len(), 1);
     assert_eq!(imports[0]["sourceImage"], format!("shop@{}", digest(7)));
@@ -121,14 +121,14 @@ async fn promotion_imports_by_digest_only_when_the_stage_has_another_registry() 
     // An image not in the source registry cannot be imported: refused with ACR's words.
     let mut req = request("shop-888888888888", 8, 8);
     req.registry = Some(registry("contosoprod"));
-    match aks.deploy(&req).await {
+    match deploy(&aks, &req).await {
         Err(Error::Refused(m)) => assert!(m.contains("importing shop@") && m.contains("not found in the source registry"), "{m}"),
         other => panic!("{other:?}"),
     }
     // The stage's registry is the image's own: nothing to import.
     let mut req = request("shop-999999999999", 9, 9);
     req.registry = Some(registry("contosodev"));
-    assert_eq!(aks.deploy(&req).await.unwrap(), DeployOutcome::Succeeded);
+    assert_eq!(deploy(&aks, &req).await.unwrap(), DeployOutcome::Succeeded);
     assert_eq!(arm.imports().len(), 1);
 }
 
@@ -137,8 +137,16 @@ async fn a_deployment_that_does_not_exist_is_refused_by_name() {
     let (_arm, _kube, aks) = setup().await;
     let mut req = request("shop-aaaaaaaaaaaa", 1, 1);
     req.kubernetes = Some(KubeTarget { namespace: "shop".into(), deployment: "cart".into(), container: None });
-    match aks.deploy(&req).await {
+    match deploy(&aks, &req).await {
         Err(Error::Refused(m)) => assert!(m.contains("shop/cart") && m.contains("404"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// The whole rollout, look after look (what the chain does with a scheduled message per look).
+async fn deploy<C: deploychain_functions::adapters::Compute + ?Sized>(
+    compute: &C,
+    req: &deploychain_functions::adapters::DeployRequest,
+) -> deploychain_functions::error::Result<DeployOutcome> {
+    deploychain_functions::adapters::drive(compute, req, 10_000).await.map(|(o, _)| o)
 }

@@ -9,7 +9,7 @@
 use deploychain::arm::{ArmSimConfig, Fault, FaultAction, LocalArm, Request};
 use deploychain_events::{ImageKind, ImageRef};
 use deploychain_functions::adapters::arm::{ArmCompute, ArmOptions, RetryPolicy, StaticToken};
-use deploychain_functions::adapters::{Compute, DeployOutcome, DeployRequest};
+use deploychain_functions::adapters::{DeployOutcome, DeployRequest};
 use deploychain_functions::config::Secret;
 use deploychain_functions::policy::{Check, DeployMode};
 use serde_json::{Value, json};
@@ -200,7 +200,7 @@ fn paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
 #[tokio::test]
 async fn manual_rollout_upgrades_in_batches_behind_the_health_gate() {
     let stub = Stub::start(manual_scale_set("1.0.1", deployed_by(RUN_OLD, 1, "1.0.1")), 3).await;
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 2)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 2)).await.unwrap();
     assert_eq!(outcome, DeployOutcome::Succeeded);
 
     let log = stub.log();
@@ -256,10 +256,10 @@ async fn rolling_policy_waits_for_the_rolling_upgrade_then_gates() {
     vmss["properties"]["upgradePolicy"]["mode"] = "Rolling".into();
     let stub = Stub::start(vmss, 2).await;
     // An earlier rollout's upgrade is the latest one until the PATCH starts a new one.
-    let earlier = stub.compute().deploy(&request_for(&stub, "web-0000000000ff", "1.0.1", 1, 1)).await.unwrap();
+    let earlier = deploy(&stub.compute(), &request_for(&stub, "web-0000000000ff", "1.0.1", 1, 1)).await.unwrap();
     assert_eq!(earlier, DeployOutcome::Succeeded);
     let before = stub.log().len();
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     assert_eq!(outcome, DeployOutcome::Succeeded);
     let log = stub.log()[before..].to_vec();
     assert_eq!(story(&log), ["rolling upgrade", "PATCH model", "rolling upgrade", "health 0", "health 1", "check"]);
@@ -280,7 +280,7 @@ async fn a_faulted_rolling_upgrade_rolls_back() {
             "Rolling upgrade stopped: too many unhealthy instances",
         )
         .unwrap();
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     let DeployOutcome::RolledBack { reason, restored } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("Faulted") && reason.contains("MaxUnhealthyInstancePercentExceededInRollingUpgrade"), "{reason}");
     assert_eq!(restored.map(|r| r.id), Some(image("1.0.1")));
@@ -290,7 +290,7 @@ async fn a_faulted_rolling_upgrade_rolls_back() {
 #[tokio::test]
 async fn redeploying_the_same_run_and_artifact_writes_nothing() {
     let stub = Stub::start(manual_scale_set("1.0.2", deployed_by(RUN, 2, "1.0.2")), 3).await;
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     assert_eq!(outcome, DeployOutcome::Succeeded);
     let log = stub.log();
     assert!(writes(&log).is_empty(), "wrote: {:?}", writes(&log).iter().map(|l| format!("{} {}", l.method, l.path)).collect::<Vec<_>>());
@@ -305,13 +305,13 @@ async fn a_redelivered_rollout_resumes_without_repeating_the_model_update() {
     stub.fault(Fault::error("POST", "/manualUpgrade", 503, "ServiceUnavailable", "try later").skipping(1).times(4));
     let compute = stub.compute();
     let req = request(&stub, "1.0.2", 2, 1);
-    let err = compute.deploy(&req).await.unwrap_err();
+    let err = deploy(&compute, &req).await.unwrap_err();
     assert!(err.is_transient() && err.to_string().contains("ServiceUnavailable"), "{err}");
     assert_eq!(stub.latest(), 1, "one batch done");
 
     // The message is redelivered: the tags say this run's model is in place, so the rollout goes on.
     let before = stub.log().len();
-    assert_eq!(compute.deploy(&req).await.unwrap(), DeployOutcome::Succeeded);
+    assert_eq!(deploy(&compute, &req).await.unwrap(), DeployOutcome::Succeeded);
     let log = stub.log();
     assert_eq!(story(&log[before..]), ["upgrade 1", "health 1", "check", "upgrade 2", "health 2", "check"]);
     assert!(!log[before..].iter().any(|l| l.method == "PATCH"), "the model update is not repeated");
@@ -321,7 +321,7 @@ async fn a_redelivered_rollout_resumes_without_repeating_the_model_update() {
 #[tokio::test]
 async fn an_older_run_is_refused_as_stale_without_writing() {
     let stub = Stub::start(manual_scale_set("1.0.5", deployed_by("web-5555555555ee", 5, "1.0.5")), 2).await;
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     let DeployOutcome::Stale { reason } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("web-5555555555ee") && reason.contains("5 > 2"), "{reason}");
     let log = stub.log();
@@ -334,7 +334,7 @@ async fn a_412_rereads_the_scale_set_and_retries_with_the_fresh_etag() {
     let stub = Stub::start(manual_scale_set("1.0.1", deployed_by(RUN_OLD, 1, "1.0.1")), 1).await;
     // Between our GET and our PATCH another writer changes the scale set.
     stub.fault(Fault::new("PATCH", "web-staging", FaultAction::ConcurrentWrite));
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     assert_eq!(outcome, DeployOutcome::Succeeded);
     let log = stub.log();
     let model: Vec<&Request> = log.iter().filter(|l| l.path == VMSS).collect();
@@ -352,7 +352,7 @@ async fn throttling_and_server_errors_are_retried_honouring_retry_after() {
     stub.fault(Fault::error("GET", "web-staging", 429, "TooManyRequests", "throttled").with_header("retry-after", "1"));
     stub.fault(Fault::error("GET", "web-staging", 500, "InternalServerError", "oops").with_header("x-ms-retry-after-ms", "150"));
     stub.fault(Fault::error("POST", "/manualUpgrade", 503, "ServiceUnavailable", "busy"));
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     assert_eq!(outcome, DeployOutcome::Succeeded);
     let log = stub.log();
     let gets: Vec<&Request> = log.iter().filter(|l| l.method == "GET" && l.path == VMSS).collect();
@@ -373,7 +373,7 @@ async fn a_model_update_that_ends_failed_reports_arm_error_and_rolls_back() {
         "web-staging",
         FaultAction::FailOperation(error_detail("GalleryImageNotFound", "The gallery image version 1.0.2 is not replicated to westus.")),
     ));
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     let DeployOutcome::RolledBack { reason, restored } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("GalleryImageNotFound") && reason.contains("not replicated to westus"), "{reason}");
     assert!(reason.contains("Failed"), "{reason}");
@@ -392,7 +392,7 @@ async fn an_unhealthy_instance_rolls_back_to_the_previous_image() {
     let compute = stub.compute();
     let req = request(&stub, "1.0.3", 3, 2);
     let started = std::time::Instant::now();
-    let outcome = compute.deploy(&req).await.unwrap();
+    let outcome = deploy(&compute, &req).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));
     let DeployOutcome::RolledBack { reason, restored } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("batch 1 of 2") && reason.contains("web-staging_0 is HealthState/unhealthy"), "{reason}");
@@ -422,7 +422,7 @@ async fn an_unhealthy_instance_rolls_back_to_the_previous_image() {
 
     // Delivered again, the same rollout answers the same without touching the scale set.
     let before = stub.log().len();
-    let again = compute.deploy(&req).await.unwrap();
+    let again = deploy(&compute, &req).await.unwrap();
     assert!(matches!(again, DeployOutcome::RolledBack { restored: Some(ref r), .. } if r.id == image("1.0.1")), "{again:?}");
     assert!(writes(&stub.log()[before..]).is_empty());
 }
@@ -431,7 +431,7 @@ async fn an_unhealthy_instance_rolls_back_to_the_previous_image() {
 async fn a_failing_acceptance_check_rolls_back() {
     let stub = Stub::start(manual_scale_set("1.0.1", deployed_by(RUN_OLD, 1, "1.0.1")), 2).await;
     stub.arm.set_failing_checks("web-staging", true);
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 2)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 2)).await.unwrap();
     let DeployOutcome::RolledBack { reason, restored } = outcome else { panic!("{outcome:?}") };
     assert!(
         reason.contains("acceptance check") && reason.contains("answered 500, expected 200") && reason.contains("2 attempts"),
@@ -452,7 +452,7 @@ async fn a_failed_rollback_is_failed_naming_both_failures() {
     let compute = stub.compute();
     // Let the deploy PATCH through, then refuse the rollback's.
     stub.fault(Fault::error("PATCH", "web-staging", 400, "InvalidParameter", "Image 1.0.1 was deleted.").skipping(1));
-    let outcome = compute.deploy(&request(&stub, "1.0.3", 3, 1)).await.unwrap();
+    let outcome = deploy(&compute, &request(&stub, "1.0.3", 3, 1)).await.unwrap();
     let DeployOutcome::Failed { reason } = outcome else { panic!("{outcome:?}") };
     assert!(
         reason.contains("HealthState/unhealthy") && reason.contains("rollback failed") && reason.contains("InvalidParameter"),
@@ -475,7 +475,7 @@ async fn a_vm_application_stage_patches_the_application_profile() {
     let mut req = request(&stub, "unused", 2, 1);
     req.mode = DeployMode::VmApplication;
     req.image = ImageRef { kind: ImageKind::GalleryApplicationVersion, id: next.clone(), version: Some("1.1".into()), digest: None };
-    let outcome = stub.compute().deploy(&req).await.unwrap();
+    let outcome = deploy(&stub.compute(), &req).await.unwrap();
     assert_eq!(outcome, DeployOutcome::Succeeded);
 
     let log = stub.log();
@@ -502,7 +502,7 @@ async fn a_mismatched_artifact_is_refused_before_any_request() {
     let stub = Stub::start(manual_scale_set("1.0.1", json!({})), 1).await;
     let mut req = request(&stub, "1.0.2", 2, 1);
     req.mode = DeployMode::VmApplication;
-    let outcome = stub.compute().deploy(&req).await.unwrap();
+    let outcome = deploy(&stub.compute(), &req).await.unwrap();
     assert!(
         matches!(&outcome, DeployOutcome::Failed { reason } if reason.contains("vm-application") && reason.contains("nothing changed")),
         "{outcome:?}"
@@ -521,7 +521,7 @@ async fn tokens_never_appear_in_errors() {
         &format!("The client with token 'Bearer {TOKEN}' does not have authorization to perform action 'Microsoft.Compute/virtualMachineScaleSets/write'."),
     ));
     stub.fault(Fault::error("GET", "web-staging", 500, "InternalServerError", TOKEN));
-    let outcome = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap();
+    let outcome = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap();
     let DeployOutcome::Failed { reason } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("AuthorizationFailed") && reason.contains("nothing changed"), "{reason}");
     assert!(!reason.contains(TOKEN), "{reason}");
@@ -529,8 +529,16 @@ async fn tokens_never_appear_in_errors() {
     // Throttled on every attempt: a transient error (the message is redelivered), without the token.
     let stub = Stub::start(manual_scale_set("1.0.1", json!({})), 1).await;
     stub.fault(Fault::error("GET", "web-staging", 503, "ServerBusy", &format!("echo {TOKEN}")).times(4));
-    let err = stub.compute().deploy(&request(&stub, "1.0.2", 2, 1)).await.unwrap_err();
+    let err = deploy(&stub.compute(), &request(&stub, "1.0.2", 2, 1)).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("ServerBusy") && !err.to_string().contains(TOKEN), "{err}");
     assert_eq!(stub.log().len(), 4, "bounded attempts");
+}
+
+/// The whole rollout, look after look (what the chain does with a scheduled message per look).
+async fn deploy<C: deploychain_functions::adapters::Compute + ?Sized>(
+    compute: &C,
+    req: &deploychain_functions::adapters::DeployRequest,
+) -> deploychain_functions::error::Result<DeployOutcome> {
+    deploychain_functions::adapters::drive(compute, req, 10_000).await.map(|(o, _)| o)
 }

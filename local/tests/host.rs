@@ -1169,3 +1169,226 @@ async fn without_auto_complete_a_successful_invocation_leaves_the_message_to_its
     assert_eq!(c.active + c.locked, 1, "still in the queue: {c:?}");
     r.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// host.json overrides from app settings, and Service Bus locks under Azure's limits
+
+/// The counts of `function` since the host started.
+fn counts_of(r: &Running, function: &str) -> deploychain::host::worker::InvocationCounts {
+    r.host.invocations().get(function).copied().unwrap_or_default()
+}
+
+/// A message whose `behave` (the fake's behaviour per delivery) is `behave`.
+fn behaving(id: &str, behave: Value) -> NewMessage {
+    message(json!({ "behave": behave }).to_string(), id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_settings_override_host_json_values_whatever_the_case_of_their_names() {
+    let app = AppRoot::new(
+        "overrides",
+        json!({ "functionTimeout": "00:10:00", "extensions": { "serviceBus": { "maxConcurrentCalls": 32, "autoCompleteMessages": true } } }),
+    );
+    app.bus_function("on_work", json!({ "queueName": "work" }));
+    app.settings(json!({
+        "AzureFunctionsJobHost__functionTimeout": "00:00:03",
+        "azurefunctionsjobhost__EXTENSIONS__serviceBus__maxAutoLockRenewalDuration": "00:00:07",
+        "AzureFunctionsJobHost__extensions__servicebus__maxConcurrentCalls": "4",
+        "AzureFunctionsJobHost__extensions__serviceBus__autoCompleteMessages": "False",
+        "AzureFunctionsJobHost__extensions__http__routePrefix": "fn"
+    }));
+    let loaded = FunctionApp::load(&app.root).unwrap();
+    let h = &loaded.host;
+    assert_eq!(h.function_timeout, Duration::from_secs(3));
+    assert_eq!(h.max_auto_lock_renewal, Duration::from_secs(7), "a value host.json does not have is added");
+    assert_eq!(h.max_concurrent_calls, 4);
+    assert!(!h.auto_complete);
+    assert_eq!(h.route_prefix, "fn");
+    // The settings still reach the handler as app settings (they are environment variables in Azure).
+    assert_eq!(loaded.settings["AzureFunctionsJobHost__functionTimeout"], "00:00:03");
+}
+
+#[test]
+fn a_bad_override_is_refused_at_load_naming_the_setting() {
+    let app = AppRoot::new("bad-overrides", json!({ "functionTimeout": "00:10:00" }));
+    app.bus_function("on_work", json!({ "queueName": "work" }));
+    let refused = |values: Value| {
+        app.settings(values);
+        format!("{:#}", FunctionApp::load(&app.root).expect_err("refused"))
+    };
+    for (name, value, why) in [
+        ("AzureFunctionsJobHost__functionTimeout", "ten minutes", "not a TimeSpan"),
+        ("AzureFunctionsJobHost__functionTimeout", "00:00:60", "not a TimeSpan"),
+        ("AzureFunctionsJobHost__functionTimeout", "00:00:00.5", "at least 00:00:01"),
+        ("AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration", "-00:00:01", "negative"),
+        ("AzureFunctionsJobHost__extensions__serviceBus__maxConcurrentCalls", "0", "below 1"),
+        ("AzureFunctionsJobHost__extensions__serviceBus__maxConcurrentSessions", "many", "not a whole number"),
+        ("AzureFunctionsJobHost__extensions__serviceBus__autoCompleteMessages", "yes", "neither true nor false"),
+    ] {
+        let e = refused(json!({ name: value }));
+        assert!(e.contains(&format!("app setting {name}")) && e.contains(why), "{name} = {value}: {e}");
+    }
+    // host.json's own bad values are refused too, named by their place (they used to fall back
+    // to the default silently).
+    std::fs::write(
+        app.root.join("host.json"),
+        json!({ "version": "2.0", "customHandler": { "description": { "defaultExecutablePath": "python3" } },
+                "extensions": { "serviceBus": { "maxAutoLockRenewalDuration": "soon" } } })
+        .to_string(),
+    )
+    .unwrap();
+    let e = refused(json!({}));
+    assert!(e.contains("host.json extensions.serviceBus.maxAutoLockRenewalDuration") && e.contains("soon"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_timeout_from_an_app_setting_fails_every_in_flight_invocation_and_restarts_the_handler() {
+    // host.json allows 10 minutes; the app setting (as in Azure) allows 2 s.
+    let app = AppRoot::new("timeout-override", json!({ "functionTimeout": "00:10:00" }));
+    app.bus_function("on_work", json!({ "queueName": "work" }));
+    app.settings(json!({ "AzureFunctionsJobHost__functionTimeout": "00:00:02" }));
+    // A long LockDuration: a redelivery within the test can only come from an abandon.
+    let r = Running::start(&app, topology_with_queues(vec![queue("work", Duration::from_secs(60), 5)])).await;
+    assert_eq!(r.host.app.host.function_timeout, Duration::from_secs(2));
+    let work = EntityPath::queue("work");
+    let first_pid = r.pid().await;
+
+    // m-long outlives the timeout; m-short (4 s) would not, but runs on the same handler.
+    r.send("work", behaving("m-long", json!(["slow:10", "ok"]))).await;
+    eventually("m-long to start", Duration::from_secs(5), || async { (!app.starts("on_work").is_empty()).then_some(()) }).await;
+    r.send("work", behaving("m-short", json!(["slow:4", "ok"]))).await;
+    wait_settled(&r, &work, Duration::from_secs(9)).await;
+
+    let starts = app.starts("on_work");
+    let ends = app.ends("on_work");
+    for id in ["m-long", "m-short"] {
+        let runs = of_message(&starts, id);
+        assert_eq!(delivery_counts(&runs), ["1", "2"], "{id}: failed once, then succeeded");
+        assert_eq!(runs[0]["pid"], first_pid);
+        assert!(ends.iter().all(|e| e["id"] != runs[0]["id"]), "{id}'s first invocation never finished: its handler was killed");
+        assert_ne!(runs[1]["pid"], first_pid, "{id} was delivered again to the restarted handler");
+    }
+    // Both failed when the timeout struck (about 2 s after m-long started), not when they ended.
+    let long_start = of_message(&starts, "m-long")[0]["t"].as_f64().unwrap();
+    let short_again = of_message(&starts, "m-short")[1]["t"].as_f64().unwrap();
+    assert!(short_again - long_start < 4.0, "m-short came back {} s after m-long started", short_again - long_start);
+    assert_eq!(r.host.worker.restarts(), 1, "one restart for the one timeout");
+    let c = counts_of(&r, "on_work");
+    assert_eq!((c.failed, c.answered, c.abandoned, c.completed, c.lock_lost), (2, 2, 2, 2, 0), "{c:?}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_message_is_delivered_again_at_once_and_dead_lettered_at_max_delivery_count() {
+    let app = AppRoot::new("abandon", json!({}));
+    app.bus_function("on_work", json!({ "queueName": "work" }));
+    // LockDuration 60 s: only the abandon can bring the message back within the test.
+    let r = Running::start(&app, topology_with_queues(vec![queue("work", Duration::from_secs(60), 3)])).await;
+    let work = EntityPath::queue("work");
+
+    r.send("work", behaving("m-poison", json!("fail"))).await;
+    eventually("the message to be dead-lettered", Duration::from_secs(6), || async {
+        (r.counts(&work).await.dead_lettered == 1).then_some(())
+    })
+    .await;
+    let starts = app.starts("on_work");
+    assert_eq!(delivery_counts(&starts), ["1", "2", "3"], "delivered again after each abandon, MaxDeliveryCount times in all");
+    let times: Vec<f64> = starts.iter().map(|s| s["t"].as_f64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[1] - w[0] < 2.0), "each redelivery came at once, not after the lock: {times:?}");
+    let dead = r.broker.peek(&work.dead_letter_queue(), 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].dead_letter_reason(), Some("MaxDeliveryCountExceeded"));
+    assert_eq!(dead[0].delivery_count, 3);
+    let c = counts_of(&r, "on_work");
+    assert_eq!((c.failed, c.abandoned, c.completed, c.lock_lost), (3, 3, 0, 0), "{c:?}");
+    let left = r.counts(&work).await;
+    assert_eq!((left.active, left.locked), (0, 0));
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_lock_is_renewed_only_up_to_max_auto_lock_renewal_duration_then_lost_while_the_invocation_runs() {
+    let app = AppRoot::new("lock-lost", json!({}));
+    app.bus_function("on_work", json!({ "queueName": "work" }));
+    app.settings(json!({ "AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration": "00:00:01" }));
+    // LockDuration 1 s, renewed for 1 s: the lock lapses within about 2 s; the first run takes 4 s.
+    let r = Running::start(&app, topology_with_queues(vec![queue("work", Duration::from_secs(1), 10)])).await;
+    let work = EntityPath::queue("work");
+
+    r.send("work", behaving("m-slow", json!(["slow:4", "ok"]))).await;
+    eventually("the first delivery to end and fail to complete", Duration::from_secs(9), || async {
+        (counts_of(&r, "on_work").lock_lost == 1).then_some(())
+    })
+    .await;
+
+    let runs = app.intervals("on_work");
+    let starts = app.starts("on_work");
+    assert_eq!(delivery_counts(&starts), ["1", "2"], "delivered again once the lock was lost");
+    let first_end = runs.iter().find(|(_, _, s)| s["id"] == starts[0]["id"]).map(|(_, end, _)| *end).unwrap();
+    let second_start = starts[1]["t"].as_f64().unwrap();
+    assert!(second_start < first_end, "the second delivery began while the first still ran");
+    assert!(second_start - starts[0]["t"].as_f64().unwrap() < 3.0, "the lock lapsed soon after maxAutoLockRenewalDuration");
+    assert!(app.ends("on_work").iter().all(|e| e["status"] == 200), "both invocations succeeded");
+    // The second completed it; the first could not (MessageLockLost, logged) and changed nothing.
+    let c = counts_of(&r, "on_work");
+    assert_eq!((c.answered, c.completed, c.abandoned, c.lock_lost), (2, 1, 0, 1), "{c:?}");
+    wait_settled(&r, &work, Duration::from_secs(2)).await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoning_after_the_lock_is_lost_fails_and_changes_nothing() {
+    let app = AppRoot::new("abandon-lost", json!({ "functionTimeout": "00:00:03" }));
+    app.bus_function("on_work", json!({ "queueName": "work" }));
+    app.settings(json!({ "AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration": "00:00:01" }));
+    let r = Running::start(&app, topology_with_queues(vec![queue("work", Duration::from_secs(1), 10)])).await;
+    let work = EntityPath::queue("work");
+
+    // The first delivery loses its lock (~2 s), the second completes it, then the first times
+    // out (3 s): its abandon finds no lock.
+    r.send("work", behaving("m-1", json!(["slow:10", "ok"]))).await;
+    eventually("the timed-out first delivery to be settled", Duration::from_secs(8), || async {
+        (counts_of(&r, "on_work").lock_lost == 1).then_some(())
+    })
+    .await;
+    assert_eq!(delivery_counts(&app.starts("on_work")), ["1", "2"]);
+    let c = counts_of(&r, "on_work");
+    assert_eq!((c.failed, c.answered, c.completed, c.abandoned, c.lock_lost), (1, 1, 1, 0, 1), "{c:?}");
+    wait_settled(&r, &work, Duration::from_secs(2)).await;
+    assert!(r.broker.peek(&work.dead_letter_queue(), 0, 10).await.unwrap().is_empty());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lock_lost_after_max_auto_lock_renewal_duration_lets_another_receiver_take_the_session() {
+    let app = AppRoot::new("session-lock-lost", json!({}));
+    app.bus_function("on_ordered", json!({ "topicName": "events", "subscriptionName": "ordered", "isSessionsEnabled": true }));
+    app.settings(json!({ "AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration": "00:00:01" }));
+    let r = Running::start(&app, session_topology(Duration::from_secs(1))).await;
+    let ordered = EntityPath::subscription("events", "ordered");
+
+    let a1 = NewMessage {
+        session_id: Some("A".into()),
+        label: Some("work".into()),
+        ..message(json!({ "behave": ["slow:4", "ok"], "id": "A1" }).to_string(), "A1")
+    };
+    r.broker.send_batch("events", vec![a1, session_message("A", "A2", "ok")]).await.unwrap();
+    eventually("the first delivery of A1 to end and fail to complete", Duration::from_secs(9), || async {
+        (counts_of(&r, "on_ordered").lock_lost == 1).then_some(())
+    })
+    .await;
+    wait_settled(&r, &ordered, Duration::from_secs(3)).await;
+
+    let starts = app.starts("on_ordered");
+    let ids: Vec<String> = starts.iter().map(body_id).collect();
+    assert_eq!(ids, ["A1", "A1", "A2"], "A1 again (to the new holder of session A), then A2, in order");
+    assert_eq!(delivery_counts(&starts[..2]), ["1", "2"]);
+    // One worker takes a session's messages one at a time: A1's second delivery while its first
+    // still ran means the session (with A1) went to another receiver once its lock lapsed.
+    let first_end = app.ends("on_ordered").iter().find(|e| e["id"] == starts[0]["id"]).map(|e| e["t"].as_f64().unwrap()).unwrap();
+    assert!(starts[1]["t"].as_f64().unwrap() < first_end, "A1 was delivered again while its first delivery ran");
+    // The first holder could not complete A1 (SessionLockLost, logged); the new one completed A1 and A2.
+    let c = counts_of(&r, "on_ordered");
+    assert_eq!((c.answered, c.completed, c.abandoned, c.lock_lost), (3, 2, 0, 1), "{c:?}");
+    r.stop().await;
+}

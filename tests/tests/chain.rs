@@ -1735,3 +1735,91 @@ async fn a_rollout_that_never_becomes_available_rolls_the_deployment_back_and_fa
     assert!(stack.arm.imports().is_empty() && stack.kube.seen().iter().all(|s| !s.path.starts_with("/aks-prod")), "production untouched");
     stack.discard().await;
 }
+
+// ------------------------------------------------------------------ rollouts under Azure's limits
+
+/// The shipped policy with production promoted by policy (no approval).
+fn policy_without_approval() -> String {
+    let shipped = std::fs::read_to_string(repo().join("policy.toml")).unwrap();
+    shipped.lines().filter(|l| !l.starts_with("approval = ")).collect::<Vec<_>>().join("\n")
+}
+
+/// Issue "2 of 7", done: the local host held to Azure's limits at a smaller scale — functionTimeout
+/// and lock renewal 6 s (as app settings override host.json in Azure), a rollout of 12 s per stage
+/// (3 instances × 4 s, one at a time) and a 20 s `Retry-After` on the first staging PATCH. The
+/// release reaches production with no function timeout, no handler restart, nothing dead-lettered
+/// or parked, one accepted PATCH per scale set, and every invocation well under the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_rollouts_outlast_the_function_timeout_reaches_production_in_short_steps() {
+    use deploychain::arm::Fault;
+    let mut opts = options_with_policy("azure-limits", &policy_without_approval());
+    opts.extra_settings = vec![
+        ("AzureFunctionsJobHost__functionTimeout".into(), "00:00:06".into()),
+        ("AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration".into(), "00:00:06".into()),
+        ("DEPLOYCHAIN_STEP_BUDGET".into(), "3s".into()),
+        ("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT".into(), "2s".into()),
+    ];
+    opts.arm.instances = 3;
+    opts.arm.upgrade_time = Duration::from_secs(4);
+    opts.arm.operation_time = Duration::from_millis(300);
+    opts.arm.health_delay = Duration::from_millis(300);
+    opts.arm.poll_interval = Duration::from_secs(1);
+    opts.arm.health_timeout = Duration::from_secs(30);
+    opts.arm.faults = vec![Fault::error("PATCH", "/web-staging", 429, "TooManyRequests", "throttled").with_header("retry-after", "20")];
+    let stack = Stack::start(opts.clone()).await.unwrap();
+    let run = push_to(&stack, &opts.policy, None).await;
+
+    // Between looks the run says where the rollout is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    let mut seen = Vec::new();
+    let done = loop {
+        let Ok(text) = client::runs(&base(&stack), &stack.secrets, Some(&run), None).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if let Some(t) = v["waiting"]["text"].as_str()
+            && !seen.iter().any(|s: &String| s == t)
+        {
+            seen.push(t.to_string());
+        }
+        if v["status"] == "succeeded" || v["status"] == "failed" {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run {run} did not end: {v}\nwaits seen: {seen:#?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let waits = seen.join("\n");
+    assert!(waits.contains("retry 1 at") && waits.contains("throttled"), "the throttled PATCH is said and retried:\n{waits}");
+    assert!(waits.contains("batch 2 of 3"), "the batch a rollout is at is said:\n{waits}");
+    assert!(waits.contains("so far"), "and since when:\n{waits}");
+
+    // One accepted PATCH per scale set; the throttled one waited its 20 s.
+    let log = stack.arm.requests();
+    for stage in ["staging", "production"] {
+        let patches: Vec<_> = log.iter().filter(|r| r.method == "PATCH" && r.path == target(stage)).collect();
+        let accepted = patches.iter().filter(|r| r.status == 200).count();
+        assert_eq!(accepted, 1, "{stage}: {:?}", patches.iter().map(|r| r.status).collect::<Vec<_>>());
+        if stage == "staging" {
+            assert_eq!(patches[0].status, 429);
+            let waited = patches[1].at - patches[0].at;
+            assert!(waited >= chrono::Duration::seconds(20), "Retry-After: 20 honoured, waited {waited}");
+        }
+    }
+    // No timeout, no restart, nothing abandoned, dead-lettered or parked.
+    assert_eq!(stack.host.worker.restarts(), 0, "the handler was restarted");
+    for (function, c) in stack.host.invocations() {
+        assert_eq!(c.failed, 0, "{function}: {c:?}");
+        assert_eq!(c.abandoned, 0, "{function}: {c:?}");
+    }
+    let looks = stack.host.invocations().get("on_deployment_due").map(|c| c.answered).unwrap_or(0);
+    assert!(looks >= 6, "the rollouts went on in scheduled looks ({looks})");
+    for sub in deploychain_functions::ops::SUBSCRIPTIONS {
+        let path: EntityPath = format!("deploychain-events/subscriptions/{sub}").parse().unwrap();
+        assert_eq!(stack.broker.count(&path).await.unwrap().dead_lettered, 0, "{sub} dead-lettered");
+    }
+    let parked: EntityPath = "deploychain-parked".parse().unwrap();
+    assert_eq!(stack.broker.count(&parked).await.unwrap().active, 0, "parked");
+    stack.discard().await;
+}

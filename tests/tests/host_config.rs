@@ -59,3 +59,51 @@ fn every_setting_the_handler_reads_is_documented() {
     let missing: Vec<&&str> = settings.iter().filter(|s| !reference.contains(&format!("`{s}`"))).collect();
     assert!(missing.is_empty(), "settings the README's configuration table does not name: {missing:?}");
 }
+
+/// `hh:mm:ss`, as host.json writes a TimeSpan.
+fn timespan(v: &Value) -> std::time::Duration {
+    let parts: Vec<u64> = v.as_str().unwrap().split(':').map(|p| p.parse().unwrap()).collect();
+    assert_eq!(parts.len(), 3, "{v}");
+    std::time::Duration::from_secs(parts[0] * 3600 + parts[1] * 60 + parts[2])
+}
+
+/// No step can outlive the host's limits (decision 0023): a rollout step's budget (and one ARM
+/// request, shorter still) is under every subscription's LockDuration, the host renews the lock
+/// for longer than that, and `functionTimeout` kills an invocation before a lock it stopped
+/// renewing could expire — so a message is never delivered twice at once because a step ran long.
+#[test]
+fn a_step_budget_is_under_the_lock_renewal_which_is_under_the_function_timeout() {
+    let host = load("host.json");
+    let timeout = timespan(&host["functionTimeout"]);
+    let renewal = timespan(&host["extensions"]["serviceBus"]["maxAutoLockRenewalDuration"]);
+    let budget = deploychain_functions::config::DEFAULT_STEP_BUDGET;
+    let bus = load("infra/servicebus.json");
+    let topic = &bus["UserConfig"]["Namespaces"][0]["Topics"][0];
+    let mut locks = Vec::new();
+    for sub in topic["Subscriptions"].as_array().unwrap() {
+        let lock = sub["Properties"]["LockDuration"].as_str().unwrap();
+        let secs: u64 = match lock.strip_prefix("PT").unwrap() {
+            l if l.ends_with('M') => l.trim_end_matches('M').parse::<u64>().unwrap() * 60,
+            l => l.trim_end_matches('S').parse().unwrap(),
+        };
+        locks.push((sub["Name"].as_str().unwrap().to_string(), std::time::Duration::from_secs(secs)));
+    }
+    assert!(!locks.is_empty());
+    for (name, lock) in &locks {
+        assert!(budget < *lock, "the step budget {budget:?} is not under {name}'s LockDuration {lock:?}");
+        assert!(*lock <= renewal, "{name}'s LockDuration {lock:?} is longer than the renewal {renewal:?}");
+        // Renewed every half LockDuration up to the renewal limit: held at least until then plus half.
+        assert!(renewal + *lock / 2 > timeout, "a lock of {name} could expire before functionTimeout ({timeout:?}) ends the invocation");
+    }
+    assert!(budget < renewal && renewal < timeout, "budget {budget:?} < renewal {renewal:?} < functionTimeout {timeout:?}");
+    // One ARM request is shorter than a step (Config refuses a longer one).
+    let arm = deploychain_functions::config::Config::from_lookup(&|k: &str| match k {
+        "APPROVAL_SIGNING_KEY" => Some("k".repeat(32)),
+        "DEPLOYCHAIN_PUBLIC_URL" => Some("https://x.example".into()),
+        "ServiceBusConnection__fullyQualifiedNamespace" => Some("deploychain.servicebus.windows.net".into()),
+        _ => None,
+    });
+    let c = arm.unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.step_budget, budget);
+    assert!(c.arm.request_timeout < c.step_budget);
+}

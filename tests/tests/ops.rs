@@ -66,9 +66,10 @@ impl Bus {
     fn ops(&self) -> DeadLetters {
         let http: Arc<dyn azure_core::HttpClient> =
             Arc::new(Flaky { inner: azure_core::new_http_client(), fail_sends: self.fail_sends.clone() });
-        let subs = ["on-push", "on-build-completed", "on-image-due", "on-image-ready", "on-approval", "on-approval-due"]
-            .map(str::to_string)
-            .to_vec();
+        let subs =
+            ["on-push", "on-build-completed", "on-image-due", "on-image-ready", "on-deployment-due", "on-approval", "on-approval-due"]
+                .map(str::to_string)
+                .to_vec();
         DeadLetters::new(&self.conn, "deploychain-events", subs, "deploychain-parked", http)
     }
 

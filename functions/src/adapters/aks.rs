@@ -18,13 +18,17 @@
 //! 5. Rollback on failure: the image of the previous ReplicaSet (the highest
 //!    `deployment.kubernetes.io/revision` below the current) is put back and followed likewise.
 
+use super::arm::client::{Operation, OperationState, human};
+use super::arm::rollout::human_since;
 use super::arm::{ArmClient, ArmError, TokenSource};
-use super::{DeployOutcome, DeployRequest};
+use super::{DeployOutcome, DeployRequest, MAX_TURNS, Progress, Turn, cursor_of, progress};
 use crate::error::{Error, Result};
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use deploychain_events::{ImageKind, ImageRef};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,10 +58,7 @@ fn transient(e: impl std::fmt::Display) -> Error {
 }
 
 fn arm(what: &str, e: ArmError) -> Error {
-    match e {
-        ArmError::Transient(m) | ArmError::PreconditionFailed(m) => Error::Transient(format!("{what}: {m}")),
-        ArmError::NotFound(m) | ArmError::Failed(m) => Error::Refused(format!("{what}: {m}")),
-    }
+    e.into_error(what)
 }
 
 /// `repository@sha256:…` of a `host/repository@sha256:…` image id.
@@ -77,11 +78,6 @@ fn image_of(d: &Value, container: Option<&str>) -> Option<(String, String)> {
     Some((c["name"].as_str()?.to_string(), c["image"].as_str().unwrap_or_default().to_string()))
 }
 
-enum Waited {
-    Done,
-    Failed(String),
-}
-
 impl AksCompute {
     pub fn new(
         arm: Arc<ArmClient>,
@@ -96,8 +92,9 @@ impl AksCompute {
         Ok(AksCompute { arm, tokens, checks_http, poll, timeout })
     }
 
-    /// Import the image into `target` (by digest) and give the reference the stage deploys.
-    async fn promote(&self, req: &DeployRequest, target: &str) -> Result<String> {
+    /// Start importing the image into `target` (by digest): the reference the stage deploys, and
+    /// the import's operation when it is still under way.
+    async fn promote(&self, req: &DeployRequest, target: &str) -> Result<(String, Option<(Operation, Duration)>)> {
         let (host, repo, digest) = repository_and_digest(&req.image.id)
             .ok_or_else(|| Error::Refused(format!("`{}` is not a registry image by digest", req.image.id)))?;
         let reg = self
@@ -110,7 +107,7 @@ impl AksCompute {
             return Err(Error::Refused(format!("the registry {target} has no login server")));
         }
         if login == host.to_ascii_lowercase() {
-            return Ok(req.image.id.clone());
+            return Ok((req.image.id.clone(), None));
         }
         let source =
             req.source_registry.as_deref().ok_or_else(|| Error::Refused("the app names no source registry (image.registry)".into()))?;
@@ -118,13 +115,14 @@ impl AksCompute {
             "source": { "resourceId": source, "sourceImage": format!("{repo}@{digest}") },
             "targetTags": [], "untaggedTargetRepositories": [repo], "mode": "NoForce"
         });
+        let what = format!("importing {repo}@{digest} into {login}");
         let a = self
             .arm
             .send(reqwest::Method::POST, &self.arm.url_api(target, "/importImage", ACR_API_VERSION), None, Some(&body))
             .await
-            .map_err(|e| arm(&format!("importing {repo}@{digest} into {login}"), e))?;
-        self.arm.wait_operation("the image import", &a).await.map_err(|e| arm(&format!("importing {repo}@{digest} into {login}"), e))?;
-        Ok(format!("{login}/{repo}@{digest}"))
+            .map_err(|e| arm(&what, e))?;
+        let op = self.arm.operation("the image import", &a, None).map_err(|e| arm(&what, e))?;
+        Ok((format!("{login}/{repo}@{digest}"), op))
     }
 
     /// A client for the cluster: its server and CA from ARM, an Entra bearer.
@@ -181,40 +179,39 @@ impl AksCompute {
         api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map(|_| ())
     }
 
-    /// Follow the rollout until it completes, fails its progress deadline, or the timeout passes.
-    async fn wait(&self, api: &Api<Deployment>, name: &str) -> Result<Waited> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        loop {
-            let d =
-                serde_json::to_value(api.get(name).await.map_err(|e| Self::kube_error("reading the Deployment", e))?).map_err(transient)?;
-            let (spec, st) = (&d["spec"], &d["status"]);
-            let want = spec["replicas"].as_i64().unwrap_or(1);
-            let generation = d["metadata"]["generation"].as_i64().unwrap_or(0);
-            if let Some(c) = st["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
-            {
-                return Ok(Waited::Failed(format!(
-                    "the rollout of {name} exceeded its progress deadline: {}",
-                    c["message"].as_str().unwrap_or_default()
-                )));
-            }
-            let observed = st["observedGeneration"].as_i64().unwrap_or(0) >= generation;
-            let n = |k: &str| st[k].as_i64().unwrap_or(0);
-            if observed && n("updatedReplicas") == want && n("availableReplicas") == want && n("replicas") == want {
-                return Ok(Waited::Done);
-            }
-            if tokio::time::Instant::now() + self.poll > deadline {
-                return Ok(Waited::Failed(format!(
-                    "the rollout of {name} did not finish in time: {} of {want} updated, {} available",
-                    n("updatedReplicas"),
-                    n("availableReplicas")
-                )));
-            }
-            tokio::time::sleep(self.poll).await;
+    /// One look at the rollout of Deployment `name`: done, failed (its progress deadline, or
+    /// the health timeout since `since`), or how far it is.
+    async fn look(&self, api: &Api<Deployment>, name: &str, since: DateTime<Utc>, run: Option<&str>) -> Result<Rollout> {
+        let d = serde_json::to_value(api.get(name).await.map_err(|e| Self::kube_error("reading the Deployment", e))?).map_err(transient)?;
+        if let Some(run) = run
+            && let Some(owner) = d["metadata"]["annotations"][ANN_RUN].as_str().filter(|o| *o != run)
+        {
+            return Ok(Rollout::Taken(owner.to_string()));
         }
+        let (spec, st) = (&d["spec"], &d["status"]);
+        let want = spec["replicas"].as_i64().unwrap_or(1);
+        let generation = d["metadata"]["generation"].as_i64().unwrap_or(0);
+        if let Some(c) = st["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded")
+        {
+            return Ok(Rollout::Failed(format!(
+                "the rollout of {name} exceeded its progress deadline: {}",
+                c["message"].as_str().unwrap_or_default()
+            )));
+        }
+        let observed = st["observedGeneration"].as_i64().unwrap_or(0) >= generation;
+        let n = |k: &str| st[k].as_i64().unwrap_or(0);
+        if observed && n("updatedReplicas") == want && n("availableReplicas") == want && n("replicas") == want {
+            return Ok(Rollout::Done);
+        }
+        let progress = format!("{} of {want} updated, {} available", n("updatedReplicas"), n("availableReplicas"));
+        if (Utc::now() - since).to_std().unwrap_or_default() >= self.timeout {
+            return Ok(Rollout::Failed(format!("the rollout of {name} did not finish within {}: {progress}", human(self.timeout))));
+        }
+        Ok(Rollout::Running(progress))
     }
 
     /// The image of the ReplicaSet before the current one.
@@ -242,89 +239,230 @@ impl AksCompute {
         Ok(best.map(|(_, i)| i))
     }
 
-    pub async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome> {
+    /// One look at the rollout of `req` from `cursor` (decision 0023).
+    pub async fn advance_rollout(&self, req: &DeployRequest, cursor: &Value) -> Result<Progress> {
         let kt = req.kubernetes.as_ref().ok_or_else(|| Error::Refused(format!("stage {} names no Deployment", req.stage)))?;
-        let image = match &req.registry {
-            Some(reg) => self.promote(req, reg).await?,
-            None => req.image.id.clone(),
-        };
-        let client = self.client(&req.target).await?;
-        let api: Api<Deployment> = Api::namespaced(client.clone(), &kt.namespace);
-        let mut conflicts = 0;
-        let (container, previous) = loop {
-            let d = match api.get(&kt.deployment).await {
-                Ok(d) => serde_json::to_value(d).map_err(transient)?,
-                Err(e) => return Err(Self::kube_error(&format!("reading Deployment {}/{}", kt.namespace, kt.deployment), e)),
-            };
-            let Some((container, current)) = image_of(&d, kt.container.as_deref()) else {
-                return Ok(DeployOutcome::Failed {
-                    reason: format!(
-                        "Deployment {} has no container {}; nothing changed",
-                        kt.deployment,
-                        kt.container.as_deref().unwrap_or("")
-                    ),
-                });
-            };
-            let ann = &d["metadata"]["annotations"];
-            let owner = ann[ANN_RUN].as_str().unwrap_or_default();
-            let seq: i64 = ann[ANN_SEQUENCE].as_str().and_then(|s| s.parse().ok()).unwrap_or(i64::MIN);
-            if owner != req.run_id && seq > req.sequence {
-                return Ok(DeployOutcome::Stale { reason: format!("Deployment {} runs the newer run {owner}", kt.deployment) });
-            }
-            if ann[ANN_ROLLEDBACK].as_str() == Some(req.run_id.as_str()) && owner != req.run_id {
-                return Ok(DeployOutcome::RolledBack {
-                    reason: format!("this run's rollout to {} failed and was rolled back earlier", kt.deployment),
-                    restored: None,
-                });
-            }
-            if owner == req.run_id && current == image {
-                break (container, None); // a redelivery: resume following it
-            }
-            let rv = d["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
-            let annotations =
-                json!({ ANN_RUN: req.run_id, ANN_SEQUENCE: req.sequence.to_string(), ANN_ROLLEDBACK: null, ANN_PREVIOUS_RUN: owner });
-            match self.set_image(&api, &kt.deployment, &container, &image, annotations, &rv).await {
-                Ok(()) => break (container, Some(current)),
-                Err(kube::Error::Api(s)) if s.code == 409 && conflicts < 3 => conflicts += 1,
-                Err(e) => return Err(Self::kube_error(&format!("updating Deployment {}", kt.deployment), e)),
-            }
-        };
-        let failure = match self.wait(&api, &kt.deployment).await? {
-            Waited::Done => match super::arm::checks::run(&self.checks_http, &req.checks).await {
-                Ok(()) => return Ok(DeployOutcome::Succeeded),
-                Err(why) => why,
+        let mut milestones = Vec::new();
+        let mut turn = match cursor_of::<KubeCursor>(cursor)? {
+            None => match &req.registry {
+                Some(reg) => match self.promote(req, reg).await? {
+                    (image, Some((op, after))) => Turn::Wait {
+                        status: format!("importing {} into {}", req.image.id, image.split('/').next().unwrap_or_default()),
+                        cursor: KubeCursor::Importing { image, op, since: Utc::now() },
+                        after,
+                    },
+                    (image, None) => Turn::Next(KubeCursor::SetImage { image }),
+                },
+                None => Turn::Next(KubeCursor::SetImage { image: req.image.id.clone() }),
             },
-            Waited::Failed(why) => why,
+            Some(c) => Turn::Next(c),
         };
-        // Roll back to the previous ReplicaSet's image.
-        let d = serde_json::to_value(api.get(&kt.deployment).await.map_err(|e| Self::kube_error("reading the Deployment", e))?)
-            .map_err(transient)?;
-        let back = match self.previous_image(&client, &kt.namespace, &d, &container).await? {
-            Some(i) => i,
-            None => match previous {
-                Some(p) => p,
-                None => return Ok(DeployOutcome::Failed { reason: format!("{failure}; no previous ReplicaSet to roll back to") }),
-            },
-        };
-        let rv = d["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
-        let annotations =
-            json!({ ANN_ROLLEDBACK: req.run_id, ANN_RUN: d["metadata"]["annotations"][ANN_PREVIOUS_RUN].as_str().unwrap_or("") });
-        if let Err(e) = self.set_image(&api, &kt.deployment, &container, &back, annotations, &rv).await {
-            return Ok(DeployOutcome::Failed { reason: format!("{failure}; rollback failed: {e}") });
+        let mut client = None;
+        for _ in 0..MAX_TURNS {
+            let Turn::Next(c) = turn else { break };
+            turn = match c {
+                // Only ARM: no cluster client needed.
+                KubeCursor::Importing { image, op, since } => match self.arm.look("the image import", &op).await {
+                    Ok(OperationState::Succeeded) => {
+                        milestones.push(format!("imported as {image}"));
+                        Turn::Next(KubeCursor::SetImage { image })
+                    }
+                    Ok(OperationState::Failed(m)) => Turn::Done(DeployOutcome::Failed { reason: format!("{m}; nothing changed") }),
+                    Ok(OperationState::Running(_)) if (Utc::now() - since).to_std().unwrap_or_default() >= self.timeout => {
+                        Turn::Done(DeployOutcome::Failed {
+                            reason: format!("the import of {image} did not finish within {}; nothing changed", human(self.timeout)),
+                        })
+                    }
+                    Ok(OperationState::Running(asked)) => Turn::Wait {
+                        after: asked.unwrap_or(self.poll),
+                        status: format!("importing {image}"),
+                        cursor: KubeCursor::Importing { image, op, since },
+                    },
+                    Err(e) => return Err(arm("the image import", e)),
+                },
+                other => {
+                    let c = match &client {
+                        Some(c) => c,
+                        None => client.insert(self.client(&req.target).await?),
+                    };
+                    let api: Api<Deployment> = Api::namespaced(c.clone(), &kt.namespace);
+                    self.phase(req, kt, c, &api, other, &mut milestones).await?
+                }
+            };
         }
-        match self.wait(&api, &kt.deployment).await? {
-            Waited::Done => Ok(DeployOutcome::RolledBack {
-                reason: failure,
-                restored: Some(ImageRef {
-                    kind: ImageKind::Container,
-                    digest: back.split_once('@').map(|(_, d)| d.to_string()),
-                    version: None,
-                    id: back,
-                }),
-            }),
-            Waited::Failed(why) => Ok(DeployOutcome::Failed { reason: format!("{failure}; rollback failed: {why}") }),
+        progress(turn, milestones)
+    }
+
+    /// The rollback cursor of a rollout that must stop for `reason`.
+    pub fn abort_rollout(&self, cursor: &Value, reason: &str) -> Option<Value> {
+        match cursor_of::<KubeCursor>(cursor).ok()?? {
+            KubeCursor::Following { container, previous, .. } | KubeCursor::Checking { container, previous, .. } => {
+                serde_json::to_value(KubeCursor::RollBack { container, previous, failure: reason.to_string() }).ok()
+            }
+            _ => None,
         }
     }
+
+    async fn phase(
+        &self,
+        req: &DeployRequest,
+        kt: &crate::policy::KubeTarget,
+        client: &kube::Client,
+        api: &Api<Deployment>,
+        cursor: KubeCursor,
+        milestones: &mut Vec<String>,
+    ) -> Result<Turn<KubeCursor>> {
+        let name = &kt.deployment;
+        let now = Utc::now();
+        match cursor {
+            KubeCursor::Importing { .. } => unreachable!("imports are looked at without the cluster"),
+            KubeCursor::SetImage { image } => {
+                let mut conflicts = 0;
+                loop {
+                    let d = match api.get(name).await {
+                        Ok(d) => serde_json::to_value(d).map_err(transient)?,
+                        Err(e) => return Err(Self::kube_error(&format!("reading Deployment {}/{name}", kt.namespace), e)),
+                    };
+                    let Some((container, current)) = image_of(&d, kt.container.as_deref()) else {
+                        return Ok(Turn::Done(DeployOutcome::Failed {
+                            reason: format!(
+                                "Deployment {name} has no container {}; nothing changed",
+                                kt.container.as_deref().unwrap_or("")
+                            ),
+                        }));
+                    };
+                    let ann = &d["metadata"]["annotations"];
+                    let owner = ann[ANN_RUN].as_str().unwrap_or_default();
+                    let seq: i64 = ann[ANN_SEQUENCE].as_str().and_then(|s| s.parse().ok()).unwrap_or(i64::MIN);
+                    if owner != req.run_id && seq > req.sequence {
+                        return Ok(Turn::Done(DeployOutcome::Stale { reason: format!("Deployment {name} runs the newer run {owner}") }));
+                    }
+                    if ann[ANN_ROLLEDBACK].as_str() == Some(req.run_id.as_str()) && owner != req.run_id {
+                        return Ok(Turn::Done(DeployOutcome::RolledBack {
+                            reason: format!("this run's rollout to {name} failed and was rolled back earlier"),
+                            restored: None,
+                        }));
+                    }
+                    if owner == req.run_id && current == image {
+                        // A repeated start after its write: follow the rollout it began.
+                        return Ok(Turn::Next(KubeCursor::Following { container, previous: None, since: now }));
+                    }
+                    let rv = d["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
+                    let annotations = json!({ ANN_RUN: req.run_id, ANN_SEQUENCE: req.sequence.to_string(), ANN_ROLLEDBACK: null, ANN_PREVIOUS_RUN: owner });
+                    match self.set_image(api, name, &container, &image, annotations, &rv).await {
+                        Ok(()) => {
+                            milestones.push(format!("Deployment {name} set to {image}"));
+                            return Ok(Turn::Next(KubeCursor::Following { container, previous: Some(current), since: now }));
+                        }
+                        Err(kube::Error::Api(s)) if s.code == 409 && conflicts < 3 => conflicts += 1,
+                        Err(e) => return Err(Self::kube_error(&format!("updating Deployment {name}"), e)),
+                    }
+                }
+            }
+            KubeCursor::Following { container, previous, since } => Ok(match self.look(api, name, since, Some(&req.run_id)).await? {
+                Rollout::Taken(owner) => Turn::Done(DeployOutcome::Stale {
+                    reason: format!("Deployment {name} was taken over by run {owner} while this rollout ran"),
+                }),
+                Rollout::Done => {
+                    milestones.push(format!("Deployment {name} rolled out"));
+                    Turn::Next(KubeCursor::Checking { container, previous, check: 0, attempt: 1 })
+                }
+                Rollout::Failed(failure) => Turn::Next(KubeCursor::RollBack { container, previous, failure }),
+                Rollout::Running(p) => Turn::Wait {
+                    after: self.poll,
+                    status: format!("rolling out Deployment {name}: {p} ({} so far)", human_since(since)),
+                    cursor: KubeCursor::Following { container, previous, since },
+                },
+            }),
+            KubeCursor::Checking { container, previous, check, attempt } => {
+                let Some(c) = req.checks.get(check) else {
+                    return Ok(Turn::Done(DeployOutcome::Succeeded));
+                };
+                Ok(match super::arm::checks::attempt(&self.checks_http, c, attempt).await {
+                    Ok(()) => Turn::Next(KubeCursor::Checking { container, previous, check: check + 1, attempt: 1 }),
+                    Err(failure) if attempt > c.retries => Turn::Next(KubeCursor::RollBack { container, previous, failure }),
+                    Err(why) => Turn::Wait {
+                        after: c.interval(),
+                        status: format!("Deployment {name}: acceptance check {} of {} failing ({why})", check + 1, req.checks.len()),
+                        cursor: KubeCursor::Checking { container, previous, check, attempt: attempt + 1 },
+                    },
+                })
+            }
+            KubeCursor::RollBack { container, previous, failure } => {
+                let d = serde_json::to_value(api.get(name).await.map_err(|e| Self::kube_error("reading the Deployment", e))?)
+                    .map_err(transient)?;
+                let ann = &d["metadata"]["annotations"];
+                if ann[ANN_ROLLEDBACK].as_str() == Some(req.run_id.as_str()) && ann[ANN_RUN].as_str() != Some(req.run_id.as_str()) {
+                    // A repeated look: the image is back already; follow it.
+                    let back = image_of(&d, Some(&container)).map(|(_, i)| i).unwrap_or_default();
+                    return Ok(Turn::Next(KubeCursor::RollingBack { back, failure, since: now }));
+                }
+                let back = match self.previous_image(client, &kt.namespace, &d, &container).await? {
+                    Some(i) => i,
+                    None => match previous {
+                        Some(p) => p,
+                        None => {
+                            return Ok(Turn::Done(DeployOutcome::Failed {
+                                reason: format!("{failure}; no previous ReplicaSet to roll back to"),
+                            }));
+                        }
+                    },
+                };
+                let rv = d["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
+                let annotations = json!({ ANN_ROLLEDBACK: req.run_id, ANN_RUN: ann[ANN_PREVIOUS_RUN].as_str().unwrap_or("") });
+                if let Err(e) = self.set_image(api, name, &container, &back, annotations, &rv).await {
+                    return Ok(Turn::Done(DeployOutcome::Failed { reason: format!("{failure}; rollback failed: {e}") }));
+                }
+                milestones.push(format!("rolling Deployment {name} back to {back}: {failure}"));
+                Ok(Turn::Next(KubeCursor::RollingBack { back, failure, since: now }))
+            }
+            KubeCursor::RollingBack { back, failure, since } => Ok(match self.look(api, name, since, None).await? {
+                Rollout::Taken(_) => unreachable!("a rollback's look names no run"),
+                Rollout::Done => Turn::Done(DeployOutcome::RolledBack {
+                    reason: failure,
+                    restored: Some(ImageRef {
+                        kind: ImageKind::Container,
+                        digest: back.split_once('@').map(|(_, d)| d.to_string()),
+                        version: None,
+                        id: back,
+                    }),
+                }),
+                Rollout::Failed(why) => Turn::Done(DeployOutcome::Failed { reason: format!("{failure}; rollback failed: {why}") }),
+                Rollout::Running(p) => Turn::Wait {
+                    after: self.poll,
+                    status: format!("rolling Deployment {name} back: {p} ({failure})"),
+                    cursor: KubeCursor::RollingBack { back, failure, since },
+                },
+            }),
+        }
+    }
+}
+
+/// Where an AKS rollout is between looks (decision 0023).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "camelCase")]
+pub enum KubeCursor {
+    /// The image's import into the stage's registry is under way.
+    Importing { image: String, op: Operation, since: DateTime<Utc> },
+    /// Set the Deployment's container to `image` (fenced).
+    SetImage { image: String },
+    /// The Deployment's rollout, followed until complete or past its deadline.
+    Following { container: String, previous: Option<String>, since: DateTime<Utc> },
+    /// The acceptance checks: check `check`, attempt `attempt`.
+    Checking { container: String, previous: Option<String>, check: usize, attempt: u32 },
+    /// Put the previous ReplicaSet's image back after `failure`.
+    RollBack { container: String, previous: Option<String>, failure: String },
+    /// The rollback's rollout, followed.
+    RollingBack { back: String, failure: String, since: DateTime<Utc> },
+}
+
+/// What a look at a Deployment's rollout found.
+enum Rollout {
+    /// Another run's now (the run its annotation names).
+    Taken(String),
+    Done,
+    Failed(String),
+    Running(String),
 }
 
 /// Every deploy target: VM scale sets through ARM, AKS Deployments through the Kubernetes API.
@@ -335,10 +473,37 @@ pub struct Targets {
 
 #[async_trait::async_trait]
 impl super::Compute for Targets {
-    async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome> {
-        if req.target.to_ascii_lowercase().contains("/providers/microsoft.containerservice/managedclusters/") {
-            return self.clusters.as_ref().ok_or_else(|| Error::Refused("AKS rollouts are not configured".into()))?.deploy(req).await;
+    async fn advance(&self, req: &DeployRequest, cursor: &Value) -> Result<Progress> {
+        if is_cluster(&req.target) {
+            return self
+                .clusters
+                .as_ref()
+                .ok_or_else(|| Error::Refused("AKS rollouts are not configured".into()))?
+                .advance_rollout(req, cursor)
+                .await;
         }
-        self.scale_sets.deploy(req).await
+        self.scale_sets.advance(req, cursor).await
     }
+
+    fn abort(&self, req: &DeployRequest, cursor: &Value, reason: &str) -> Option<Value> {
+        if is_cluster(&req.target) {
+            return self.clusters.as_ref()?.abort_rollout(cursor, reason);
+        }
+        self.scale_sets.abort(req, cursor, reason)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Compute for AksCompute {
+    async fn advance(&self, req: &DeployRequest, cursor: &Value) -> Result<Progress> {
+        self.advance_rollout(req, cursor).await
+    }
+
+    fn abort(&self, _req: &DeployRequest, cursor: &Value, reason: &str) -> Option<Value> {
+        self.abort_rollout(cursor, reason)
+    }
+}
+
+fn is_cluster(target: &str) -> bool {
+    target.to_ascii_lowercase().contains("/providers/microsoft.containerservice/managedclusters/")
 }

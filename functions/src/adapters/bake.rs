@@ -32,6 +32,7 @@ pub const RUN_OUTPUT: &str = "deploychain";
 fn arm_error(what: &str, e: ArmError) -> Error {
     match e {
         ArmError::Transient(m) => Error::Transient(m),
+        ArmError::Throttled(m, after) => Error::Throttled(m, after),
         ArmError::PreconditionFailed(m) => Error::Transient(m),
         ArmError::NotFound(m) | ArmError::Failed(m) => Error::Refused(format!("{what}: {m}")),
     }

@@ -251,6 +251,10 @@ pub struct MemoryCompute {
     pub rollouts: Mutex<Vec<DeployRequest>>,
     /// Targets whose next rollouts fail health checks (and are rolled back).
     pub failing: Mutex<Vec<String>>,
+    /// Looks a rollout takes after its start (0: it ends in its first step).
+    pub looks: Mutex<u32>,
+    /// What each target ran before its latest rollout (what an abort restores).
+    pub before: Mutex<HashMap<String, Option<ImageRef>>>,
 }
 
 impl MemoryCompute {
@@ -280,18 +284,48 @@ pub fn fence(current: Option<&TargetState>, req: &DeployRequest) -> Option<Deplo
 
 #[async_trait]
 impl Compute for MemoryCompute {
-    async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome> {
+    async fn advance(&self, req: &DeployRequest, cursor: &serde_json::Value) -> Result<Progress> {
+        let done = |outcome| Ok(Progress::Done { outcome, milestones: Vec::new() });
+        let look = |n: u64| {
+            Ok(Progress::Continue {
+                cursor: serde_json::json!({ "look": n }),
+                after: std::time::Duration::ZERO,
+                status: format!("simulated rollout to {}: look {n}", req.target),
+                milestones: Vec::new(),
+            })
+        };
+        if cursor.get("rollback").is_some() {
+            let restored = cursor.get("restored").and_then(|r| serde_json::from_value::<ImageRef>(r.clone()).ok());
+            let reason = cursor["rollback"].as_str().unwrap_or_default().to_string();
+            if let Some(image) = &restored {
+                lock(&self.targets).insert(req.target.clone(), TargetState { image: image.clone(), run_id: String::new(), sequence: 0 });
+            }
+            return done(DeployOutcome::RolledBack { reason, restored });
+        }
+        if let Some(n) = cursor.get("look").and_then(|n| n.as_u64()) {
+            return if n >= u64::from(*lock(&self.looks)) { done(DeployOutcome::Succeeded) } else { look(n + 1) };
+        }
         let mut targets = lock(&self.targets);
-        if let Some(done) = fence(targets.get(&req.target), req) {
-            return Ok(done);
+        if let Some(outcome) = fence(targets.get(&req.target), req) {
+            return done(outcome);
         }
         if lock(&self.failing).iter().any(|t| t == &req.target) {
             let restored = targets.get(&req.target).map(|c| c.image.clone());
-            return Ok(DeployOutcome::RolledBack { reason: "health check failed on 1 of 2 instances".into(), restored });
+            return done(DeployOutcome::RolledBack { reason: "health check failed on 1 of 2 instances".into(), restored });
         }
-        targets.insert(req.target.clone(), TargetState { image: req.image.clone(), run_id: req.run_id.clone(), sequence: req.sequence });
+        let before = targets
+            .insert(req.target.clone(), TargetState { image: req.image.clone(), run_id: req.run_id.clone(), sequence: req.sequence });
         lock(&self.rollouts).push(req.clone());
-        Ok(DeployOutcome::Succeeded)
+        *lock(&self.before).entry(req.target.clone()).or_default() = before.map(|b| b.image);
+        if *lock(&self.looks) > 0 { look(1) } else { done(DeployOutcome::Succeeded) }
+    }
+
+    fn abort(&self, req: &DeployRequest, cursor: &serde_json::Value, reason: &str) -> Option<serde_json::Value> {
+        if cursor.is_null() || cursor.get("rollback").is_some() {
+            return None;
+        }
+        let restored = lock(&self.before).get(&req.target).cloned().flatten();
+        Some(serde_json::json!({ "rollback": reason, "restored": restored }))
     }
 }
 

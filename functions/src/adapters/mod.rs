@@ -611,11 +611,75 @@ pub enum DeployOutcome {
     Stale { reason: String },
 }
 
-/// Rolls an image out to a target. Desired-state and fenced: deploying the image a target already
-/// runs is a success that changes nothing; an older run never replaces a newer one.
+/// Where a rollout is after one short step of it (decision 0023).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Not over: look again after `after`, from `cursor` (the adapter's own state, carried by the
+    /// scheduled `deployment.due`); `status` says where it is, for people.
+    Continue { cursor: serde_json::Value, after: std::time::Duration, status: String, milestones: Vec<String> },
+    /// Over.
+    Done { outcome: DeployOutcome, milestones: Vec<String> },
+}
+
+/// Rolls an image out to a target, one short step at a time: each [`Compute::advance`] makes a
+/// few requests and never waits for the target; the step that called it schedules the next look.
+/// Desired-state and fenced: deploying the image a target already runs is a success that changes
+/// nothing; an older run never replaces a newer one. A step repeated from the same cursor (its
+/// invocation died, or it was retried) reads the target again and decides again, so it repeats
+/// no effect the target already shows.
 #[async_trait]
 pub trait Compute: Send + Sync {
-    async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome>;
+    /// One step of the rollout of `req` from `cursor` (`null`: the start).
+    async fn advance(&self, req: &DeployRequest, cursor: &serde_json::Value) -> Result<Progress>;
+    /// The cursor that rolls back what the rollout at `cursor` changed, because of `reason`; `None`
+    /// when it changed nothing yet, or is rolling back already.
+    fn abort(&self, req: &DeployRequest, cursor: &serde_json::Value, reason: &str) -> Option<serde_json::Value>;
+}
+
+/// A whole rollout in one process, look after look, each wait slept (tests and tools; the chain
+/// schedules a message per look instead): the outcome, and how many looks it took. A look's error
+/// ends it, as it ends that step.
+pub async fn drive<C: Compute + ?Sized>(compute: &C, req: &DeployRequest, max_looks: u32) -> Result<(DeployOutcome, u32)> {
+    let mut cursor = serde_json::Value::Null;
+    for look in 1..=max_looks {
+        match compute.advance(req, &cursor).await? {
+            Progress::Done { outcome, .. } => return Ok((outcome, look)),
+            Progress::Continue { cursor: next, after, .. } => {
+                cursor = next;
+                tokio::time::sleep(after).await;
+            }
+        }
+    }
+    Err(crate::error::Error::Transient(format!("the rollout to {} did not end within {max_looks} looks", req.target)))
+}
+
+/// One phase of a rollout state machine: go on to the next phase in the same look, wait, or end.
+#[derive(Debug)]
+pub enum Turn<C> {
+    Next(C),
+    Wait { cursor: C, after: std::time::Duration, status: String },
+    Done(DeployOutcome),
+}
+
+/// Most phases one look goes through (each a request or two) before it hands over to the next.
+pub const MAX_TURNS: usize = 6;
+
+/// The [`Progress`] of a look that went through phases and stopped at `turn`.
+pub fn progress<C: Serialize>(turn: Turn<C>, milestones: Vec<String>) -> Result<Progress> {
+    let value = |c: &C| serde_json::to_value(c).map_err(|e| crate::error::Error::Transient(format!("rollout cursor: {e}")));
+    Ok(match turn {
+        Turn::Next(c) => Progress::Continue { cursor: value(&c)?, after: std::time::Duration::ZERO, status: "going on".into(), milestones },
+        Turn::Wait { cursor, after, status } => Progress::Continue { cursor: value(&cursor)?, after, status, milestones },
+        Turn::Done(outcome) => Progress::Done { outcome, milestones },
+    })
+}
+
+/// A cursor read back from `deployment.due` (`None` for `null`: the start).
+pub fn cursor_of<C: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<Option<C>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    serde_json::from_value(v.clone()).map(Some).map_err(|e| crate::error::Error::Malformed(format!("rollout cursor: {e}")))
 }
 
 /// An approval request with one signed link per approver.

@@ -15,22 +15,25 @@ pub mod jenkins_webhook;
 pub mod on_approval;
 pub mod on_approval_due;
 pub mod on_build_completed;
+pub mod on_deployment_due;
 pub mod on_image_due;
 pub mod on_image_ready;
 pub mod on_push;
 pub mod ops_deadletters;
+pub mod rollout;
 pub mod runs;
 pub mod watchdog;
 
 use crate::AppState;
 use crate::adapters::{
-    ApprovalNotice, ApprovalRecord, ApprovalUpdate, AuditEntry, Closed, DeployOutcome, DeployRequest, Evidence, Excluded, NoticeKind,
-    Outbound, Run, RunStatus, StageEvidence, StageFailure, StageHealth, StepCommit, StepEntry,
+    ApprovalNotice, ApprovalRecord, ApprovalUpdate, AuditEntry, Closed, DeployOutcome, Evidence, Excluded, NoticeKind, Outbound, Run,
+    RunStatus, StageEvidence, StageFailure, StageHealth, StepCommit, StepEntry,
 };
 use crate::error::{Error, Result};
 use crate::policy::{App, Approval, Policy};
 use chrono::{DateTime, Utc};
 use deploychain_events::*;
+pub use rollout::{Deployed, deploy_stage};
 use std::future::Future;
 
 /// What [`run_step`] did.
@@ -254,298 +257,6 @@ pub fn approval_id(run_id: &str, stage: &str) -> String {
 
 pub fn app_of<'a>(state: &'a AppState, name: &str) -> Result<&'a App> {
     state.policy.app(name).ok_or_else(|| Error::Refused(format!("app `{name}` is not in the pipeline policy")))
-}
-
-/// What the steps after a successful deployment of stage `idx` are: approval of the next stage,
-/// automatic promotion, or the end of the run. Shared by `on_image_ready` and `on_approval`.
-pub struct Deployed {
-    pub entries: Vec<StepEntry>,
-    pub outbox: Vec<Outbound>,
-    pub status: RunStatus,
-    pub waiting_for: Option<String>,
-    pub stage_health: Option<StageHealth>,
-}
-
-/// Deploy `image` to stage `idx` of `app` for `run`, and decide what comes next.
-pub async fn deploy_stage(
-    state: &AppState,
-    run: &Run,
-    app: &App,
-    idx: usize,
-    image: &ImageRef,
-    key: &str,
-    function: &str,
-) -> Result<Deployed> {
-    let stage = &app.stages[idx];
-    let rr = RunRef::from(run);
-    let dep = |reason: Option<String>, restored: Option<ImageRef>| Deployment {
-        app: app.name.clone(),
-        stage: stage.name.clone(),
-        target: stage.target.clone(),
-        image: image.clone(),
-        commit: run.commit.clone(),
-        reason,
-        restored,
-    };
-    let started_at = Utc::now();
-    let mut outbox = Vec::new();
-    let mut entries = vec![entry(key, format!("deploying to {}", stage.name), Some(format!("{} → {}", image.id, stage.target)))];
-    let started =
-        emit(state, &rr, &format!("deployment-started.{}", stage.name), function, EventData::DeploymentStarted(dep(None, None))).1;
-    // Said as it starts (a rollout takes minutes), before the step commits: a retried step sends
-    // it again with the same MessageId, which the broker drops as a duplicate.
-    state.publisher.publish(&started).await?;
-
-    let outcome = state
-        .compute
-        .deploy(&DeployRequest {
-            run_id: run.id.clone(),
-            sequence: run.sequence,
-            app: app.name.clone(),
-            stage: stage.name.clone(),
-            target: stage.target.clone(),
-            image: image.clone(),
-            mode: stage.deploy,
-            batch_size: stage.batch_size,
-            checks: stage.checks.clone(),
-            kubernetes: stage.kubernetes.clone(),
-            registry: stage.registry.clone(),
-            source_registry: app.image.registry.clone(),
-        })
-        .await?;
-
-    let finish = |outbox: &mut Vec<Outbound>, entries: &mut Vec<StepEntry>, outcome: RunOutcome, reason: String| {
-        entries.push(entry(key, format!("run {}", run_outcome_word(outcome)), Some(reason.clone())));
-        outbox.push(
-            emit(
-                state,
-                &rr,
-                "run-finished",
-                function,
-                EventData::RunFinished(RunFinished {
-                    app: app.name.clone(),
-                    commit: run.commit.clone(),
-                    outcome,
-                    reason,
-                    stage: Some(stage.name.clone()),
-                }),
-            )
-            .1,
-        );
-    };
-
-    let stage_health = settle_stage_health(state, run, app, idx, &outcome, started_at).await?;
-    match outcome {
-        DeployOutcome::Stale { reason } => {
-            let reason = format!("not deployed to {}: {reason}", stage.name);
-            finish(&mut outbox, &mut entries, RunOutcome::Superseded, reason);
-            Ok(Deployed { entries, outbox, status: RunStatus::Superseded, waiting_for: None, stage_health: None })
-        }
-        DeployOutcome::Failed { reason } => {
-            outbox.push(
-                emit(
-                    state,
-                    &rr,
-                    &format!("deployment-failed.{}", stage.name),
-                    function,
-                    EventData::DeploymentFailed(dep(Some(reason.clone()), None)),
-                )
-                .1,
-            );
-            entries.push(entry(key, format!("deployment to {} failed", stage.name), Some(reason.clone())));
-            finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} failed: {reason}", stage.name));
-            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None, stage_health })
-        }
-        DeployOutcome::RolledBack { reason, restored } => {
-            outbox.push(
-                emit(
-                    state,
-                    &rr,
-                    &format!("deployment-rolledback.{}", stage.name),
-                    function,
-                    EventData::DeploymentRolledBack(dep(Some(reason.clone()), restored.clone())),
-                )
-                .1,
-            );
-            let back_to = restored.map(|r| r.id).unwrap_or_else(|| "its previous state".into());
-            entries.push(entry(key, format!("deployment to {} rolled back", stage.name), Some(format!("{reason}; restored {back_to}"))));
-            finish(&mut outbox, &mut entries, RunOutcome::Failed, format!("deployment to {} rolled back: {reason}", stage.name));
-            Ok(Deployed { entries, outbox, status: RunStatus::Failed, waiting_for: None, stage_health })
-        }
-        DeployOutcome::Succeeded => {
-            outbox.push(
-                emit(
-                    state,
-                    &rr,
-                    &format!("deployment-succeeded.{}", stage.name),
-                    function,
-                    EventData::DeploymentSucceeded(dep(None, None)),
-                )
-                .1,
-            );
-            entries.push(entry(key, format!("deployed to {}", stage.name), Some(image.id.clone())));
-            let Some(next) = app.stages.get(idx + 1) else {
-                finish(&mut outbox, &mut entries, RunOutcome::Succeeded, format!("deployed to {}", stage.name));
-                return Ok(Deployed { entries, outbox, status: RunStatus::Succeeded, waiting_for: None, stage_health });
-            };
-            let approval_id = approval_id(&run.id, &next.name);
-            match &next.approval {
-                None => {
-                    outbox.push(
-                        emit(
-                            state,
-                            &rr,
-                            &format!("approval-decided.{}", next.name),
-                            function,
-                            EventData::ApprovalDecided(ApprovalDecided {
-                                app: app.name.clone(),
-                                stage: next.name.clone(),
-                                approval_id,
-                                image: image.clone(),
-                                commit: run.commit.clone(),
-                                decision: Decision::Approved,
-                                decided_by: vec!["policy".into()],
-                                comment: Some(format!("stage {} needs no approval", next.name)),
-                            }),
-                        )
-                        .1,
-                    );
-                    entries.push(entry(key, format!("promotion to {} approved by policy", next.name), None));
-                    Ok(Deployed {
-                        entries,
-                        outbox,
-                        status: RunStatus::Running,
-                        waiting_for: Some(format!("deployment to {}", next.name)),
-                        stage_health,
-                    })
-                }
-                Some(policy) => {
-                    let expires_at = Utc::now() + chrono::Duration::from_std(policy.expiry()).unwrap_or(chrono::Duration::hours(24));
-                    // Separation of duties: the people who made the change get no link and no vote.
-                    let makers = run.change.people();
-                    let (excluded, approvers): (Vec<String>, Vec<String>) =
-                        state.policy.expand(&policy.approvers).into_iter().partition(|a| makers.contains(&a.to_ascii_lowercase()));
-                    let now = Utc::now();
-                    let record = ApprovalRecord {
-                        id: approval_id.clone(),
-                        run_id: run.id.clone(),
-                        app: app.name.clone(),
-                        stage: next.name.clone(),
-                        commit: run.commit.clone(),
-                        image: image.clone(),
-                        approvers,
-                        quorum: policy.quorum,
-                        expires_at,
-                        votes: Vec::new(),
-                        excluded: excluded
-                            .into_iter()
-                            .map(|who| Excluded { who, why: "they pushed or wrote commits of this release".into() })
-                            .collect(),
-                        evidence: Evidence {
-                            repository: run.repository.clone(),
-                            branch: run.branch.clone(),
-                            pusher: run.change.pusher.clone(),
-                            commits: run.change.commits.clone(),
-                            previous: Some(StageEvidence {
-                                stage: stage.name.clone(),
-                                target: stage.target.clone(),
-                                deployed_at: now,
-                                health: "every instance on the new model and HealthState/healthy (Application Health extension)".into(),
-                                checks: stage.checks.iter().map(describe_check).collect(),
-                            }),
-                        },
-                        closed: None,
-                        escalated: false,
-                        audit: vec![AuditEntry { at: now, what: "requested".into(), who: None, detail: None }],
-                        traceparent: crate::telemetry::current_traceparent(),
-                    };
-                    // A newer build reached the stage: older runs waiting for it are superseded.
-                    supersede_older(state, app, &next.name, run, function).await?;
-                    // Idempotent: a retried step keeps the first record (and its expiry).
-                    state.store.put_approval(&record).await?;
-                    let record = state.store.approval(&approval_id).await?.unwrap_or(record);
-                    state.notify.approval_requested(&notice(state, &record, &record.approvers, NoticeKind::Request, "request")).await?;
-                    outbox.push(
-                        emit(
-                            state,
-                            &rr,
-                            &format!("approval-requested.{}", next.name),
-                            function,
-                            EventData::ApprovalRequested(ApprovalRequested {
-                                app: app.name.clone(),
-                                stage: next.name.clone(),
-                                approval_id: record.id.clone(),
-                                image: image.clone(),
-                                commit: run.commit.clone(),
-                                approvers: record.approvers.clone(),
-                                quorum: record.quorum,
-                                expires_at: record.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                            }),
-                        )
-                        .1,
-                    );
-                    outbox.extend(approval_timers(state, &rr, &record, policy, function));
-                    let waiting = waiting_for_approval(&record);
-                    entries.push(entry(key, format!("approval of {} requested", next.name), Some(waiting.clone())));
-                    Ok(Deployed { entries, outbox, status: RunStatus::Waiting, waiting_for: Some(waiting), stage_health })
-                }
-            }
-        }
-    }
-}
-
-/// What a deployment's outcome does to its stage's health, noting the DORA measures it settles
-/// (they count when the step commits): the deployment and its status; the lead time when the last
-/// stage got the release; the recovery time when the stage is healthy again after a failure.
-async fn settle_stage_health(
-    state: &AppState,
-    run: &Run,
-    app: &App,
-    idx: usize,
-    outcome: &DeployOutcome,
-    started_at: DateTime<Utc>,
-) -> Result<Option<StageHealth>> {
-    use crate::metrics::{DeploymentStatus, Measure, Recovery, note, seconds_between};
-    let stage = &app.stages[idx];
-    let last_stage = idx + 1 == app.stages.len();
-    let status = match outcome {
-        DeployOutcome::Stale { .. } => return Ok(None),
-        DeployOutcome::Succeeded => DeploymentStatus::Succeeded,
-        DeployOutcome::Failed { .. } => DeploymentStatus::Failed,
-        DeployOutcome::RolledBack { .. } => DeploymentStatus::RolledBack,
-    };
-    let (app_name, stage_name) = (app.name.clone(), stage.name.clone());
-    note(Measure::Deployment { app: app_name.clone(), stage: stage_name.clone(), last_stage, status });
-    // Deploys to one stage are serialized (sessions), so what is read here is still true at commit.
-    let failed_before = state.store.stage_failure(&app.name, &stage.name).await?;
-    let now = Utc::now();
-    let recovery = |seconds, how| Measure::Recovery { app: app_name.clone(), stage: stage_name.clone(), last_stage, seconds, how };
-    Ok(match (status, failed_before) {
-        (DeploymentStatus::Succeeded, failed) => {
-            if last_stage {
-                let (from, kind) = crate::metrics::lead_time_start(run);
-                note(Measure::LeadTime {
-                    app: app_name.clone(),
-                    stage: stage_name.clone(),
-                    seconds: seconds_between(from, now),
-                    from: kind,
-                });
-            }
-            failed.map(|f| {
-                note(recovery(seconds_between(f.since, now), Recovery::Redeploy));
-                StageHealth::Recovered { app: app_name.clone(), stage: stage_name.clone() }
-            })
-        }
-        // Rolled back to what ran before: healthy again, unless it was failed already.
-        (DeploymentStatus::RolledBack, None) => {
-            note(recovery(seconds_between(started_at, now), Recovery::Rollback));
-            None
-        }
-        (DeploymentStatus::RolledBack, Some(_)) => None,
-        (DeploymentStatus::Failed, _) => {
-            Some(StageHealth::Failed(StageFailure { app: app_name.clone(), stage: stage_name.clone(), since: now, run_id: run.id.clone() }))
-        }
-    })
 }
 
 /// A check as approvers read it: `GET http://web-staging.internal/healthz → 200` (no query: it may

@@ -77,7 +77,12 @@ impl Waiting {
             "approval" => format!("waiting for {} — from {}", self.what, self.on.join(", ")),
             _ => format!("waiting for {} — on {}", self.what, self.on.join(", ")),
         };
-        t.push_str(&format!(", {so_far} so far"));
+        if self.kind == "rollout" {
+            // A rollout says how long it has been at it; the wait is since its latest look.
+            t.push_str(&format!(", last looked at {so_far} ago"));
+        } else {
+            t.push_str(&format!(", {so_far} so far"));
+        }
         if let Some(e) = self.expires_at {
             t.push_str(&format!(", expires in {}", human((e - now).to_std().unwrap_or_default())));
         }
@@ -122,6 +127,25 @@ pub async fn waiting(state: &AppState, r: &Run) -> Result<Option<Waiting>> {
                 return Ok(Some(Waiting { kind: "approval", what, on, since, expires_at: Some(a.expires_at), stuck }));
             }
         }
+    }
+    if what.starts_with("rollout to ") || what.starts_with("rolling ") {
+        // A rollout between looks: each look commits, so the run is stuck only when the looks
+        // stop coming (its scheduled message lost) — counted from the latest one.
+        let target = r
+            .stage
+            .as_deref()
+            .and_then(|s| app.and_then(|a| a.stage(s)))
+            .map(|(_, s)| s.target.rsplit('/').next().unwrap_or_default().to_string());
+        // Flagged: the flag is the latest commit (the watchdog flags it again a threshold later).
+        let flagged = r.steps.last().is_some_and(|s| s.key.starts_with("stuck."));
+        return Ok(Some(Waiting {
+            kind: "rollout",
+            what,
+            on: target.into_iter().collect(),
+            since: r.updated_at.max(since),
+            expires_at: None,
+            stuck: flagged,
+        }));
     }
     let (kind, on) = if what.starts_with("build of") {
         let provider = app.map(|a| a.build.provider.display_name());

@@ -343,6 +343,7 @@ pub fn subscriber(label: &str) -> Option<&'static str> {
         "dev.deploychain.build.completed.v1" => Some("on_build_completed"),
         "dev.deploychain.image.due.v1" => Some("on_image_due"),
         "dev.deploychain.image.ready.v1" => Some("on_image_ready"),
+        "dev.deploychain.deployment.due.v1" => Some("on_deployment_due"),
         "dev.deploychain.approval.decided.v1" => Some("on_approval"),
         "dev.deploychain.approval.due.v1" => Some("on_approval_due"),
         _ => None,

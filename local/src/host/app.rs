@@ -1,8 +1,11 @@
 //! The function app as the Functions host reads it from its app root: `host.json`, one folder per
 //! function with its `function.json`, and `local.settings.json` (`Values` = app settings).
 //! `%SETTING%` binding expressions are resolved from the app settings, as the host's name
-//! resolver does.
+//! resolver does, and app settings `AzureFunctionsJobHost__path__to__setting` override host.json
+//! values before any is read, as in Azure (see `host_json.rs`).
 
+pub use super::host_json::parse_timespan;
+use super::host_json::{HostJson, get_ci};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -99,24 +102,59 @@ pub struct BusTrigger {
     pub connection: String,
 }
 
-/// `hh:mm:ss` (optionally `d.hh:mm:ss`, fractional seconds).
-pub fn parse_timespan(s: &str) -> Option<Duration> {
-    let (days, rest) = match s.split_once('.') {
-        Some((d, r)) if r.contains(':') && !d.contains(':') => (d.parse::<u64>().ok()?, r),
-        _ => (0, s),
-    };
-    let parts: Vec<&str> = rest.split(':').collect();
-    if parts.len() != 3 {
-        return None;
+/// The shortest `functionTimeout` the host accepts
+/// (Azure/azure-functions-host `ScriptJobHostOptionsSetup.MinFunctionTimeout`).
+pub const MIN_FUNCTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl HostSettings {
+    /// The settings the local host runs by, from host.json with its overrides applied; a value
+    /// the Functions host would refuse at start-up is refused, named by where it came from.
+    pub fn read(host: &HostJson, strict_outputs: bool) -> Result<HostSettings> {
+        let section = if host.at(&["customHandler"]).is_some() {
+            "customHandler"
+        } else if host.at(&["httpWorker"]).is_some() {
+            "httpWorker"
+        } else {
+            bail!("host.json has no customHandler section");
+        };
+        let executable = host
+            .text(&[section, "description", "defaultExecutablePath"])?
+            .ok_or_else(|| anyhow!("host.json {section}.description.defaultExecutablePath is required"))?;
+        let arguments = host.texts(&[section, "description", "arguments"])?;
+        let working_directory = host.text(&[section, "description", "workingDirectory"])?.filter(|s| !s.is_empty());
+        // Default 30 min outside Windows Consumption; at least 1 s (ScriptJobHostOptionsSetup).
+        let function_timeout = host.timespan(&["functionTimeout"])?.unwrap_or(Duration::from_secs(30 * 60));
+        if function_timeout < MIN_FUNCTION_TIMEOUT {
+            bail!("{}: functionTimeout must be at least 00:00:01", host.origin(&["functionTimeout"]));
+        }
+        let route_prefix =
+            host.text(&["extensions", "http", "routePrefix"])?.map(|s| s.trim_matches('/').to_string()).unwrap_or_else(|| "api".into());
+        // The Service Bus extension's options and their checks (Azure/azure-sdk-for-net
+        // Microsoft.Azure.WebJobs.Extensions.ServiceBus `Config/ServiceBusOptions.cs`): calls and
+        // sessions at least 1, the lock renewal not negative (default 5 min).
+        let sb = |k: &'static str| ["extensions", "serviceBus", k];
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Ok(HostSettings {
+            executable,
+            arguments,
+            working_directory,
+            function_timeout,
+            route_prefix,
+            max_concurrent_calls: host.number(&sb("maxConcurrentCalls"), 1)?.map(|n| n as usize).unwrap_or(16 * cores),
+            max_concurrent_sessions: host.number(&sb("maxConcurrentSessions"), 1)?.map(|n| n as usize).unwrap_or(8),
+            max_auto_lock_renewal: host.timespan(&sb("maxAutoLockRenewalDuration"))?.unwrap_or(Duration::from_secs(300)),
+            auto_complete: host.flag(&sb("autoCompleteMessages"))?.unwrap_or(true),
+            strict_outputs,
+        })
     }
-    let h: u64 = parts[0].parse().ok()?;
-    let m: u64 = parts[1].parse().ok()?;
-    let sec: f64 = parts[2].parse().ok()?;
-    Some(Duration::from_secs(days * 86_400 + h * 3600 + m * 60) + Duration::from_secs_f64(sec))
 }
 
-fn get_ci<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    v.as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v)
+/// Check the `AzureFunctionsJobHost__…` app settings among `settings` as the host will at load
+/// (a bad value names its setting), before anything is built or started.
+pub fn check_host_overrides(settings: &[(String, String)]) -> Result<()> {
+    let stub = serde_json::json!({ "version": "2.0", "customHandler": { "description": { "defaultExecutablePath": "handler" } } });
+    let settings: BTreeMap<String, String> = settings.iter().cloned().collect();
+    HostSettings::read(&HostJson::with_overrides(stub, &settings)?, true).map(|_| ())
 }
 
 impl FunctionApp {
@@ -136,47 +174,12 @@ impl FunctionApp {
             }
             Err(_) => (BTreeMap::new(), true),
         };
-        let ch = get_ci(&host, "customHandler")
-            .or_else(|| get_ci(&host, "httpWorker"))
-            .ok_or_else(|| anyhow!("host.json has no customHandler section"))?;
-        let desc = get_ci(ch, "description").ok_or_else(|| anyhow!("host.json customHandler has no description"))?;
-        let executable = get_ci(desc, "defaultExecutablePath")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("host.json customHandler.description.defaultExecutablePath is required"))?
-            .to_string();
-        let arguments = get_ci(desc, "arguments")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
-        let working_directory = get_ci(desc, "workingDirectory").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
-        let function_timeout = match get_ci(&host, "functionTimeout").and_then(Value::as_str) {
-            Some(s) => parse_timespan(s).ok_or_else(|| anyhow!("host.json functionTimeout `{s}` is not hh:mm:ss"))?,
-            None => Duration::from_secs(30 * 60),
-        };
-        let ext = get_ci(&host, "extensions").cloned().unwrap_or(Value::Null);
-        let route_prefix = get_ci(&ext, "http")
-            .and_then(|h| get_ci(h, "routePrefix"))
-            .and_then(Value::as_str)
-            .map(|s| s.trim_matches('/').to_string())
-            .unwrap_or_else(|| "api".into());
-        let sb = get_ci(&ext, "serviceBus").cloned().unwrap_or(Value::Null);
-        let num = |k: &str, d: usize| get_ci(&sb, k).and_then(Value::as_u64).map(|n| n as usize).unwrap_or(d);
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let host_settings = HostSettings {
-            executable,
-            arguments,
-            working_directory,
-            function_timeout,
-            route_prefix,
-            max_concurrent_calls: num("maxConcurrentCalls", 16 * cores).max(1),
-            max_concurrent_sessions: num("maxConcurrentSessions", 8).max(1),
-            max_auto_lock_renewal: get_ci(&sb, "maxAutoLockRenewalDuration")
-                .and_then(Value::as_str)
-                .and_then(parse_timespan)
-                .unwrap_or(Duration::from_secs(300)),
-            auto_complete: get_ci(&sb, "autoCompleteMessages").and_then(Value::as_bool).unwrap_or(true),
-            strict_outputs,
-        };
+        // App settings `AzureFunctionsJobHost__path__to__setting` override host.json (host_json.rs).
+        let host = HostJson::with_overrides(host, &settings)?;
+        let host_settings = HostSettings::read(&host, strict_outputs)?;
+        if !host.overrides().is_empty() {
+            tracing::info!(target: "host", "host.json values overridden by app settings: {}", host.overrides().join(", "));
+        }
         let mut functions = Vec::new();
         let mut dirs: Vec<PathBuf> =
             std::fs::read_dir(root)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("function.json").is_file()).collect();
@@ -302,14 +305,6 @@ fn parse_function(name: &str, fj: &Value, settings: &BTreeMap<String, String>, h
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timespans_parse() {
-        assert_eq!(parse_timespan("00:10:00"), Some(Duration::from_secs(600)));
-        assert_eq!(parse_timespan("1.00:00:01"), Some(Duration::from_secs(86_401)));
-        assert_eq!(parse_timespan("00:00:00.5"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_timespan("ten"), None);
-    }
 
     #[test]
     fn binding_expressions_resolve_from_settings() {

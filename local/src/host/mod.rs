@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod envelope;
+pub mod host_json;
 pub mod http;
 pub mod servicebus;
 pub mod timer;

@@ -1,17 +1,28 @@
 //! Service Bus trigger loops, as the Functions host's Service Bus extension runs them (§5): peek-lock,
-//! build the envelope, invoke, renew the lock while the invocation runs (up to
-//! `maxAutoLockRenewalDuration`), complete on success, abandon on any failure or timeout; the broker
+//! build the envelope, invoke, complete on success, abandon on any failure or timeout; the broker
 //! dead-letters after MaxDeliveryCount. At most `maxConcurrentCalls` invocations per function; for
 //! session-enabled triggers, at most `maxConcurrentSessions` sessions, one message of a session at a
 //! time, in order.
+//!
+//! Locks are renewed as the Service Bus SDK's processor renews them, and no longer
+//! (Azure/azure-sdk-for-net `sdk/servicebus/Azure.Messaging.ServiceBus/src/Processor/`
+//! `ReceiverManager.cs` and `SessionReceiverManager.cs`): a message's lock from when its
+//! invocation starts, a session's lock from when the session is accepted (its messages' locks are
+//! the session lock, never renewed apart), each renewal timed by `CalculateRenewDelay`, and the
+//! renewing cancelled `maxAutoLockRenewalDuration` after it began. After that the lock lapses at
+//! its LockDuration while the invocation may still run: the message (or the session with it)
+//! is delivered again, and settling the first delivery fails with MessageLockLost /
+//! SessionLockLost, which the host logs; that message is then neither completed nor abandoned.
 
 use super::app::{BusTrigger, HostSettings};
 use super::envelope::{bus_envelope, check_answer};
 use super::worker::Worker;
-use deploychain_bus::{Broker, EntityPath, Message, SessionLock};
+use chrono::{DateTime, Utc};
+use deploychain_bus::{Broker, BusError, EntityPath, Message, SessionLock};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
+use uuid::Uuid;
 
 #[derive(Clone)]
 pub struct TriggerLoop {
@@ -27,6 +38,70 @@ pub struct TriggerLoop {
 }
 
 const POLL: Duration = Duration::from_secs(2);
+
+/// How long to wait before renewing a lock that ends at `until`: with half the time left, or 10 s
+/// before the end when that is later; at once under 400 ms (`ReceiverManager.CalculateRenewDelay`).
+fn renew_delay(until: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    let remaining = (until - now).to_std().unwrap_or_default();
+    if remaining < Duration::from_millis(400) {
+        return Duration::ZERO;
+    }
+    remaining - (remaining / 2).min(Duration::from_secs(10))
+}
+
+/// A lock the host keeps renewing while it works under it.
+enum Held {
+    Message { path: EntityPath, token: Uuid },
+    Session(SessionLock),
+}
+
+impl Held {
+    async fn renew(&self, broker: &Broker) -> Result<DateTime<Utc>, BusError> {
+        match self {
+            Held::Message { path, token } => broker.renew_lock(path, *token).await,
+            Held::Session(s) => broker.renew_session(s).await,
+        }
+    }
+
+    /// The SDK's name for losing it.
+    fn lost(&self) -> &'static str {
+        match self {
+            Held::Message { .. } => "MessageLockLost",
+            Held::Session(_) => "SessionLockLost",
+        }
+    }
+}
+
+/// Renew `held` (first ending at `until`) until `max` has passed since this started, or it is
+/// lost; then it lapses at its LockDuration. `max` zero: never renewed, as the SDK's
+/// `AutoRenewLock` is off then.
+fn keep_renewing(broker: Broker, held: Held, until: DateTime<Utc>, max: Duration, function: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if max.is_zero() {
+            return;
+        }
+        let mut until = until;
+        let renewing = async {
+            loop {
+                tokio::time::sleep(renew_delay(until, Utc::now())).await;
+                match held.renew(&broker).await {
+                    Ok(next) => until = next,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(target: "host", function, "renewing the lock failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "host", function, "renewing the lock failed: {}: {e}", held.lost());
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(max, renewing).await.is_err() {
+            tracing::debug!(target: "host", function, "maxAutoLockRenewalDuration ({max:?}) reached: the lock is no longer renewed");
+        }
+    })
+}
 
 impl TriggerLoop {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
@@ -97,23 +172,15 @@ impl TriggerLoop {
                     continue;
                 }
             };
-            // Hold the session for as long as this worker works through it: renew the session lock
-            // (which covers its messages) at half its duration, up to maxAutoLockRenewalDuration.
-            let renew = {
-                let (broker, session) = (self.broker.clone(), session.clone());
-                let lock_for = (session.locked_until - chrono::Utc::now()).to_std().unwrap_or(Duration::from_secs(1));
-                let max = self.host.max_auto_lock_renewal;
-                tokio::spawn(async move {
-                    let every = (lock_for / 2).max(Duration::from_millis(100));
-                    let started = tokio::time::Instant::now();
-                    while started.elapsed() < max {
-                        tokio::time::sleep(every).await;
-                        if broker.renew_session(&session).await.is_err() {
-                            return;
-                        }
-                    }
-                })
-            };
+            // The session lock is renewed from its acceptance, up to maxAutoLockRenewalDuration
+            // in all, however many of its messages this worker goes through.
+            let renew = keep_renewing(
+                self.broker.clone(),
+                Held::Session(session.clone()),
+                session.locked_until,
+                self.host.max_auto_lock_renewal,
+                self.function.clone(),
+            );
             loop {
                 if *stop.borrow() {
                     break;
@@ -135,33 +202,19 @@ impl TriggerLoop {
     async fn process(&self, path: &EntityPath, m: Message, session: Option<&SessionLock>) {
         let Some(token) = m.lock_token else { return };
         let envelope = bus_envelope(&self.function, &self.trigger, &m, &self.namespace);
-        // Renew the message (and session) lock at half its duration while the invocation runs.
-        let renew = {
-            let (broker, path, session) = (self.broker.clone(), path.clone(), session.cloned());
-            let lock_for = m
-                .locked_until
-                .map(|u| (u - chrono::Utc::now()).to_std().unwrap_or(Duration::from_secs(1)))
-                .unwrap_or(Duration::from_secs(30));
-            let max = self.host.max_auto_lock_renewal;
-            tokio::spawn(async move {
-                let every = (lock_for / 2).max(Duration::from_millis(200));
-                let started = tokio::time::Instant::now();
-                loop {
-                    tokio::time::sleep(every).await;
-                    if started.elapsed() > max {
-                        return;
-                    }
-                    if broker.renew_lock(&path, token).await.is_err() {
-                        return;
-                    }
-                    if let Some(s) = &session {
-                        let _ = broker.renew_session(s).await;
-                    }
-                }
-            })
+        // A message's own lock is renewed while its invocation runs; a session message's lock is
+        // its session's, which the session worker renews.
+        let renew = match (session, m.locked_until) {
+            (None, Some(until)) => Some(keep_renewing(
+                self.broker.clone(),
+                Held::Message { path: path.clone(), token },
+                until,
+                self.host.max_auto_lock_renewal,
+                self.function.clone(),
+            )),
+            _ => None,
         };
         let result = self.worker.invoke(&self.function, &envelope, self.host.function_timeout).await;
-        renew.abort();
         let ok = match result {
             Ok(a) if (200..300).contains(&a.status) => match check_answer(a.content_type.as_deref(), &a.body) {
                 Ok(v) => {
@@ -200,9 +253,46 @@ impl TriggerLoop {
         } else {
             self.broker.abandon(path, token).await
         };
+        // The SDK renews until the message is settled (outputs are bound before that).
+        if let Some(r) = renew {
+            r.abort();
+        }
+        let verb = if ok { "complete" } else { "abandon" };
         match settled {
             Ok(()) => self.worker.settled(&self.function, ok),
-            Err(e) => tracing::warn!(target: "host", function = self.function, message_id = m.message_id, "settling failed: {e}"),
+            Err(BusError::LockLost) => {
+                let lost = if session.is_some() { "SessionLockLost" } else { "MessageLockLost" };
+                tracing::error!(
+                    target: "host",
+                    function = self.function,
+                    message_id = m.message_id,
+                    delivery = m.delivery_count,
+                    "could not {verb} the message: {lost}: its lock expired (renewed for at most maxAutoLockRenewalDuration, {:?}) \
+                     and it is, or will be, delivered again",
+                    self.host.max_auto_lock_renewal
+                );
+                self.worker.lock_lost(&self.function);
+            }
+            Err(e) => {
+                tracing::error!(target: "host", function = self.function, message_id = m.message_id, "could not {verb} the message: {e}")
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renew_delay;
+    use chrono::{TimeDelta, Utc};
+    use std::time::Duration;
+
+    #[test]
+    fn locks_are_renewed_when_the_sdk_renews_them() {
+        let now = Utc::now();
+        let at = |ms: i64| renew_delay(now + TimeDelta::milliseconds(ms), now);
+        assert_eq!(at(1_000), Duration::from_millis(500), "half the time left");
+        assert_eq!(at(60_000), Duration::from_secs(50), "10 s before the end of a long lock");
+        assert_eq!(at(300), Duration::ZERO, "at once under 400 ms");
+        assert_eq!(at(-5), Duration::ZERO, "at once when already due");
     }
 }

@@ -47,6 +47,10 @@ pub struct InvocationCounts {
     pub completed: u64,
     /// Service Bus trigger messages abandoned (they come back, or dead-letter).
     pub abandoned: u64,
+    /// Service Bus trigger messages the host could not settle after their invocation because
+    /// the message or session lock was lost (Azure: MessageLockLost / SessionLockLost): not
+    /// completed, not abandoned; the message was, or will be, delivered again.
+    pub lock_lost: u64,
     /// The invocations' summed durations, from the host's request to the handler's answer (or
     /// the timeout): what Flex Consumption bills an execution for.
     pub busy: Duration,
@@ -182,6 +186,11 @@ impl Worker {
     /// A trigger message was completed (`true`) or abandoned after its invocation.
     pub fn settled(&self, function: &str, completed: bool) {
         self.count(function, |n| if completed { n.completed += 1 } else { n.abandoned += 1 });
+    }
+
+    /// A trigger message could not be settled after its invocation: its lock was lost.
+    pub fn lock_lost(&self, function: &str) {
+        self.count(function, |n| n.lock_lost += 1);
     }
 
     /// POST the envelope to `/{function}` with the host's headers; kill and restart the handler

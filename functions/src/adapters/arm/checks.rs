@@ -31,6 +31,17 @@ async fn run_one(http: &reqwest::Client, check: &Check) -> Result<(), String> {
     Err(format!("acceptance check GET {shown} failed after {attempts} attempt{}: {last}", if attempts == 1 { "" } else { "s" }))
 }
 
+/// One attempt of `check` (a rollout step runs one, and schedules the next after the check's
+/// interval); the error is what a final failure says, with `attempts` the attempts made in all.
+pub async fn attempt(http: &reqwest::Client, check: &Check, attempts: u32) -> Result<(), String> {
+    let Some(url) = check.url.as_deref() else {
+        return Err(format!("`{}` check without a url", check.kind));
+    };
+    attempt_once(http, url, check).await.map_err(|last| {
+        format!("acceptance check GET {} failed after {attempts} attempt{}: {last}", shown_url(url), if attempts == 1 { "" } else { "s" })
+    })
+}
+
 async fn attempt_once(http: &reqwest::Client, url: &str, check: &Check) -> Result<(), String> {
     let resp = http.get(url).timeout(check.timeout()).send().await.map_err(|e| {
         if e.is_timeout() { format!("no answer within {}", super::client::human(check.timeout())) } else { e.without_url().to_string() }

@@ -2,9 +2,12 @@
 //! (decision 0007): `reqwest` with `serde_json::Value` bodies, a bearer token per request, bounded
 //! retries of throttling and server errors, and long-running operations followed to their end.
 //!
-//! - Retried with exponential backoff, honouring `Retry-After` / `x-ms-retry-after-ms`
-//!   (`retry-after-ms`): 429, 409 (another operation in progress), 5xx and connection errors.
-//!   After the last attempt they are [`ArmError::Transient`].
+//! - Retried in place with exponential backoff, honouring `Retry-After` / `x-ms-retry-after-ms`
+//!   (`retry-after-ms`): 429, 409 (another operation in progress), 5xx and connection errors —
+//!   but only while the wait is short ([`RetryPolicy::max_wait`]): an invocation is short and
+//!   bounded (decision 0023). A longer `Retry-After` ends the request at once as
+//!   [`ArmError::Throttled`], carrying the wait, so the step schedules itself after it; after the
+//!   last attempt the others are [`ArmError::Transient`].
 //! - 412 is [`ArmError::PreconditionFailed`] (the caller re-reads and decides again); 404 is
 //!   [`ArmError::NotFound`]; every other 4xx is [`ArmError::Failed`], with ARM's error code and message.
 //! - Long-running operations: `Azure-AsyncOperation` is polled until `Succeeded` / `Failed` /
@@ -19,6 +22,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +36,9 @@ pub enum ArmError {
     /// Worth trying again later: throttled, ARM or the network unavailable (retries exhausted), no token.
     #[error("{0}")]
     Transient(String),
+    /// Transient, and ARM asked for a wait longer than a request waits in place: try after it.
+    #[error("{0} (retry after {after})", after = human(*.1))]
+    Throttled(String, Duration),
     /// 412: the resource changed since it was read (`If-Match` no longer matches).
     #[error("{0}")]
     PreconditionFailed(String),
@@ -45,7 +52,18 @@ pub enum ArmError {
 
 impl ArmError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, ArmError::Transient(_))
+        matches!(self, ArmError::Transient(_) | ArmError::Throttled(..))
+    }
+
+    /// The crate error: transient ones keep ARM's wait; the rest are `Transient` too when
+    /// `what` failing is worth another try, else refused.
+    pub fn into_error(self, what: &str) -> crate::error::Error {
+        use crate::error::Error;
+        match self {
+            ArmError::Transient(m) | ArmError::PreconditionFailed(m) => Error::Transient(format!("{what}: {m}")),
+            ArmError::Throttled(m, after) => Error::Throttled(format!("{what}: {m}"), after),
+            ArmError::NotFound(m) | ArmError::Failed(m) => Error::Refused(format!("{what}: {m}")),
+        }
     }
 }
 
@@ -56,13 +74,14 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Backoff before the second attempt; doubles after each further one.
     pub base: Duration,
-    /// Longest single wait (also caps a server's `Retry-After`).
+    /// Longest wait taken in place. A server's `Retry-After` beyond it ends the request as
+    /// [`ArmError::Throttled`] (the step is scheduled again after it), never a long sleep.
     pub max_wait: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { max_attempts: 5, base: Duration::from_secs(1), max_wait: Duration::from_secs(300) }
+        RetryPolicy { max_attempts: 4, base: Duration::from_millis(500), max_wait: Duration::from_secs(4) }
     }
 }
 
@@ -79,6 +98,28 @@ impl Answer {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
     }
+}
+
+/// A long-running operation a later step looks at: what ARM said to poll. Links are on the
+/// endpoint's own origin (checked when made, and again when followed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Operation {
+    /// `Azure-AsyncOperation`: its `status` until `Succeeded`, `Failed` or `Canceled`.
+    AsyncOperation { url: String },
+    /// The `Location` of a 202: until it stops answering 202.
+    Location { url: String },
+    /// A PATCH answered with neither: the resource's `provisioningState`.
+    Provisioning { id: String },
+}
+
+/// What one look at an [`Operation`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperationState {
+    /// Still running; ARM's `Retry-After`, when it gave one.
+    Running(Option<Duration>),
+    Succeeded,
+    Failed(String),
 }
 
 /// One instance of a scale set, as `virtualMachines` lists it.
@@ -213,8 +254,16 @@ impl ArmClient {
                     }
                 }
             };
+            if let (true, Some(asked), ArmError::Transient(m)) = (retryable, wait, &err)
+                && asked > self.retry.max_wait
+            {
+                return Err(ArmError::Throttled(m.clone(), asked));
+            }
             if !retryable || attempt >= attempts {
-                return Err(err);
+                return Err(match (wait, err) {
+                    (Some(asked), ArmError::Transient(m)) => ArmError::Throttled(m, asked),
+                    (_, e) => e,
+                });
             }
             let wait = wait.unwrap_or_else(|| backoff(&self.retry, attempt)).min(self.retry.max_wait);
             tracing::warn!(request = what, attempt, wait_ms = wait.as_millis() as u64, error = %err, "ARM request will be retried");
@@ -273,6 +322,73 @@ impl ArmClient {
         let body = json!({ "instanceIds": instance_ids });
         let a = self.send(Method::POST, &self.url(id, "/manualUpgrade"), None, Some(&body)).await?;
         self.wait("manual upgrade", &a, None).await
+    }
+
+    /// POST `manualUpgrade` for these instances; the answer names the operation to follow
+    /// ([`ArmClient::operation`]).
+    pub async fn start_manual_upgrade(&self, id: &str, instance_ids: &[String]) -> Result<Answer, ArmError> {
+        let body = json!({ "instanceIds": instance_ids });
+        self.send(Method::POST, &self.url(id, "/manualUpgrade"), None, Some(&body)).await
+    }
+
+    /// What is left to follow of an accepted request, and when to look first: `None` when the
+    /// answer says it is over (or it failed at once: then the error). `resource` is the scale set
+    /// whose `provisioningState` tells the end when the answer names no operation (PATCH).
+    pub fn operation(&self, what: &str, answer: &Answer, resource: Option<&str>) -> Result<Option<(Operation, Duration)>, ArmError> {
+        let first = retry_after(&answer.headers).unwrap_or(self.poll_interval);
+        if let Some(op) = answer.header("azure-asyncoperation") {
+            return Ok(Some((Operation::AsyncOperation { url: self.link(what, op)?.to_string() }, first)));
+        }
+        if answer.status == 202
+            && let Some(loc) = answer.header("location")
+        {
+            return Ok(Some((Operation::Location { url: self.link(what, loc)?.to_string() }, first)));
+        }
+        let state = provisioning_state(&answer.body);
+        match resource {
+            Some(id) if answer.status == 201 || answer.status == 202 || state.as_deref().is_some_and(|s| !is_terminal(s)) => {
+                Ok(Some((Operation::Provisioning { id: id.to_string() }, first)))
+            }
+            _ if state.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("failed")) => {
+                Err(ArmError::Failed(format!("{what} ended Failed{}", error_suffix(&answer.body["properties"]))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// One look at a long-running operation: one request, no waiting.
+    pub async fn look(&self, what: &str, op: &Operation) -> Result<OperationState, ArmError> {
+        let later = |a: &Answer| OperationState::Running(retry_after(&a.headers));
+        match op {
+            Operation::AsyncOperation { url } => {
+                let a = self.send(Method::GET, &self.link(what, url)?, None, None).await?;
+                let status = a.body["status"].as_str().unwrap_or("InProgress");
+                Ok(match status.to_ascii_lowercase().as_str() {
+                    "succeeded" => OperationState::Succeeded,
+                    "failed" | "canceled" | "cancelled" => {
+                        OperationState::Failed(format!("{what} ended {status}{}", error_suffix(&a.body)))
+                    }
+                    _ => later(&a),
+                })
+            }
+            Operation::Location { url } => match self.send(Method::GET, &self.link(what, url)?, None, None).await {
+                Ok(a) if a.status == 202 => Ok(later(&a)),
+                Ok(_) => Ok(OperationState::Succeeded),
+                Err(ArmError::Failed(m) | ArmError::NotFound(m)) => Ok(OperationState::Failed(format!("{what} failed: {m}"))),
+                Err(e) => Err(e),
+            },
+            Operation::Provisioning { id } => {
+                let a = self.send(Method::GET, &self.url(id, ""), None, None).await?;
+                Ok(match provisioning_state(&a.body) {
+                    Some(s) if s.eq_ignore_ascii_case("succeeded") => OperationState::Succeeded,
+                    Some(s) if is_terminal(&s) => {
+                        OperationState::Failed(format!("{what} ended {s}{}", error_suffix(&a.body["properties"])))
+                    }
+                    None => OperationState::Succeeded,
+                    Some(_) => later(&a),
+                })
+            }
+        }
     }
 
     /// An instance's Application Health state (`HealthState/healthy`, …), `None` when it reports none.

@@ -2,13 +2,15 @@
 //! Manager (`Microsoft.Compute`, api-version 2024-07-01), with a thin hand-written REST client
 //! instead of `azure_mgmt_compute` (decision 0007).
 //!
-//! - [`client`]: the ARM requests, retries and long-running operations.
+//! - [`client`]: the ARM requests, short in-place retries, and long-running operations looked at
+//!   one request at a time.
 //! - [`credential`]: bearer tokens (managed identity, workload identity, Azure CLI, static).
-//! - [`rollout`]: fencing, the model PATCH, batched / rolling upgrades, health gate, rollback.
+//! - [`rollout`]: fencing, the model PATCH, batched / rolling upgrades, health gate, rollback —
+//!   as short looks between scheduled messages.
 //! - [`checks`]: the stage's acceptance checks.
 //!
 //! The scale set itself records what it runs, in tags (the `TAG_*` constants), so the fencing rule
-//! holds across handler instances and a redelivered deploy resumes instead of starting over. The
+//! holds across handler instances and a repeated start goes on instead of starting over. The
 //! local stack serves the same REST operations, so this code runs unchanged against it.
 
 pub mod checks;
@@ -16,7 +18,7 @@ pub mod client;
 pub mod credential;
 pub mod rollout;
 
-use super::{Compute, DeployOutcome, DeployRequest};
+use super::{Compute, DeployRequest, Progress};
 use crate::error::Result;
 use async_trait::async_trait;
 pub use client::{ArmClient, ArmError, RetryPolicy};
@@ -141,7 +143,11 @@ pub fn token_source(c: &crate::config::ArmCredential) -> std::result::Result<Arc
 
 #[async_trait]
 impl Compute for ArmCompute {
-    async fn deploy(&self, req: &DeployRequest) -> Result<DeployOutcome> {
-        self.rollout(req).await
+    async fn advance(&self, req: &DeployRequest, cursor: &serde_json::Value) -> Result<Progress> {
+        self.advance_rollout(req, cursor).await
+    }
+
+    fn abort(&self, _req: &DeployRequest, cursor: &serde_json::Value, reason: &str) -> Option<serde_json::Value> {
+        self.abort_rollout(cursor, reason)
     }
 }
