@@ -255,6 +255,12 @@ pub struct MemoryCompute {
     pub looks: Mutex<u32>,
     /// What each target ran before its latest rollout (what an abort restores).
     pub before: Mutex<HashMap<String, Option<ImageRef>>>,
+    /// The wait each look asks for before the next.
+    pub look_every: Mutex<std::time::Duration>,
+    /// Errors the next looks fail with, in order (throttling, an outage).
+    pub faults: Mutex<std::collections::VecDeque<Error>>,
+    /// Looks taken (each `advance`).
+    pub advanced: Mutex<u32>,
 }
 
 impl MemoryCompute {
@@ -285,11 +291,16 @@ pub fn fence(current: Option<&TargetState>, req: &DeployRequest) -> Option<Deplo
 #[async_trait]
 impl Compute for MemoryCompute {
     async fn advance(&self, req: &DeployRequest, cursor: &serde_json::Value) -> Result<Progress> {
+        *lock(&self.advanced) += 1;
+        if let Some(e) = lock(&self.faults).pop_front() {
+            return Err(e);
+        }
+        let every = *lock(&self.look_every);
         let done = |outcome| Ok(Progress::Done { outcome, milestones: Vec::new() });
         let look = |n: u64| {
             Ok(Progress::Continue {
                 cursor: serde_json::json!({ "look": n }),
-                after: std::time::Duration::ZERO,
+                after: every,
                 status: format!("simulated rollout to {}: look {n}", req.target),
                 milestones: Vec::new(),
             })
