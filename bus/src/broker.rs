@@ -355,6 +355,29 @@ impl Broker {
         Ok(messages)
     }
 
+    /// Fault injection: every lock held on `path` now — message locks and session locks — is
+    /// lost at once, as when Service Bus moves an entity between its nodes or a receiver's link
+    /// drops (`MessageLockLost`, `SessionLockLost`). The messages are available again (their
+    /// deliveries count; the last one dead-letters), while whoever held them still works on
+    /// them and fails to settle. How many message locks were lost.
+    pub async fn lose_locks(&self, path: &EntityPath) -> Result<usize, BusError> {
+        let r = self.receiver(path)?;
+        let key = r.key.clone();
+        let lost = self
+            .run(move |tx, inner, now| {
+                let r = inner.receiver(&key)?;
+                let n = tx
+                    .prepare_cached("UPDATE messages SET locked_until = ?2 WHERE entity = ?1 AND lock_token IS NOT NULL")?
+                    .execute(rusqlite::params![r.key, now])?;
+                tx.prepare_cached("UPDATE sessions SET locked_until = ?2 WHERE entity = ?1")?.execute(rusqlite::params![r.key, now])?;
+                store::housekeep(tx, r, now)?;
+                Ok(n)
+            })
+            .await?;
+        self.wake(&r.key);
+        Ok(lost)
+    }
+
     /// Counts of the queue or subscription (the same for its dead-letter path).
     pub async fn count(&self, path: &EntityPath) -> Result<EntityCounts, BusError> {
         let r = self.receiver(path)?;

@@ -218,3 +218,29 @@ async fn a_waiting_session_acceptor_is_woken_by_a_send() {
     assert_eq!(s.session_id, "late");
     assert!(start.elapsed() < Duration::from_millis(900));
 }
+
+/// Fault injection for the soak: locks lost all at once (an entity moved between nodes). The
+/// messages come back (their delivery counted) to whoever asks next, and the first holders can
+/// settle nothing.
+#[tokio::test]
+async fn lost_locks_make_messages_available_again_and_their_holders_settle_nothing() {
+    let b = memory();
+    b.send("q", msg("plain")).await.unwrap();
+    b.send("sessions", in_session("s1", "A")).await.unwrap();
+    let first = b.peek_lock(&q("q"), NOW).await.unwrap().unwrap();
+    let s = b.accept_session(&q("sessions"), NOW).await.unwrap().unwrap();
+    let in_session_first = b.session_peek_lock(&s, NOW).await.unwrap().unwrap();
+    assert_eq!(b.lose_locks(&q("q")).await.unwrap(), 1);
+    assert_eq!(b.lose_locks(&q("sessions")).await.unwrap(), 1);
+
+    let again = b.peek_lock(&q("q"), NOW).await.unwrap().unwrap();
+    assert_eq!((text(&again).as_str(), again.delivery_count), ("plain", 2));
+    assert_eq!(b.complete(&q("q"), first.lock_token.unwrap()).await, Err(BusError::LockLost), "the first holder's lock is gone");
+    b.complete(&q("q"), again.lock_token.unwrap()).await.unwrap();
+
+    let taken = b.accept_session(&q("sessions"), NOW).await.unwrap().expect("the session is free again");
+    let m = b.session_peek_lock(&taken, NOW).await.unwrap().unwrap();
+    assert_eq!((text(&m).as_str(), m.delivery_count), ("s1", 2));
+    assert!(b.complete(&q("sessions"), in_session_first.lock_token.unwrap()).await.is_err(), "the first session holder settles nothing");
+    b.complete(&q("sessions"), m.lock_token.unwrap()).await.unwrap();
+}

@@ -919,7 +919,18 @@ struct SoakPlan {
     duplicate_every: (Duration, Duration),
     /// Messages that are not chain events, put on the topic.
     poison: usize,
+    /// Pause between handler freezes (SIGSTOP past `functionTimeout`: the host times the
+    /// invocations in flight out and restarts the handler).
+    freeze_every: (Duration, Duration),
+    /// Pause between lost locks (every lock on one of the chain's subscriptions lost at once).
+    lose_locks_every: (Duration, Duration),
+    /// The `Retry-After` of the rare throttled PATCH that asks for minutes.
+    long_retry_after: Duration,
 }
+
+/// The soak's function app limits (app settings over host.json, as in Azure): short enough that
+/// a frozen handler times out within the soak.
+const SOAK_FUNCTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the soak did, counted as it went.
 #[derive(Default)]
@@ -933,6 +944,9 @@ struct SoakCounts {
     redeliveries: AtomicU64,
     push_retries: AtomicU64,
     approvals: AtomicU64,
+    freezes: AtomicU64,
+    lock_losses: AtomicU64,
+    locks_lost: AtomicU64,
     /// Per bus restart: how long the stack took to stop, and to be back.
     downtime: Mutex<Vec<(Duration, Duration)>>,
 }
@@ -1026,13 +1040,18 @@ fn approver(stack: &Stack, counts: Arc<SoakCounts>) -> tokio::task::JoinHandle<(
 }
 
 /// One ARM fault on a random app's staging or production scale set.
-fn arm_fault(chance: &mut Chance, apps: usize, request_timeout: Duration) -> (&'static str, deploychain::arm::Fault) {
+fn arm_fault(chance: &mut Chance, apps: usize, request_timeout: Duration, long: Duration) -> (&'static str, deploychain::arm::Fault) {
     use deploychain::arm::{Fault, FaultAction};
     let app = chance.below(apps as u64);
     let stage = if chance.odds(0.5) { "staging" } else { "prod" };
     let ss = format!("/app{app:03}-{stage}");
     let late = request_timeout + Duration::from_millis(500);
-    match chance.below(10) {
+    match chance.below(11) {
+        10 => (
+            "429 with a Retry-After of minutes",
+            Fault::error("PATCH", &ss, 429, "TooManyRequests", "throttled for long")
+                .with_header("retry-after", &long.as_secs().to_string()),
+        ),
         0..=2 => ("429 Too Many Requests", Fault::error("PATCH", &ss, 429, "TooManyRequests", "throttled").with_header("retry-after", "1")),
         3..=4 => ("500 Internal Server Error", Fault::error("GET", &ss, 500, "InternalServerError", "try again").times(2)),
         5 => ("503 on the instance list", Fault::error("GET", &format!("{ss}/virtualMachines"), 503, "ServiceUnavailable", "busy")),
@@ -1137,6 +1156,12 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
     (opts.http_port, opts.bus_port, opts.arm_port, opts.status_port) = (free_port(), free_port(), free_port(), free_port());
     opts.arm.health_timeout = Duration::from_secs(60);
     opts.extra_settings.push(("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT".into(), format!("{}ms", request_timeout.as_millis())));
+    // Azure's limits, scaled down: a step's budget under the lock renewal under functionTimeout.
+    let t = SOAK_FUNCTION_TIMEOUT.as_secs();
+    opts.extra_settings.push(("AzureFunctionsJobHost__functionTimeout".into(), format!("00:00:{t:02}")));
+    opts.extra_settings
+        .push(("AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration".into(), format!("00:00:{:02}", t - 1)));
+    opts.extra_settings.push(("DEPLOYCHAIN_STEP_BUDGET".into(), format!("{}s", t - 2)));
     let policy_path = opts.data_dir.join("policy.toml");
     let mut stack = Stack::start(opts.clone()).await.unwrap();
     let base = format!("http://{}", stack.http_addr);
@@ -1167,6 +1192,16 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
         Instant::now() + chance.between(plan.fault_every.0, plan.fault_every.1),
         Instant::now() + chance.between(plan.duplicate_every.0, plan.duplicate_every.1),
     );
+    let (mut next_freeze, mut next_lose) = (
+        Instant::now() + chance.between(plan.freeze_every.0, plan.freeze_every.1),
+        Instant::now() + chance.between(plan.lose_locks_every.0, plan.lose_locks_every.1),
+    );
+    let chain_subscriptions: Vec<EntityPath> = deploychain::stack::topology(&repo()).unwrap().topics[0]
+        .subscriptions
+        .iter()
+        .filter(|s| s.name != "audit")
+        .map(|s| format!("{TOPIC}/subscriptions/{}", s.name).parse().unwrap())
+        .collect();
     let (mut pushed_here, mut poison_sent) = (0u64, 0usize);
     let injected = |c: &SoakCounts, poison: usize| c.duplicates.load(Ordering::Relaxed) + poison as u64;
     while developers.iter().any(|d| !d.is_finished()) {
@@ -1181,8 +1216,29 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
             }
             next_kill = now + chance.between(plan.kill_every.0, plan.kill_every.1);
         }
+        if chaos && now >= next_freeze && seen < plan.events {
+            // Frozen past functionTimeout: the host fails what is in flight and restarts it.
+            if let Some(live) = stack.host.worker.live(Duration::from_millis(200)).await {
+                let pid = live.pid.to_string();
+                let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+                counts.freezes.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    tokio::time::sleep(SOAK_FUNCTION_TIMEOUT + Duration::from_secs(1)).await;
+                    // Gone already when the host killed it: nothing to say.
+                    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).stderr(std::process::Stdio::null()).status();
+                });
+            }
+            next_freeze = now + chance.between(plan.freeze_every.0, plan.freeze_every.1);
+        }
+        if chaos && now >= next_lose && seen < plan.events {
+            let path = &chain_subscriptions[chance.below(chain_subscriptions.len() as u64) as usize];
+            let n = stack.broker.lose_locks(path).await.unwrap_or(0);
+            counts.lock_losses.fetch_add(1, Ordering::Relaxed);
+            counts.locks_lost.fetch_add(n as u64, Ordering::Relaxed);
+            next_lose = now + chance.between(plan.lose_locks_every.0, plan.lose_locks_every.1);
+        }
         if chaos && now >= next_fault && seen < plan.events {
-            let (kind, fault) = arm_fault(&mut chance, plan.apps, request_timeout);
+            let (kind, fault) = arm_fault(&mut chance, plan.apps, request_timeout, plan.long_retry_after);
             stack.arm.push_fault(fault);
             *counts.faults_pushed.lock().unwrap().entry(kind).or_default() += 1;
             pushed_here += 1;
@@ -1237,7 +1293,7 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
         .filter(|s| s.name != "audit")
         .map(|s| format!("{TOPIC}/subscriptions/{}", s.name).parse().unwrap())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(120) + plan.long_retry_after;
     let scheduled = loop {
         let mut left = Vec::new();
         let mut scheduled = 0;
@@ -1324,6 +1380,8 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
         (0..poison_sent).map(|i| format!("{SOAK_MARK}poison-{i}")).filter(|id| !poison_found.contains(id.as_str())).collect();
     let counts_now = stack.host.invocations();
     let invoked: u64 = counts_now.values().map(|c| c.answered + c.failed).sum();
+    let failed_invocations: u64 = counts_now.values().map(|c| c.failed).sum();
+    let settle_lost: u64 = counts_now.values().map(|c| c.lock_lost).sum();
     let dir = stack.data_dir.clone();
     approvals.abort();
     stack.stop().await;
@@ -1370,6 +1428,15 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
             poison_sent
         );
         println!(
+            "    and: {} handler freezes past functionTimeout ({}), {} lock losses ({} message locks lost; {} settlements refused for a lost lock); \
+         {failed_invocations} failed invocations since the last start",
+            c.freezes.load(Ordering::Relaxed),
+            human_secs(SOAK_FUNCTION_TIMEOUT),
+            c.lock_losses.load(Ordering::Relaxed),
+            c.locks_lost.load(Ordering::Relaxed),
+            settle_lost
+        );
+        println!(
             "    set aside: {} ({}), of them not poison {}; poison not set aside {}; {} approvals given; {scheduled} scheduled messages left (approval reminders and expiries)",
             set_aside.len(),
             reasons.iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", "),
@@ -1387,6 +1454,10 @@ async fn soak_run(plan: &SoakPlan, seed: u64, chaos: bool) -> (usize, f64) {
     assert!(chain_events as u64 >= plan.events, "the topic carried {chain_events} chain events, fewer than {}", plan.events);
     let _ = std::fs::remove_dir_all(&dir);
     (chain_events, secs)
+}
+
+fn human_secs(d: Duration) -> String {
+    format!("{} s", d.as_secs())
 }
 
 fn main() {
@@ -1429,6 +1500,9 @@ fn main() {
                 fault_every: (ms(100), ms(500)),
                 duplicate_every: (ms(50), ms(300)),
                 poison: 10,
+                freeze_every: (ms(8000), ms(20000)),
+                lose_locks_every: (ms(1000), ms(4000)),
+                long_retry_after: Duration::from_secs(180),
             }
         } else {
             // The short profile CI runs: every kind of fault, a few times.
@@ -1440,6 +1514,9 @@ fn main() {
                 fault_every: (ms(150), ms(500)),
                 duplicate_every: (ms(100), ms(400)),
                 poison: 3,
+                freeze_every: (ms(3000), ms(6000)),
+                lose_locks_every: (ms(500), ms(2000)),
+                long_retry_after: Duration::from_secs(20),
             }
         };
         rt.block_on(soak(plan));
