@@ -565,13 +565,16 @@ async fn waiting(releases: usize, scale: u32) {
         "waiting: {releases} releases, Azure's timings ÷ {scale} (build 5 min, bake 20 min, 3 instances × (4 min upgrade + 1 min to healthy) per stage):"
     );
     println!("  wall time per release     {:>10}   ({:.1} min in Azure's time)", ms(wall), (wall * scale).as_secs_f64() / 60.0);
+    // The handler's time is its work, not waiting: it does not scale with Azure's timings
+    // (only the wall time does), so it is compared with Azure's wall time as it is.
     println!(
-        "  handler time per release  {:>10}   ({:.1} s in Azure's time, {per_release:.0} invocations; goal < 2 s)",
+        "  handler time per release  {:>10}   ({per_release:.0} invocations, {} each on average; goal < 2 s)",
         ms(busy),
-        (busy * scale).as_secs_f64()
+        ms(busy / per_release.max(1.0) as u32)
     );
     println!(
-        "  handler time / wall time  {:>9.1}%   (goal < 1%: waiting should cost nothing)",
+        "  handler time / wall time  {:>9.2}%   against Azure's wall time (goal < 1%: waiting should cost nothing); {:.1}% against this run's, {scale}× shorter",
+        100.0 * busy.as_secs_f64() / (wall * scale).as_secs_f64(),
         100.0 * busy.as_secs_f64() / wall.as_secs_f64()
     );
     for (i, (w, b)) in walls.iter().zip(&handler).enumerate() {

@@ -1751,21 +1751,15 @@ fn policy_without_approval() -> String {
 /// or parked, one accepted PATCH per scale set, and every invocation well under the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_whose_rollouts_outlast_the_function_timeout_reaches_production_in_short_steps() {
-    use deploychain::arm::Fault;
+    // The scenario `deploychain up --config examples/azure-limits.local.toml` runs.
+    let local = deploychain::config::LocalConfig::load_required(&repo().join("examples/azure-limits.local.toml")).unwrap();
     let mut opts = options_with_policy("azure-limits", &policy_without_approval());
-    opts.extra_settings = vec![
-        ("AzureFunctionsJobHost__functionTimeout".into(), "00:00:06".into()),
-        ("AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration".into(), "00:00:06".into()),
-        ("DEPLOYCHAIN_STEP_BUDGET".into(), "3s".into()),
-        ("DEPLOYCHAIN_ARM_REQUEST_TIMEOUT".into(), "2s".into()),
-    ];
-    opts.arm.instances = 3;
-    opts.arm.upgrade_time = Duration::from_secs(4);
-    opts.arm.operation_time = Duration::from_millis(300);
-    opts.arm.health_delay = Duration::from_millis(300);
-    opts.arm.poll_interval = Duration::from_secs(1);
-    opts.arm.health_timeout = Duration::from_secs(30);
-    opts.arm.faults = vec![Fault::error("PATCH", "/web-staging", 429, "TooManyRequests", "throttled").with_header("retry-after", "20")];
+    opts.arm = local.arm;
+    opts.extra_settings = local.settings;
+    assert_eq!((opts.arm.instances, opts.arm.upgrade_time), (3, Duration::from_secs(4)), "12 s per stage");
+    let limit = |k: &str| opts.extra_settings.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(limit("AzureFunctionsJobHost__functionTimeout").as_deref(), Some("00:00:06"));
+    assert_eq!(limit("AzureFunctionsJobHost__extensions__serviceBus__maxAutoLockRenewalDuration").as_deref(), Some("00:00:06"));
     let stack = Stack::start(opts.clone()).await.unwrap();
     let run = push_to(&stack, &opts.policy, None).await;
 

@@ -12,9 +12,11 @@
 //!    Deployment is not touched (stale), the same run's is resumed, and the patch carries the
 //!    `resourceVersion` read, so a concurrent writer makes it fail (409) and it is read again.
 //! 4. Rollout: the container's image is patched (strategic merge, by container name); the rollout
-//!    is followed until the controller has observed the new generation and every replica is updated
-//!    and available, or its `Progressing` condition says `ProgressDeadlineExceeded`, or the
-//!    stage's health timeout passes. Then the acceptance checks run.
+//!    is looked at, one GET per scheduled look (decision 0023), until the controller has observed
+//!    the new generation and every replica is updated and available, or its `Progressing`
+//!    condition says `ProgressDeadlineExceeded`, or the stage's health timeout passes, or another
+//!    run's annotation shows it took the Deployment over (stale). Then the acceptance checks run,
+//!    one attempt per look. The import of step 1 is followed the same way.
 //! 5. Rollback on failure: the image of the previous ReplicaSet (the highest
 //!    `deployment.kubernetes.io/revision` below the current) is put back and followed likewise.
 

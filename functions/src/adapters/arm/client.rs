@@ -279,14 +279,9 @@ impl ArmClient {
     }
 
     /// PATCH a scale set's model, conditionally on `etag` (`If-Match`). An `Ok` means ARM accepted
-    /// the change; [`ArmClient::wait_update`] follows it to its end.
+    /// the change; [`ArmClient::operation`] says what to follow of it.
     pub async fn patch(&self, id: &str, etag: Option<&str>, patch: &Value) -> Result<Answer, ArmError> {
         self.send(Method::PATCH, &self.url(id, ""), etag, Some(patch)).await
-    }
-
-    /// Follow an accepted model update to its end.
-    pub async fn wait_update(&self, id: &str, answer: &Answer) -> Result<(), ArmError> {
-        self.wait("model update", answer, Some(id)).await
     }
 
     /// Every instance of a scale set (following `nextLink`).
@@ -315,13 +310,6 @@ impl ArmClient {
             }
         }
         Err(ArmError::Failed(format!("GET {}/virtualMachines: more than 1000 pages", url.path())))
-    }
-
-    /// POST `manualUpgrade` for these instances, and follow it to its end.
-    pub async fn manual_upgrade(&self, id: &str, instance_ids: &[String]) -> Result<(), ArmError> {
-        let body = json!({ "instanceIds": instance_ids });
-        let a = self.send(Method::POST, &self.url(id, "/manualUpgrade"), None, Some(&body)).await?;
-        self.wait("manual upgrade", &a, None).await
     }
 
     /// POST `manualUpgrade` for these instances; the answer names the operation to follow
